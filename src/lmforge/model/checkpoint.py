@@ -1,0 +1,536 @@
+"""Model files: the only code that knows checkpoint formats.
+
+- Hugging Face layout (read and write): `config.json` (`LlamaForCausalLM` or `GPT2LMHeadModel`),
+  `model.safetensors` (metadata `format: pt`; sharded `model.safetensors.index.json` and
+  `pytorch_model.bin` are read too, the latter with `torch.load(weights_only=True)`),
+  `tokenizer.json`, `tokenizer_config.json` (with `chat_template`), `generation_config.json`,
+  and lmforge's own `lmforge.json` (lineage). A directory written here loads in
+  `transformers.AutoModelForCausalLM.from_pretrained(dir)` unchanged.
+- GGUF (read): llama-architecture files, every tensor dequantized to fp32 with the `gguf`
+  package (F32, F16, BF16, Q8_0, Q4_0, Q4_1 and the K-quants it knows), the tokenizer rebuilt
+  from the metadata (`tokenizer/gguf.py`).
+
+Every write is atomic; nothing is ever pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmforge.atomic import write_text_atomic, write_with
+from lmforge.errors import CorruptArtifactError, LmforgeError, ModelNotFoundError
+from lmforge.model.transformer import ModelConfig, Transformer
+from lmforge.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+LINEAGE_FILE = "lmforge.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class LoadedModel:
+    """A model with everything needed to use it."""
+
+    model: Transformer
+    tokenizer: Tokenizer
+    path: Path
+    generation_config: dict[str, Any] = field(default_factory=dict)
+    lineage: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    def stop_token_ids(self) -> list[int]:
+        """Token ids that end generation: generation_config's eos ids and the tokenizer's eos."""
+        ids = self.generation_config.get("eos_token_id")
+        out = [ids] if isinstance(ids, int) else list(ids or [])
+        if self.tokenizer.eos_id is not None and self.tokenizer.eos_id not in out:
+            out.append(self.tokenizer.eos_id)
+        return out
+
+
+def empty_model(config: ModelConfig) -> Transformer:
+    """A Transformer with uninitialised weights (fast), ready for `load_state_dict`."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.to_empty(device="cpu")
+    model.init_buffers()
+    if config.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face config.json ↔ ModelConfig
+
+
+def config_to_hf(config: ModelConfig, tokenizer: Tokenizer | None = None) -> dict[str, Any]:
+    ids: dict[str, Any] = {}
+    if tokenizer is not None:
+        ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
+        ids["pad_token_id"] = tokenizer.pad_id
+    if config.arch == "gpt2":
+        return {
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "vocab_size": config.vocab_size,
+            "n_positions": config.max_seq_len,
+            "n_embd": config.d_model,
+            "n_layer": config.n_layer,
+            "n_head": config.n_head,
+            "n_inner": config.d_ff,
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": config.norm_eps,
+            "resid_pdrop": config.dropout,
+            "embd_pdrop": config.dropout,
+            "attn_pdrop": 0.0,
+            "initializer_range": config.init_std,
+            "tie_word_embeddings": True,
+            "torch_dtype": "float32",
+            **ids,
+        }
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.d_model,
+        "intermediate_size": config.d_ff,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_kv_head,
+        "head_dim": config.head_dim,
+        "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": None,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": config.init_std,
+        "tie_word_embeddings": config.tie_embeddings,
+        "torch_dtype": "float32",
+        **ids,
+    }
+
+
+def config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
+    model_type = hf.get("model_type")
+    try:
+        if model_type == "gpt2":
+            act = hf.get("activation_function", "gelu_new")
+            if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+                raise LmforgeError(f"{source}: GPT-2 activation {act!r} is not supported")
+            return ModelConfig(
+                arch="gpt2",
+                vocab_size=hf["vocab_size"],
+                d_model=hf["n_embd"],
+                n_layer=hf["n_layer"],
+                n_head=hf["n_head"],
+                d_ff=hf.get("n_inner") or 4 * hf["n_embd"],
+                max_seq_len=hf["n_positions"],
+                norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                tie_embeddings=True,
+                init_std=hf.get("initializer_range", 0.02),
+            )
+        if model_type in ("llama", "mistral"):
+            if hf.get("hidden_act", "silu") != "silu":
+                raise LmforgeError(f"{source}: activation {hf['hidden_act']!r} is not supported")
+            if hf.get("attention_bias") or hf.get("mlp_bias"):
+                raise LmforgeError(f"{source}: attention/MLP biases are not supported for llama")
+            rope = hf.get("rope_parameters") or {}
+            scaling = hf.get("rope_scaling") or {}
+            rope_type = scaling.get("rope_type") or rope.get("rope_type") or "default"
+            if rope_type != "default":
+                raise LmforgeError(f"{source}: RoPE scaling {rope_type!r} is not supported yet")
+            if model_type == "mistral" and hf.get("sliding_window"):
+                raise LmforgeError(f"{source}: sliding-window attention is not supported")
+            n_head = hf["num_attention_heads"]
+            return ModelConfig(
+                arch="llama",
+                vocab_size=hf["vocab_size"],
+                d_model=hf["hidden_size"],
+                n_layer=hf["num_hidden_layers"],
+                n_head=n_head,
+                n_kv_head=hf.get("num_key_value_heads") or n_head,
+                d_ff=hf["intermediate_size"],
+                head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head,
+                max_seq_len=hf.get("max_position_embeddings", 2048),
+                norm_eps=hf.get("rms_norm_eps", 1e-6),
+                rope_theta=hf.get("rope_theta") or rope.get("rope_theta") or 10000.0,
+                tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                init_std=hf.get("initializer_range", 0.02),
+            )
+    except KeyError as exc:
+        raise CorruptArtifactError(f"{source}: config.json lacks {exc}") from None
+    except ValueError as exc:
+        raise CorruptArtifactError(f"{source}: {exc}") from None
+    raise LmforgeError(
+        f"{source}: model_type {model_type!r} is not supported (llama, mistral, gpt2 are)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# State-dict name maps. Our names are HF Llama's; GPT-2 needs renaming and Conv1D transposes.
+
+_GPT2_LAYER = {
+    "ln_1.weight": "input_layernorm.weight",
+    "ln_1.bias": "input_layernorm.bias",
+    "ln_2.weight": "post_attention_layernorm.weight",
+    "ln_2.bias": "post_attention_layernorm.bias",
+    "attn.c_proj.weight": "self_attn.o_proj.weight",
+    "attn.c_proj.bias": "self_attn.o_proj.bias",
+    "mlp.c_fc.weight": "mlp.up_proj.weight",
+    "mlp.c_fc.bias": "mlp.up_proj.bias",
+    "mlp.c_proj.weight": "mlp.down_proj.weight",
+    "mlp.c_proj.bias": "mlp.down_proj.bias",
+}
+_GPT2_TOP = {
+    "wte.weight": "model.embed_tokens.weight",
+    "wpe.weight": "model.embed_positions.weight",
+    "ln_f.weight": "model.norm.weight",
+    "ln_f.bias": "model.norm.bias",
+}
+
+
+def gpt2_to_ours(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    c = config.d_model
+    for name, t in sd.items():
+        name = name.removeprefix("transformer.")
+        if name in _GPT2_TOP:
+            out[_GPT2_TOP[name]] = t
+        elif name.startswith("h."):
+            _, idx, rest = name.split(".", 2)
+            prefix = f"model.layers.{idx}."
+            if rest == "attn.c_attn.weight":  # Conv1D [C, 3C] → three Linear [C, C]
+                for part, w in zip(("q", "k", "v"), t.split(c, dim=1), strict=True):
+                    out[f"{prefix}self_attn.{part}_proj.weight"] = w.t().contiguous()
+            elif rest == "attn.c_attn.bias":
+                for part, b in zip(("q", "k", "v"), t.split(c), strict=True):
+                    out[f"{prefix}self_attn.{part}_proj.bias"] = b
+            elif rest in _GPT2_LAYER:
+                ours = _GPT2_LAYER[rest]
+                is_conv = rest.endswith(".weight") and ("c_proj" in rest or "c_fc" in rest)
+                out[prefix + ours] = t.t().contiguous() if is_conv else t
+            # attn.bias / attn.masked_bias are causal-mask buffers, not weights.
+        # lm_head.weight is tied to wte.
+    return out
+
+
+def ours_to_gpt2(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    top = {v: k for k, v in _GPT2_TOP.items()}
+    layer = {v: k for k, v in _GPT2_LAYER.items()}
+    out: dict[str, torch.Tensor] = {}
+    for i in range(config.n_layer):
+        p = f"model.layers.{i}.self_attn."
+        qkv_w = [sd[f"{p}{x}_proj.weight"].t() for x in "qkv"]
+        out[f"transformer.h.{i}.attn.c_attn.weight"] = torch.cat(qkv_w, dim=1).contiguous()
+        qkv_b = [sd[f"{p}{x}_proj.bias"] for x in "qkv"]
+        out[f"transformer.h.{i}.attn.c_attn.bias"] = torch.cat(qkv_b).contiguous()
+    for name, t in sd.items():
+        if name in top:
+            out[f"transformer.{top[name]}"] = t.contiguous()
+        elif name.startswith("model.layers."):
+            idx, rest = name.removeprefix("model.layers.").split(".", 1)
+            if rest in layer:
+                theirs = layer[rest]
+                is_conv = theirs.endswith(".weight") and ("c_proj" in theirs or "c_fc" in theirs)
+                out[f"transformer.h.{idx}.{theirs}"] = (t.t() if is_conv else t).contiguous()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Save
+
+
+def state_dict_for_hf(model: Transformer) -> dict[str, torch.Tensor]:
+    """The model's weights under Hugging Face names, contiguous, tied copies dropped."""
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    if model.config.arch == "gpt2":
+        return ours_to_gpt2(sd, model.config)
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
+def save_model(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    directory: str | Path,
+    *,
+    lineage: dict[str, Any] | None = None,
+    generation_config: dict[str, Any] | None = None,
+) -> Path:
+    """Write MODEL and TOKENIZER to DIRECTORY in the Hugging Face layout (+ lmforge.json)."""
+    from safetensors.torch import save_file
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tensors = state_dict_for_hf(model)
+    write_with(d / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    hf = config_to_hf(model.config, tokenizer)
+    hf["lmforge_config"] = model.config.to_dict()
+    write_text_atomic(d / "config.json", json.dumps(hf, indent=2))
+    gen = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
+    gen["pad_token_id"] = tokenizer.pad_id
+    gen.update(generation_config or {})
+    write_text_atomic(d / "generation_config.json", json.dumps(gen, indent=2))
+    tokenizer.save(d)
+    record = {"format_version": 1, "weights_sha256": file_sha256(d / WEIGHTS_FILE)}
+    record.update(lineage or {})
+    write_text_atomic(d / LINEAGE_FILE, json.dumps(record, indent=2, default=str))
+    return d
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Load
+
+
+def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a HF-layout directory or a .gguf file."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelNotFoundError(f"{p} does not exist")
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise LmforgeError(f"{p} is a file but not .gguf; give a model directory or a GGUF")
+        loaded = load_gguf(p)
+    else:
+        loaded = load_hf_dir(p)
+    if dtype != torch.float32:
+        loaded.model.to(dtype)
+    loaded.model.eval()
+    return loaded
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptArtifactError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise CorruptArtifactError(f"{path} must hold a JSON object")
+    return data
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CorruptArtifactError(f"{path} is not a readable safetensors file: {exc}") from None
+
+
+def read_hf_weights(d: Path) -> dict[str, torch.Tensor]:
+    single = d / WEIGHTS_FILE
+    index = d / "model.safetensors.index.json"
+    if single.is_file():
+        return _read_safetensors(single)
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map", {})
+        sd: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_path = (d / shard).resolve()
+            if d.resolve() not in shard_path.parents:
+                raise CorruptArtifactError(f"{index} points outside its directory: {shard}")
+            sd.update(_read_safetensors(shard_path))
+        return sd
+    bin_path = d / "pytorch_model.bin"
+    if bin_path.is_file():
+        try:
+            return torch.load(bin_path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:
+            raise CorruptArtifactError(f"{bin_path} is not a readable weights file: {exc}") from None
+    raise ModelNotFoundError(f"{d} has no model.safetensors (or index, or pytorch_model.bin)")
+
+
+def load_state(model: Transformer, sd: dict[str, torch.Tensor], source: str) -> None:
+    """Copy SD into MODEL strictly; a mismatch is a one-line error naming the first problem."""
+    expected = model.state_dict()
+    if model.config.tie_embeddings:
+        sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(k for k in set(sd) - set(expected) if not k.endswith("rotary_emb.inv_freq"))
+    if missing:
+        raise CorruptArtifactError(f"{source}: missing weights, e.g. {missing[0]} ({len(missing)})")
+    if unexpected:
+        raise CorruptArtifactError(f"{source}: unexpected weights, e.g. {unexpected[0]}")
+    with torch.no_grad():
+        for name, target in expected.items():
+            src = sd[name]
+            if tuple(src.shape) != tuple(target.shape):
+                raise CorruptArtifactError(
+                    f"{source}: {name} has shape {tuple(src.shape)}, expected {tuple(target.shape)}"
+                )
+            target.copy_(src)
+
+
+def load_hf_dir(d: Path) -> LoadedModel:
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file():
+        raise ModelNotFoundError(f"{d} is not a model directory (no config.json)")
+    hf = _read_json(cfg_path)
+    config = config_from_hf(hf, str(d))
+    tokenizer = Tokenizer.load(d)
+    sd = read_hf_weights(d)
+    if config.arch == "gpt2":
+        sd = gpt2_to_ours(sd, config)
+    elif "lm_head.weight" not in sd and not config.tie_embeddings:
+        raise CorruptArtifactError(f"{d}: untied model without lm_head.weight")
+    model = empty_model(config)
+    load_state(model, sd, str(d))
+    gen_path = d / "generation_config.json"
+    gen = _read_json(gen_path) if gen_path.is_file() else {}
+    lin_path = d / LINEAGE_FILE
+    lineage = _read_json(lin_path) if lin_path.is_file() else {}
+    return LoadedModel(model, tokenizer, d, gen, lineage)
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF
+
+_GGUF_LAYER = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GGUF_TOP = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation (interleaved RoPE pairs → HF's rotate-half halves)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_gguf_metadata(reader: Any) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    for key, fld in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        try:
+            meta[key] = fld.contents()
+        except Exception:  # an unknown value type: skip the field, not the file
+            log.debug("skipping unreadable GGUF field %s", key)
+    return meta
+
+
+def open_gguf(path: Path) -> Any:
+    import gguf
+
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as exc:
+        raise CorruptArtifactError(f"{path} is not a readable GGUF file: {exc}") from None
+
+
+def gguf_config(meta: dict[str, Any], has_output: bool, source: str) -> ModelConfig:
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise LmforgeError(f"{source}: GGUF architecture {arch!r} is not supported (llama is)")
+
+    def get(key: str, default: Any = None) -> Any:
+        value = meta.get(f"llama.{key}", default)
+        if value is None:
+            raise CorruptArtifactError(f"{source}: GGUF metadata lacks llama.{key}")
+        return value
+
+    n_head = int(get("attention.head_count"))
+    d_model = int(get("embedding_length"))
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    try:
+        return ModelConfig(
+            arch="llama",
+            vocab_size=int(meta.get("llama.vocab_size") or len(tokens)),
+            d_model=d_model,
+            n_layer=int(get("block_count")),
+            n_head=n_head,
+            n_kv_head=int(get("attention.head_count_kv", n_head)),
+            d_ff=int(get("feed_forward_length")),
+            head_dim=int(get("attention.key_length", d_model // n_head)),
+            max_seq_len=int(get("context_length", 2048)),
+            norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(get("rope.freq_base", 10000.0)),
+            tie_embeddings=not has_output,
+        )
+    except ValueError as exc:
+        raise CorruptArtifactError(f"{source}: {exc}") from None
+
+
+def load_gguf(path: Path) -> LoadedModel:
+    import gguf
+    from gguf.quants import dequantize
+
+    from lmforge.tokenizer.gguf import tokenizer_from_gguf_fields
+
+    reader = open_gguf(path)
+    meta = read_gguf_metadata(reader)
+    names = {t.name for t in reader.tensors}
+    config = gguf_config(meta, "output.weight" in names, str(path))
+    tokenizer = tokenizer_from_gguf_fields(meta, str(path))
+    sd: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        try:
+            arr = dequantize(t.data, t.tensor_type)
+        except (NotImplementedError, ValueError) as exc:
+            kind = gguf.GGMLQuantizationType(t.tensor_type).name
+            raise CorruptArtifactError(f"{path}: cannot dequantize {t.name} ({kind}): {exc}") from None
+        shape = tuple(int(x) for x in reversed(t.shape))
+        arr = np.asarray(arr, dtype=np.float32).reshape(shape)
+        if t.name in _GGUF_TOP:
+            ours = _GGUF_TOP[t.name]
+        elif t.name.startswith("blk."):
+            _, idx, kind_, suffix = t.name.split(".", 3)
+            if kind_ not in _GGUF_LAYER:
+                raise CorruptArtifactError(f"{path}: unexpected tensor {t.name}")
+            if kind_ == "attn_q":
+                arr = unpermute_rope(arr, config.n_head)
+            elif kind_ == "attn_k":
+                arr = unpermute_rope(arr, config.n_kv_head)
+            ours = f"model.layers.{idx}.{_GGUF_LAYER[kind_]}.{suffix}"
+        elif t.name == "rope_freqs.weight":
+            raise LmforgeError(f"{path}: RoPE frequency factors are not supported yet")
+        else:
+            raise CorruptArtifactError(f"{path}: unexpected tensor {t.name}")
+        sd[ours] = torch.from_numpy(arr.copy())
+    model = empty_model(config)
+    load_state(model, sd, str(path))
+    gen = {
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": tokenizer.eos_id,
+        "pad_token_id": tokenizer.pad_id,
+    }
+    lineage = {"source": {"kind": "gguf", "path": str(path), "name": meta.get("general.name")}}
+    return LoadedModel(model, tokenizer, path, gen, lineage)

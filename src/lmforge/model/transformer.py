@@ -1,0 +1,476 @@
+"""The decoder-only Transformer: `ModelConfig` and every module, in forward order.
+
+Two families from one config:
+
+- `arch="llama"`: RoPE (configurable theta), RMSNorm, SwiGLU MLP, grouped-query attention, no
+  biases, tied or untied embeddings (Llama, SmolLM2, Mistral-style checkpoints).
+- `arch="gpt2"`: learned absolute positions, LayerNorm, GELU (tanh) MLP, biases everywhere,
+  tied embeddings.
+
+Parameter names follow Hugging Face's `LlamaForCausalLM` (`model.layers.N.self_attn.q_proj`, …)
+so the Llama mapping in `checkpoint.py` is the identity.
+
+Attention: `eager_attention` is the plain reference (softmax(QKᵀ/√d)V); `sdpa_attention` calls
+`torch.nn.functional.scaled_dot_product_attention`. Both live in `ATTENTION` with one signature;
+`Transformer.attn_impl` picks one.
+
+KV cache: the caller allocates a `KVCache` and passes it in; `forward` writes the new keys and
+values at `positions` and attends over the cached prefix. `prefill` and `decode_step` are the
+two hot paths, kept separate so each can be optimised on its own.
+
+Shapes: B batch, T new tokens, Tk attended keys, H query heads, Hkv key/value heads, D head dim,
+C d_model, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from lmforge.model.kv_cache import KVCache
+
+Arch = Literal["llama", "gpt2"]
+
+
+@dataclass
+class ModelConfig:
+    """Shape and family of a decoder-only Transformer."""
+
+    arch: Arch = "llama"
+    """`llama` (RoPE, RMSNorm, SwiGLU, GQA) or `gpt2` (learned positions, LayerNorm, GELU)."""
+    vocab_size: int = 32000
+    d_model: int = 512
+    n_layer: int = 8
+    n_head: int = 8
+    n_kv_head: int = 0
+    """Key/value heads for grouped-query attention; 0 means `n_head` (multi-head attention)."""
+    d_ff: int = 0
+    """MLP hidden size; 0 means 4·d_model (gpt2) or the Llama rule ⌈8/3·d_model⌉ to a multiple of 64."""
+    max_seq_len: int = 2048
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    head_dim: int = 0
+    """Per-head size; 0 means d_model // n_head."""
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.arch not in ("llama", "gpt2"):
+            raise ValueError(f"model.arch must be 'llama' or 'gpt2', got {self.arch!r}")
+        for name in ("vocab_size", "d_model", "n_layer", "n_head", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+        if self.n_kv_head == 0:
+            self.n_kv_head = self.n_head
+        if self.n_kv_head < 0 or self.n_head % self.n_kv_head:
+            raise ValueError(
+                f"model.n_head ({self.n_head}) must be a multiple of model.n_kv_head "
+                f"({self.n_kv_head})"
+            )
+        if self.head_dim == 0:
+            if self.d_model % self.n_head:
+                raise ValueError(
+                    f"model.d_model ({self.d_model}) must be divisible by model.n_head "
+                    f"({self.n_head}) unless model.head_dim is set"
+                )
+            self.head_dim = self.d_model // self.n_head
+        if self.arch == "llama" and self.head_dim % 2:
+            raise ValueError(f"model.head_dim must be even for RoPE, got {self.head_dim}")
+        if self.d_ff == 0:
+            if self.arch == "gpt2":
+                self.d_ff = 4 * self.d_model
+            else:
+                self.d_ff = 64 * math.ceil(8 * self.d_model / 3 / 64)
+        if not (0.0 <= self.dropout < 1.0):
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if not (math.isfinite(self.norm_eps) and self.norm_eps > 0):
+            raise ValueError(f"model.norm_eps must be positive, got {self.norm_eps}")
+        if self.arch == "gpt2" and self.n_kv_head != self.n_head:
+            raise ValueError("model.n_kv_head must equal model.n_head for arch 'gpt2'")
+
+    @property
+    def bias(self) -> bool:
+        return self.arch == "gpt2"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model config key(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    def num_params(self) -> int:
+        """Parameter count (tied embeddings counted once)."""
+        c, f, d = self.d_model, self.d_ff, self.head_dim
+        attn = c * self.n_head * d * 2 + c * self.n_kv_head * d * 2
+        mlp = c * f * (3 if self.arch == "llama" else 2)
+        norms = 2 * c * (2 if self.arch == "gpt2" else 1)
+        biases = (self.n_head * d * 2 + self.n_kv_head * d * 2 + f + c) if self.bias else 0
+        per_layer = attn + mlp + norms + biases
+        emb = self.vocab_size * c * (1 if self.tie_embeddings else 2)
+        pos = self.max_seq_len * c if self.arch == "gpt2" else 0
+        final_norm = c * (2 if self.arch == "gpt2" else 1)
+        return self.n_layer * per_layer + emb + pos + final_norm
+
+
+# ---------------------------------------------------------------------------------------------
+# Norms and rotary embeddings
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 like the reference Llama implementation, then cast back.
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.arch == "gpt2":
+        return nn.LayerNorm(config.d_model, eps=config.norm_eps)
+    return RMSNorm(config.d_model, config.norm_eps)
+
+
+def rope_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables [max_seq_len, D] for the rotate-half RoPE convention of HF Llama."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    t = torch.arange(config.max_seq_len, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)  # [T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D]; cos/sin [B, 1, T, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention kernels: same signature, registered by name
+
+
+AttentionFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, bool, float], torch.Tensor
+]
+
+
+def eager_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+) -> torch.Tensor:
+    """Reference attention. q [B,H,T,D]; k, v [B,Hkv,Tk,D]; mask [B,1,T,Tk] bool (True = attend)."""
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1:
+        k = k.repeat_interleave(n_rep, dim=1)
+        v = v.repeat_interleave(n_rep, dim=1)
+    scores = (q @ k.transpose(-2, -1)).float() * scale  # [B, H, T, Tk]
+    if is_causal:
+        t, tk = scores.shape[-2:]
+        mask = torch.ones(t, tk, dtype=torch.bool, device=q.device).tril(tk - t)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(dim=-1).to(v.dtype)
+    return probs @ v  # [B, H, T, D]
+
+
+def sdpa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+) -> torch.Tensor:
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1:
+        # Expanding K/V is faster on CPU than SDPA's enable_gqa path (measured, torch 2.13).
+        k = k.repeat_interleave(n_rep, dim=1)
+        v = v.repeat_interleave(n_rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+
+
+ATTENTION: dict[str, AttentionFn] = {"eager": eager_attention, "sdpa": sdpa_attention}
+
+
+@dataclass
+class AttentionPlan:
+    """What every layer needs to know about one forward call, computed once."""
+
+    positions: torch.Tensor  # [B, T] int64
+    write_start: int | None  # slice write at [start, start+T) for every row, else scatter
+    k_len: int  # keys attended: cache prefix [0, k_len)
+    mask: torch.Tensor | None  # [B, 1, T, Tk] bool, True = attend
+    is_causal: bool
+
+
+def plan_attention(
+    positions: torch.Tensor | None, batch: int, t: int, kv_cache: KVCache | None
+) -> AttentionPlan:
+    if positions is None:
+        # Every row holds tokens 0..T-1: plain causal attention, slice writes.
+        pos = torch.arange(t).unsqueeze(0).expand(batch, t)
+        return AttentionPlan(pos, write_start=0, k_len=t, mask=None, is_causal=t > 1)
+    if positions.dim() == 1:
+        positions = positions.unsqueeze(0).expand(batch, t)
+    k_len = int(positions.max()) + 1
+    if kv_cache is None:
+        if k_len != t:
+            raise ValueError("positions without a kv_cache must be 0..T-1")
+        return AttentionPlan(positions, write_start=0, k_len=t, mask=None, is_causal=t > 1)
+    if k_len > kv_cache.max_len:
+        raise ValueError(f"position {k_len - 1} is beyond the KV cache ({kv_cache.max_len})")
+    first = positions[:, :1]
+    same_rows = batch == 1 or bool((positions == positions[:1]).all())
+    contiguous = bool((positions == first + torch.arange(t)).all())
+    write_start = int(first[0, 0]) if same_rows and contiguous else None
+    if same_rows and contiguous and t == 1:
+        # One new token per row, all at the same position: it sees the whole prefix.
+        return AttentionPlan(positions, write_start, k_len, mask=None, is_causal=False)
+    if same_rows and contiguous and write_start == 0:
+        return AttentionPlan(positions, write_start, k_len, mask=None, is_causal=t > 1)
+    keys = torch.arange(k_len)
+    mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B, 1, T, Tk]
+    return AttentionPlan(positions, write_start, k_len, mask=mask, is_causal=False)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head
+        self.head_dim = config.head_dim
+        self.scale = 1.0 / math.sqrt(config.head_dim)
+        qd, kvd = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
+        self.q_proj = nn.Linear(config.d_model, qd, bias=config.bias)
+        self.k_proj = nn.Linear(config.d_model, kvd, bias=config.bias)
+        self.v_proj = nn.Linear(config.d_model, kvd, bias=config.bias)
+        self.o_proj = nn.Linear(qd, config.d_model, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, T, C]
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        plan: AttentionPlan,
+        cache: tuple[torch.Tensor, torch.Tensor] | None,  # [B, Hkv, Tmax, D] each
+        attn_fn: AttentionFn,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k_cache, v_cache = cache
+            if plan.write_start is not None:
+                s = plan.write_start
+                k_cache[:, :, s : s + t] = k
+                v_cache[:, :, s : s + t] = v
+            else:
+                rows = torch.arange(b).unsqueeze(1).expand(b, t)
+                k_cache[rows, :, plan.positions] = k.transpose(1, 2)
+                v_cache[rows, :, plan.positions] = v.transpose(1, 2)
+            k, v = k_cache[:, :, : plan.k_len], v_cache[:, :, : plan.k_len]
+        y = attn_fn(q, k, v, plan.mask, plan.is_causal, self.scale)  # [B, H, T, D]
+        y = y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim)
+        return self.resid_dropout(self.o_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gated = config.arch == "llama"
+        if self.gated:
+            self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
+        self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        else:
+            h = F.gelu(self.up_proj(x), approximate="tanh")
+        return self.dropout(self.down_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = make_norm(config)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        plan: AttentionPlan,
+        cache: tuple[torch.Tensor, torch.Tensor] | None,
+        attn_fn: AttentionFn,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, plan, cache, attn_fn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Embeddings, blocks and the final norm (HF's `model.` prefix)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        if config.arch == "gpt2":
+            self.embed_positions = nn.Embedding(config.max_seq_len, config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = make_norm(config)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig, attn_impl: str = "sdpa") -> None:
+        super().__init__()
+        self.config = config
+        self.attn_impl = attn_impl
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        if config.arch == "llama":
+            self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+            self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_buffers()
+            self.reset_parameters()
+
+    def init_buffers(self) -> None:
+        """(Re)compute the RoPE tables; needed after building on the meta device."""
+        if self.config.arch == "llama":
+            cos, sin = rope_tables(self.config)
+            device = self.lm_head.weight.device
+            self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+
+    @property
+    def attn_impl(self) -> str:
+        return self._attn_impl
+
+    @attn_impl.setter
+    def attn_impl(self, name: str) -> None:
+        if name not in ATTENTION:
+            raise ValueError(f"unknown attention '{name}', choose from {sorted(ATTENTION)}")
+        self._attn_impl = name
+
+    def reset_parameters(self) -> None:
+        """GPT-2 style init: N(0, 0.02), residual projections scaled by 1/√(2·n_layer)."""
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif "norm" in name:
+                nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layer))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def hidden_states(
+        self,
+        ids: torch.Tensor,  # [B, T]
+        positions: torch.Tensor | None = None,  # [B, T] or [T]; None = 0..T-1
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Final-norm hidden states [B, T, C]."""
+        cfg = self.config
+        b, t = ids.shape
+        plan = plan_attention(positions, b, t, kv_cache)
+        if plan.k_len > cfg.max_seq_len:
+            raise ValueError(f"position {plan.k_len - 1} is beyond the context {cfg.max_seq_len}")
+        x = self.model.embed_tokens(ids)  # [B, T, C]
+        rope = None
+        if cfg.arch == "gpt2":
+            x = x + self.model.embed_positions(plan.positions)
+        else:
+            cos = self.rope_cos[plan.positions].unsqueeze(1)  # [B, 1, T, D]
+            sin = self.rope_sin[plan.positions].unsqueeze(1)
+            rope = (cos.to(x.dtype), sin.to(x.dtype))
+        x = self.model.dropout(x)
+        attn_fn = ATTENTION[self._attn_impl]
+        for i, layer in enumerate(self.model.layers):
+            cache = (kv_cache.k[i], kv_cache.v[i]) if kv_cache is not None else None
+            x = layer(x, rope, plan, cache, attn_fn)
+        return self.model.norm(x)
+
+    def forward(
+        self,
+        ids: torch.Tensor,  # [B, T]
+        positions: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        *,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits [B, T, V] (or [B, 1, V] with `last_only`)."""
+        h = self.hidden_states(ids, positions, kv_cache)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(h)
+
+
+# ---------------------------------------------------------------------------------------------
+# The two inference hot paths
+
+
+@torch.inference_mode()
+def prefill(
+    model: Transformer, ids: torch.Tensor, kv_cache: KVCache, start: int = 0
+) -> torch.Tensor:
+    """Run prompt tokens ids [B, T] at positions start..start+T-1; logits of the last one [B, V]."""
+    positions = None if start == 0 else torch.arange(start, start + ids.shape[1])
+    return model(ids, positions, kv_cache, last_only=True)[:, -1]
+
+
+@torch.inference_mode()
+def decode_step(
+    model: Transformer, ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache
+) -> torch.Tensor:
+    """One new token per row: ids [B], positions [B] → logits [B, V]."""
+    return model(ids.unsqueeze(1), positions.unsqueeze(1), kv_cache)[:, -1]
+
+
+def use_column_major_weights(model: nn.Module) -> None:
+    """Store every Linear weight [N, K] as the transpose of a contiguous [K, N] tensor.
+
+    `F.linear(x, W)` then runs as `x @ Wt` over contiguous memory, which reads weights about twice
+    as fast on CPU for small batches (see DESIGN.md, performance facts). Values are unchanged.
+    """
+    seen: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            w = module.weight
+            if w.is_contiguous():
+                w.data = w.data.t().contiguous().t()
