@@ -188,6 +188,8 @@ _GPT2_LAYER = {
     "ln_1.bias": "input_layernorm.bias",
     "ln_2.weight": "post_attention_layernorm.weight",
     "ln_2.bias": "post_attention_layernorm.bias",
+    "attn.c_attn.weight": "self_attn.qkv_proj.weight",
+    "attn.c_attn.bias": "self_attn.qkv_proj.bias",
     "attn.c_proj.weight": "self_attn.o_proj.weight",
     "attn.c_proj.bias": "self_attn.o_proj.bias",
     "mlp.c_fc.weight": "mlp.up_proj.weight",
@@ -201,52 +203,77 @@ _GPT2_TOP = {
     "ln_f.weight": "model.norm.weight",
     "ln_f.bias": "model.norm.bias",
 }
+# Fused tensors of ours ← the separate ones of HF Llama, concatenated along the output rows.
+_LLAMA_FUSED = {
+    "self_attn.qkv_proj.weight": (
+        "self_attn.q_proj.weight",
+        "self_attn.k_proj.weight",
+        "self_attn.v_proj.weight",
+    ),
+    "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+}
 
 
-def gpt2_to_ours(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+def _is_conv1d(hf_name: str) -> bool:
+    """GPT-2's Conv1D weights are stored [in, out], the transpose of a Linear's."""
+    return hf_name.endswith(".weight") and hf_name.split(".")[-2] in ("c_attn", "c_proj", "c_fc")
+
+
+def gpt2_to_ours(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
-    c = config.d_model
     for name, t in sd.items():
         name = name.removeprefix("transformer.")
         if name in _GPT2_TOP:
             out[_GPT2_TOP[name]] = t
         elif name.startswith("h."):
             _, idx, rest = name.split(".", 2)
-            prefix = f"model.layers.{idx}."
-            if rest == "attn.c_attn.weight":  # Conv1D [C, 3C] → three Linear [C, C]
-                for part, w in zip(("q", "k", "v"), t.split(c, dim=1), strict=True):
-                    out[f"{prefix}self_attn.{part}_proj.weight"] = w.t().contiguous()
-            elif rest == "attn.c_attn.bias":
-                for part, b in zip(("q", "k", "v"), t.split(c), strict=True):
-                    out[f"{prefix}self_attn.{part}_proj.bias"] = b
-            elif rest in _GPT2_LAYER:
-                ours = _GPT2_LAYER[rest]
-                is_conv = rest.endswith(".weight") and ("c_proj" in rest or "c_fc" in rest)
-                out[prefix + ours] = t.t().contiguous() if is_conv else t
+            if rest in _GPT2_LAYER:
+                value = t.t().contiguous() if _is_conv1d(rest) else t
+                out[f"model.layers.{idx}.{_GPT2_LAYER[rest]}"] = value
             # attn.bias / attn.masked_bias are causal-mask buffers, not weights.
         # lm_head.weight is tied to wte.
     return out
 
 
-def ours_to_gpt2(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+def ours_to_gpt2(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     top = {v: k for k, v in _GPT2_TOP.items()}
     layer = {v: k for k, v in _GPT2_LAYER.items()}
     out: dict[str, torch.Tensor] = {}
-    for i in range(config.n_layer):
-        p = f"model.layers.{i}.self_attn."
-        qkv_w = [sd[f"{p}{x}_proj.weight"].t() for x in "qkv"]
-        out[f"transformer.h.{i}.attn.c_attn.weight"] = torch.cat(qkv_w, dim=1).contiguous()
-        qkv_b = [sd[f"{p}{x}_proj.bias"] for x in "qkv"]
-        out[f"transformer.h.{i}.attn.c_attn.bias"] = torch.cat(qkv_b).contiguous()
     for name, t in sd.items():
         if name in top:
             out[f"transformer.{top[name]}"] = t.contiguous()
         elif name.startswith("model.layers."):
             idx, rest = name.removeprefix("model.layers.").split(".", 1)
-            if rest in layer:
-                theirs = layer[rest]
-                is_conv = theirs.endswith(".weight") and ("c_proj" in theirs or "c_fc" in theirs)
-                out[f"transformer.h.{idx}.{theirs}"] = (t.t() if is_conv else t).contiguous()
+            theirs = layer[rest]
+            out[f"transformer.h.{idx}.{theirs}"] = (t.t() if _is_conv1d(theirs) else t).contiguous()
+    return out
+
+
+def llama_to_ours(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    out = dict(sd)
+    for i in range(config.n_layer):
+        p = f"model.layers.{i}."
+        for fused, parts in _LLAMA_FUSED.items():
+            if all(p + x in out for x in parts):
+                out[p + fused] = torch.cat([out.pop(p + x) for x in parts], dim=0)
+    return out
+
+
+def ours_to_llama(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    qd, kvd = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
+    sizes = {
+        "self_attn.qkv_proj.weight": (qd, kvd, kvd),
+        "mlp.gate_up_proj.weight": (config.d_ff, config.d_ff),
+    }
+    for name, t in sd.items():
+        rest = name.split(".", 3)[-1] if name.startswith("model.layers.") else ""
+        if rest in _LLAMA_FUSED:
+            prefix = name[: -len(rest)]
+            for part, piece in zip(_LLAMA_FUSED[rest], t.split(sizes[rest]), strict=True):
+                out[prefix + part] = piece.contiguous()
+        else:
+            out[name] = t.contiguous()
     return out
 
 
@@ -260,8 +287,8 @@ def state_dict_for_hf(model: Transformer) -> dict[str, torch.Tensor]:
     if model.config.tie_embeddings:
         sd.pop("lm_head.weight", None)
     if model.config.arch == "gpt2":
-        return ours_to_gpt2(sd, model.config)
-    return {k: v.contiguous() for k, v in sd.items()}
+        return ours_to_gpt2(sd)
+    return ours_to_llama(sd, model.config)
 
 
 def save_model(
@@ -278,7 +305,9 @@ def save_model(
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tensors = state_dict_for_hf(model)
-    write_with(d / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    write_with(
+        d / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"})
+    )
     hf = config_to_hf(model.config, tokenizer)
     hf["lmforge_config"] = model.config.to_dict()
     write_text_atomic(d / "config.json", json.dumps(hf, indent=2))
@@ -361,7 +390,9 @@ def read_hf_weights(d: Path) -> dict[str, torch.Tensor]:
         try:
             return torch.load(bin_path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:
-            raise CorruptArtifactError(f"{bin_path} is not a readable weights file: {exc}") from None
+            raise CorruptArtifactError(
+                f"{bin_path} is not a readable weights file: {exc}"
+            ) from None
     raise ModelNotFoundError(f"{d} has no model.safetensors (or index, or pytorch_model.bin)")
 
 
@@ -396,9 +427,9 @@ def load_hf_dir(d: Path) -> LoadedModel:
     tokenizer = Tokenizer.load(d)
     sd = read_hf_weights(d)
     if config.arch == "gpt2":
-        sd = gpt2_to_ours(sd, config)
-    elif "lm_head.weight" not in sd and not config.tie_embeddings:
-        raise CorruptArtifactError(f"{d}: untied model without lm_head.weight")
+        sd = gpt2_to_ours(sd)
+    else:
+        sd = llama_to_ours(sd, config)
     model = empty_model(config)
     load_state(model, sd, str(d))
     gen_path = d / "generation_config.json"
@@ -411,6 +442,7 @@ def load_hf_dir(d: Path) -> LoadedModel:
 # ---------------------------------------------------------------------------------------------
 # GGUF
 
+# GGUF block tensor → HF Llama name (then fused by `llama_to_ours`).
 _GGUF_LAYER = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
@@ -506,7 +538,9 @@ def load_gguf(path: Path) -> LoadedModel:
             arr = dequantize(t.data, t.tensor_type)
         except (NotImplementedError, ValueError) as exc:
             kind = gguf.GGMLQuantizationType(t.tensor_type).name
-            raise CorruptArtifactError(f"{path}: cannot dequantize {t.name} ({kind}): {exc}") from None
+            raise CorruptArtifactError(
+                f"{path}: cannot dequantize {t.name} ({kind}): {exc}"
+            ) from None
         shape = tuple(int(x) for x in reversed(t.shape))
         arr = np.asarray(arr, dtype=np.float32).reshape(shape)
         if t.name in _GGUF_TOP:
@@ -526,7 +560,7 @@ def load_gguf(path: Path) -> LoadedModel:
             raise CorruptArtifactError(f"{path}: unexpected tensor {t.name}")
         sd[ours] = torch.from_numpy(arr.copy())
     model = empty_model(config)
-    load_state(model, sd, str(path))
+    load_state(model, llama_to_ours(sd, config), str(path))
     gen = {
         "bos_token_id": tokenizer.bos_id,
         "eos_token_id": tokenizer.eos_id,

@@ -105,7 +105,8 @@ class Tokenizer:
         d = Path(directory)
         write_text_atomic(d / "tokenizer.json", self.backend.to_str(pretty=False))
         write_text_atomic(
-            d / "tokenizer_config.json", json.dumps(self.config_dict(), indent=2, ensure_ascii=False)
+            d / "tokenizer_config.json",
+            json.dumps(self.config_dict(), indent=2, ensure_ascii=False),
         )
 
     @classmethod
