@@ -60,14 +60,21 @@ class LoadedModel:
 
 
 def empty_model(config: ModelConfig) -> Transformer:
-    """A Transformer with uninitialised weights (fast), ready for `load_state_dict`."""
-    with torch.device("meta"):
-        model = Transformer(config)
-    model.to_empty(device="cpu")
-    model.init_buffers()
-    if config.tie_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model
+    """A Transformer on the meta device (no memory, no init), to be filled by `load_state`.
+
+    torch's own layer constructors initialise their weights even on the meta device, and the
+    first such call costs ~2 s (meta kernels load lazily), so initialisation is switched off.
+    """
+    layers = (torch.nn.Linear, torch.nn.Embedding, torch.nn.LayerNorm)
+    saved = [cls.reset_parameters for cls in layers]
+    try:
+        for cls in layers:
+            cls.reset_parameters = lambda self: None  # type: ignore[method-assign]
+        with torch.device("meta"):
+            return Transformer(config)
+    finally:
+        for cls, fn in zip(layers, saved, strict=True):
+            cls.reset_parameters = fn  # type: ignore[method-assign]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,8 +404,11 @@ def read_hf_weights(d: Path) -> dict[str, torch.Tensor]:
 
 
 def load_state(model: Transformer, sd: dict[str, torch.Tensor], source: str) -> None:
-    """Copy SD into MODEL strictly; a mismatch is a one-line error naming the first problem."""
-    expected = model.state_dict()
+    """Give MODEL (built by `empty_model`) the tensors of SD, without copying them.
+
+    Strict: a missing, unexpected or misshapen tensor is a one-line error naming the first one.
+    """
+    expected = {k: v for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
         expected.pop("lm_head.weight", None)
@@ -408,14 +418,16 @@ def load_state(model: Transformer, sd: dict[str, torch.Tensor], source: str) -> 
         raise CorruptArtifactError(f"{source}: missing weights, e.g. {missing[0]} ({len(missing)})")
     if unexpected:
         raise CorruptArtifactError(f"{source}: unexpected weights, e.g. {unexpected[0]}")
-    with torch.no_grad():
-        for name, target in expected.items():
-            src = sd[name]
-            if tuple(src.shape) != tuple(target.shape):
-                raise CorruptArtifactError(
-                    f"{source}: {name} has shape {tuple(src.shape)}, expected {tuple(target.shape)}"
-                )
-            target.copy_(src)
+    for name, target in expected.items():
+        if tuple(sd[name].shape) != tuple(target.shape):
+            raise CorruptArtifactError(
+                f"{source}: {name} has shape {tuple(sd[name].shape)}, expected {tuple(target.shape)}"
+            )
+    tensors = {k: sd[k].to(torch.float32) for k in expected}
+    model.load_state_dict(tensors, strict=False, assign=True)
+    if model.config.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.init_buffers()
 
 
 def load_hf_dir(d: Path) -> LoadedModel:

@@ -1,0 +1,88 @@
+"""The `lmforge` command table and the entry point that turns errors into one line.
+
+Every command exits 0 on success; on bad input it prints `error: <what is wrong>` on stderr and
+exits 1 (2 for usage errors such as an unknown option), never a traceback. Set
+`LMFORGE_DEBUG=1` to see tracebacks, `LMFORGE_LOG=info` for library logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import click
+import typer
+
+from lmforge.cli import demo, generate, models
+from lmforge.errors import LmforgeError
+
+app = typer.Typer(
+    name="lmforge",
+    help="lmforge: the whole LLM chain in one self-hosted tool.",
+    epilog=(
+        "[bold]Examples[/bold]\n\n"
+        "  lmforge generate 'The capital of France is'\n\n"
+        "  lmforge chat\n\n"
+        "  lmforge models list\n\n"
+        "  lmforge demo"
+    ),
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+generate.register(app)
+app.add_typer(models.app, name="models")
+demo.register(app)
+
+
+def _setup_logging() -> None:
+    level = os.environ.get("LMFORGE_LOG", "warning").upper()
+    logging.basicConfig(
+        level=getattr(logging, level, logging.WARNING),
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    _setup_logging()
+    command = typer.main.get_command(app)
+    debug = bool(os.environ.get("LMFORGE_DEBUG"))
+    try:
+        result = command.main(args=argv, prog_name="lmforge", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:
+        print("error: aborted", file=sys.stderr)
+        return 130
+    except click.ClickException as exc:
+        hint = ""
+        if isinstance(exc, click.UsageError) and exc.ctx is not None:
+            hint = f" (see '{exc.ctx.command_path} --help')"
+        print(f"error: {exc.format_message()}{hint}", file=sys.stderr)
+        return exc.exit_code
+    except LmforgeError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`); don't let Python complain at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    return result if isinstance(result, int) else 0
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,201 @@
+"""`lmforge models list | show | import`: the models lmforge knows.
+
+`list` imports neither torch nor the built-in model's package: it reads the registry and asks
+`importlib` where the built-in files are.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lmforge.builtin import BUILTINS
+from lmforge.errors import LmforgeError
+from lmforge.home import lmforge_home
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+app = typer.Typer(
+    help="List, inspect and import models.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _registry_records() -> list[Any]:
+    home = lmforge_home()
+    if not (home / "registry.db").exists():
+        return []
+    from lmforge.registry import repo
+    from lmforge.registry.db import connect
+
+    engine = connect(home=home)
+    try:
+        with engine.connect() as conn:
+            return list(repo.list_models(conn))
+    finally:
+        engine.dispose()
+
+
+def _human_params(n: int | None) -> str:
+    if not n:
+        return "-"
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+@app.command(
+    "list",
+    epilog="[bold]Examples[/bold]\n\n  lmforge models list\n\n  lmforge models list --json",
+)
+def list_command(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+) -> None:
+    """List the built-in models and every model in the registry (latest versions)."""
+    rows: list[dict[str, Any]] = []
+    for spec in BUILTINS.values():
+        path = spec.gguf_path()
+        rows.append(
+            {
+                "name": spec.name,
+                "version": None,
+                "kind": "built-in",
+                "arch": spec.arch,
+                "params": spec.n_params,
+                "path": str(path) if path else f"(not installed: {spec.install})",
+                "created": None,
+            }
+        )
+    for rec in _registry_records():
+        rows.append(
+            {
+                "name": rec.name,
+                "version": rec.version,
+                "kind": "registry",
+                "arch": rec.arch,
+                "params": rec.n_params,
+                "path": rec.path,
+                "created": rec.created_at,
+            }
+        )
+    if as_json:
+        for row in rows:
+            print(json.dumps(row))
+        return
+    table = Table(title="models", title_justify="left")
+    for col in ("name", "version", "kind", "arch", "params", "path"):
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(
+            row["name"],
+            str(row["version"] or "-"),
+            row["kind"],
+            row["arch"] or "-",
+            _human_params(row["params"]),
+            row["path"],
+        )
+    out.print(table)
+
+
+def _dir_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+
+
+@app.command(
+    "show",
+    epilog="[bold]Examples[/bold]\n\n  lmforge models show smollm2-135m-instruct\n\n"
+    "  lmforge models show my-model@2 --json",
+)
+def show_command(
+    name: Annotated[str, typer.Argument(help="Registry name[@version], built-in, dir or .gguf.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Show a model's location, architecture, size and lineage."""
+    from lmforge.resolve import resolve
+
+    with err.status(f"resolving {name} …"):
+        ref = resolve(name)
+    info: dict[str, Any] = {"name": ref.name, "kind": ref.kind, "path": str(ref.path)}
+    if ref.version is not None:
+        info["version"] = ref.version
+    info["size_bytes"] = _dir_size(ref.path)
+    if ref.path.is_dir():
+        for fname, key in (("config.json", "config"), ("lmforge.json", "lineage")):
+            f = ref.path / fname
+            if f.is_file():
+                try:
+                    info[key] = json.loads(f.read_text(encoding="utf-8"))
+                except (OSError, ValueError) as exc:
+                    raise LmforgeError(f"cannot read {f}: {exc}") from None
+    if as_json:
+        print(json.dumps(info, indent=2, default=str))
+        return
+    table = Table(show_header=False, title=ref.name, title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    table.add_row("kind", ref.kind)
+    table.add_row("path", str(ref.path))
+    table.add_row("size", f"{info['size_bytes'] / 1e6:.1f} MB")
+    cfg = info.get("config", {}).get("lmforge_config") or {}
+    for key in ("arch", "n_layer", "d_model", "n_head", "n_kv_head", "vocab_size", "max_seq_len"):
+        if key in cfg:
+            table.add_row(key, str(cfg[key]))
+    lineage = info.get("lineage", {})
+    if "weights_sha256" in lineage:
+        table.add_row("weights sha256", lineage["weights_sha256"])
+    if "source" in lineage:
+        table.add_row("source", json.dumps(lineage["source"]))
+    out.print(table)
+
+
+@app.command(
+    "import",
+    epilog="[bold]Examples[/bold]\n\n  lmforge models import ./SmolLM2-360M --name smollm2-360m\n\n"
+    "  lmforge models import model.Q8_0.gguf --name my-model",
+)
+def import_command(
+    path: Annotated[Path, typer.Argument(help="A Hugging Face model directory or a .gguf file.")],
+    name: Annotated[str, typer.Option("--name", help="Registry name (a-z, 0-9, . _ -).")],
+) -> None:
+    """Import a model into the registry as an HF-layout directory under $LMFORGE_HOME/models."""
+    from lmforge.atomic import atomic_directory
+    from lmforge.model.checkpoint import file_sha256, load_model, save_model
+    from lmforge.registry import repo
+    from lmforge.registry.db import connect
+
+    home = lmforge_home()
+    repo.validate_name(name)
+    with err.status(f"reading {path} …"):
+        loaded = load_model(path)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    target = home / "models" / name / f"{stamp}-{secrets.token_hex(3)}"
+    source = {"kind": "gguf" if path.is_file() else "hf", "path": str(path.resolve())}
+    if path.is_file():
+        source["sha256"] = file_sha256(path)
+    with err.status(f"writing {target} …"), atomic_directory(target) as tmp:
+        save_model(loaded.model, loaded.tokenizer, tmp, lineage={"name": name, "source": source})
+    engine = connect(home=home)
+    try:
+        with engine.begin() as conn:
+            rec = repo.register_model(
+                conn,
+                name=name,
+                path=str(target),
+                sha256=file_sha256(target / "model.safetensors"),
+                arch=loaded.config.arch,
+                n_params=loaded.config.num_params(),
+                source=str(path.resolve()),
+            )
+    finally:
+        engine.dispose()
+    out.print(f"imported [bold]{rec.name}@{rec.version}[/bold] → {target}")

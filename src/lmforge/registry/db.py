@@ -1,0 +1,79 @@
+"""Opening the registry database: URL, SQLite settings, migrations.
+
+`connect()` returns a SQLAlchemy `Engine` for `sqlite:///$LMFORGE_HOME/registry.db` (or the URL
+given) with the migrations applied. The caller owns the engine (build it once, e.g. in the
+server's lifespan, and pass it in) and disposes of it.
+
+SQLite the boring way: every connection runs in WAL mode with `synchronous=FULL`, foreign keys on
+and a 5 s busy timeout. pysqlite's legacy transaction handling (no BEGIN before DDL or SELECT) is
+switched off and SQLAlchemy emits a plain (deferred) BEGIN instead, so `engine.begin()` is a real
+SQLite transaction and migrations are transactional. See "Transactions with SQLite and the sqlite3
+driver" in SQLAlchemy's SQLite dialect documentation.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+
+from lmforge.errors import LmforgeError
+from lmforge.home import lmforge_home
+from lmforge.registry.migrations import migrate
+
+_PRAGMAS = (
+    "PRAGMA busy_timeout=5000",  # first, so that switching to WAL waits for other processes
+    "PRAGMA journal_mode=WAL",
+    "PRAGMA synchronous=FULL",
+    "PRAGMA foreign_keys=ON",
+)
+
+
+def default_url(home: Path | None = None) -> str:
+    """`sqlite:///HOME/registry.db`, HOME defaulting to `$LMFORGE_HOME` (`~/.lmforge`)."""
+    return f"sqlite:///{(home or lmforge_home()) / 'registry.db'}"
+
+
+def connect(url: str | None = None, *, home: Path | None = None) -> Engine:
+    """Open the registry at URL (default: `default_url(home)`), migrated to the latest schema.
+
+    Only SQLite URLs are supported so far (the migrations are written in SQLite's dialect).
+    Raises `LmforgeError` naming the file when it cannot be used, e.g. when it is not SQLite.
+    """
+    sa_url = make_url(url or default_url(home))
+    if sa_url.get_backend_name() != "sqlite":
+        raise LmforgeError(f"registry URL {sa_url!r}: only sqlite:/// URLs are supported")
+    database = sa_url.database or ":memory:"
+    if database != ":memory:" and not database.startswith("file:"):
+        try:
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LmforgeError(f"registry {database}: cannot create its directory: {e}") from e
+    engine = create_engine(sa_url)
+    event.listen(engine, "connect", _on_connect)
+    event.listen(engine, "begin", _on_begin)
+    try:
+        migrate(engine)
+    except DBAPIError as e:
+        engine.dispose()
+        reason = " ".join(str(e.orig).split())
+        raise LmforgeError(f"registry {database}: cannot use it as a SQLite database: {reason}") from e
+    return engine
+
+
+def _on_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
+    dbapi_connection.isolation_level = None  # pysqlite emits no BEGIN; _on_begin does
+    cursor = dbapi_connection.cursor()
+    try:
+        for pragma in _PRAGMAS:
+            cursor.execute(pragma).fetchall()
+    finally:
+        cursor.close()
+
+
+def _on_begin(conn: Connection) -> None:
+    conn.exec_driver_sql("BEGIN")

@@ -1,0 +1,144 @@
+"""All of the registry's SQL: keyword-only functions over a `Connection`, returning dataclasses.
+
+Convention: every function takes a `sqlalchemy.Connection` and never commits; the caller owns
+the transaction, so several calls can commit together:
+
+    with engine.begin() as conn:   # writes: committed when the block exits
+        record = register_model(conn, name="tiny", path=model_dir, sha256=digest)
+    with engine.connect() as conn:  # reads
+        latest = get_model(conn, name="tiny")
+
+Transactions start with a deferred BEGIN (see `db`), so a write transaction should start with
+its write; each write here is one statement that reads and writes atomically (no
+read-modify-write in Python), which is what makes concurrent writers safe.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, func, insert, select
+
+from lmforge.errors import LmforgeError
+from lmforge.registry.tables import models, utc_now
+
+# Names become directory names: no slashes, no leading dot, so no "..".
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+_SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """One row of `models`: version VERSION of model NAME."""
+
+    id: int
+    name: str
+    version: int  # 1, 2, … per name
+    path: Path
+    sha256: str  # of the model's weights file, lowercase hex
+    parent: str | None  # free text: "smollm2-135m-instruct" or "name@3"
+    arch: str | None
+    n_params: int | None
+    source: str | None  # where it was imported from
+    created_at: str  # ISO-8601 UTC
+
+    @property
+    def ref(self) -> str:
+        """`name@version`, the form `parent` uses to point at this exact version."""
+        return f"{self.name}@{self.version}"
+
+
+def validate_name(name: str) -> str:
+    """Return NAME if it is a valid model name, else raise `LmforgeError` naming it."""
+    if not NAME_PATTERN.fullmatch(name):
+        raise LmforgeError(
+            f"invalid model name {name!r}: use 1-64 of a-z 0-9 . _ - starting with a-z or 0-9"
+        )
+    return name
+
+
+def register_model(
+    conn: Connection,
+    *,
+    name: str,
+    path: Path | str,
+    sha256: str,
+    parent: str | None = None,
+    arch: str | None = None,
+    n_params: int | None = None,
+    source: str | None = None,
+) -> ModelRecord:
+    """Record a new version of NAME (previous highest version + 1, or 1) and return it.
+
+    The version is computed inside the INSERT itself, so two processes registering the same name
+    at once get distinct consecutive versions.
+    """
+    validate_name(name)
+    if not _SHA256_PATTERN.fullmatch(sha256):
+        raise LmforgeError(f"invalid sha256 {sha256!r} for model {name!r}: want 64 hex digits")
+    next_version = (
+        select(func.coalesce(func.max(models.c.version), 0) + 1)
+        .where(models.c.name == name)
+        .scalar_subquery()
+    )
+    statement = (
+        insert(models)
+        .values(
+            name=name,
+            version=next_version,
+            path=str(path),
+            sha256=sha256,
+            parent=parent,
+            arch=arch,
+            n_params=n_params,
+            source=source,
+            created_at=utc_now(),
+        )
+        .returning(*models.c)
+    )
+    return _record(conn.execute(statement).one()._mapping)
+
+
+def get_model(conn: Connection, *, name: str, version: int | None = None) -> ModelRecord | None:
+    """Version VERSION of NAME (the latest when None), or None if there is no such model."""
+    query = select(models).where(models.c.name == name)
+    if version is None:
+        query = query.order_by(models.c.version.desc()).limit(1)
+    else:
+        query = query.where(models.c.version == version)
+    row = conn.execute(query).one_or_none()
+    return None if row is None else _record(row._mapping)
+
+
+def list_models(conn: Connection) -> list[ModelRecord]:
+    """The latest version of every model, sorted by name."""
+    latest = (
+        select(models.c.name, func.max(models.c.version).label("version"))
+        .group_by(models.c.name)
+        .subquery()
+    )
+    query = (
+        select(models)
+        .join(latest, (models.c.name == latest.c.name) & (models.c.version == latest.c.version))
+        .order_by(models.c.name)
+    )
+    return [_record(row._mapping) for row in conn.execute(query)]
+
+
+def list_versions(conn: Connection, *, name: str) -> list[ModelRecord]:
+    """Every version of NAME, oldest first (empty if there is no such model)."""
+    query = select(models).where(models.c.name == name).order_by(models.c.version)
+    return [_record(row._mapping) for row in conn.execute(query)]
+
+
+def model_names(conn: Connection) -> list[str]:
+    """The names of all registered models, sorted."""
+    query = select(models.c.name).distinct().order_by(models.c.name)
+    return list(conn.execute(query).scalars())
+
+
+def _record(row: Any) -> ModelRecord:
+    return ModelRecord(**{**row, "path": Path(row["path"])})

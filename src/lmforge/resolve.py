@@ -1,0 +1,155 @@
+"""MODEL arguments → a loadable model path.
+
+A MODEL is, in this order: nothing (the built-in default), a built-in name, an existing
+directory or `.gguf` file, or a registry name (`name` for the latest version, `name@3` for one).
+Anything else is an error that suggests close names.
+
+Built-in models ship as GGUF; the first use dequantizes one into an ordinary HF-layout
+directory under `$LMFORGE_HOME/builtin/<name>/` so later loads are a memory map, not a
+10-second GGUF parse. The cache is keyed by the GGUF's size and mtime and rebuilt when they
+change; it is written atomically, so a killed conversion leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmforge.builtin import BUILTINS, DEFAULT_MODEL
+from lmforge.errors import LmforgeError, ModelNotFoundError
+from lmforge.home import lmforge_home
+
+log = logging.getLogger(__name__)
+
+_REGISTRY_REF = re.compile(r"^(?P<name>[a-z0-9][a-z0-9._-]{0,63})(?:@(?P<version>\d+))?$")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str  # how to show it: built-in name, registry name@version, or the path given
+    path: Path  # HF-layout directory or .gguf file
+    kind: str  # "builtin" | "registry" | "path"
+    version: int | None = None
+
+
+def resolve(spec: str | None, *, home: Path | None = None) -> ModelRef:
+    home = home or lmforge_home()
+    spec = (spec or DEFAULT_MODEL).strip()
+    if spec in BUILTINS:
+        return ModelRef(spec, builtin_dir(spec, home=home), "builtin")
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_file() and path.suffix.lower() != ".gguf":
+            raise LmforgeError(f"{spec} is a file but not a .gguf model")
+        return ModelRef(spec, path, "path")
+    if "/" in spec or spec.lower().endswith((".gguf", ".safetensors")) or spec.startswith("."):
+        raise ModelNotFoundError(f"{spec}: no such file or directory")
+    m = _REGISTRY_REF.match(spec)
+    names = registry_names(home)
+    if m:
+        ref = _from_registry(m["name"], int(m["version"]) if m["version"] else None, home)
+        if ref is not None:
+            return ref
+    candidates = sorted(set(BUILTINS) | set(names))
+    close = difflib.get_close_matches(spec, candidates, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    if not close and candidates:
+        hint = f"; known models: {', '.join(candidates[:8])}"
+    raise ModelNotFoundError(f"unknown model {spec!r}{hint}")
+
+
+def registry_names(home: Path) -> list[str]:
+    if not (home / "registry.db").exists():
+        return []
+    from lmforge.registry import repo
+    from lmforge.registry.db import connect
+
+    engine = connect(home=home)
+    try:
+        with engine.connect() as conn:
+            return repo.model_names(conn)
+    finally:
+        engine.dispose()
+
+
+def _from_registry(name: str, version: int | None, home: Path) -> ModelRef | None:
+    if not (home / "registry.db").exists():
+        return None
+    from lmforge.registry import repo
+    from lmforge.registry.db import connect
+
+    engine = connect(home=home)
+    try:
+        with engine.connect() as conn:
+            rec = repo.get_model(conn, name=name, version=version)
+    finally:
+        engine.dispose()
+    if rec is None:
+        if version is not None:
+            raise ModelNotFoundError(f"model {name!r} has no version {version}")
+        return None
+    path = Path(rec.path)
+    if not path.exists():
+        raise ModelNotFoundError(f"model {name}@{rec.version} is registered at {path}, now missing")
+    return ModelRef(f"{name}@{rec.version}", path, "registry", rec.version)
+
+
+def builtin_dir(name: str, *, home: Path | None = None) -> Path:
+    """The HF-layout directory of built-in NAME, converting its GGUF on first use."""
+    spec = BUILTINS[name]
+    gguf_path = spec.gguf_path()
+    if gguf_path is None:
+        raise ModelNotFoundError(
+            f"the built-in model {name} needs the package that ships it: {spec.install}"
+        )
+    target = (home or lmforge_home()) / "builtin" / name
+    stat = gguf_path.stat()
+    key = {"gguf_size": stat.st_size, "gguf_mtime_ns": stat.st_mtime_ns}
+    if _cache_matches(target, key):
+        return target
+    _convert_builtin(name, gguf_path, target, key)
+    return target
+
+
+def _cache_matches(target: Path, key: dict[str, int]) -> bool:
+    try:
+        record = json.loads((target / "lmforge.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    source = record.get("source", {})
+    return all(source.get(k) == v for k, v in key.items()) and (target / "model.safetensors").exists()
+
+
+def _convert_builtin(name: str, gguf_path: Path, target: Path, key: dict[str, int]) -> None:
+    import shutil
+
+    from lmforge.atomic import atomic_directory
+    from lmforge.model.checkpoint import file_sha256, load_gguf, save_model
+
+    log.info("preparing built-in model %s from %s (first use only)", name, gguf_path)
+    loaded = load_gguf(gguf_path)
+    lineage = {
+        "name": name,
+        "source": {
+            "kind": "gguf",
+            "path": str(gguf_path),
+            "sha256": file_sha256(gguf_path),
+            **key,
+        },
+    }
+    stale = target.with_name(f".{target.name}.stale")
+    if target.exists():
+        shutil.rmtree(stale, ignore_errors=True)
+        target.rename(stale)
+    try:
+        with atomic_directory(target) as tmp:
+            save_model(loaded.model, loaded.tokenizer, tmp, lineage=lineage)
+    except (FileExistsError, OSError) as exc:
+        if not _cache_matches(target, key):  # not a concurrent conversion that won the race
+            raise LmforgeError(f"cannot write the built-in model cache {target}: {exc}") from None
+    finally:
+        shutil.rmtree(stale, ignore_errors=True)

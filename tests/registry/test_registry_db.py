@@ -1,0 +1,122 @@
+"""`lmforge.registry.db` and `migrations` against real SQLite files in a tmp dir."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, UniqueConstraint, inspect, text
+
+from lmforge.errors import LmforgeError
+from lmforge.registry import db
+from lmforge.registry.migrations import MIGRATIONS, Migration, applied_migrations, migrate
+from lmforge.registry.tables import metadata
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Engine:
+    engine = db.connect(f"sqlite:///{tmp_path / 'registry.db'}")
+    yield engine
+    engine.dispose()
+
+
+def test_default_url_is_registry_db_under_lmforge_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LMFORGE_HOME", str(tmp_path / "env-home"))
+    db.connect().dispose()
+    assert (tmp_path / "env-home" / "registry.db").is_file()
+
+    db.connect(home=tmp_path / "a" / "b").dispose()  # creates missing parents
+    assert (tmp_path / "a" / "b" / "registry.db").is_file()
+
+
+def test_every_connection_uses_wal_full_sync_foreign_keys_busy_timeout(engine: Engine) -> None:
+    for _ in range(2):  # a fresh pooled connection as well as the one migrate used
+        with engine.connect() as conn:
+            pragma = {
+                name: conn.exec_driver_sql(f"PRAGMA {name}").scalar()
+                for name in ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")
+            }
+            assert pragma == {
+                "journal_mode": "wal",
+                "synchronous": 2,  # FULL
+                "foreign_keys": 1,
+                "busy_timeout": 5000,
+            }
+        engine.dispose()
+
+
+def test_migrations_are_numbered_one_to_n() -> None:
+    assert [m.number for m in MIGRATIONS] == list(range(1, len(MIGRATIONS) + 1))
+
+
+def test_migrations_are_recorded_once_and_idempotent_on_reconnect(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    first = db.connect(url)
+    assert migrate(first) == []  # connect already applied everything
+    first.dispose()
+    second = db.connect(url)
+    with second.connect() as conn:
+        rows = conn.execute(text("SELECT number, name FROM schema_migrations")).all()
+    assert rows == [(m.number, m.name) for m in MIGRATIONS]
+    assert applied_migrations(second) == [m.number for m in MIGRATIONS]
+    second.dispose()
+
+
+def test_failed_migration_leaves_neither_tables_nor_record(engine: Engine) -> None:
+    broken = Migration(99, "broken", ("CREATE TABLE half_done (x INTEGER)", "SELECT * FROM nope"))
+    with pytest.raises(Exception, match="nope"):
+        migrate(engine, [*MIGRATIONS, broken])
+    assert "half_done" not in inspect(engine).get_table_names()
+    assert 99 not in applied_migrations(engine)
+
+
+def test_database_from_a_newer_lmforge_is_refused(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    engine = db.connect(url)
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO schema_migrations VALUES (999, 'future', 'x')"))
+    engine.dispose()
+    with pytest.raises(LmforgeError, match="999"):
+        db.connect(url)
+
+
+def test_tables_mirror_the_migrated_schema(engine: Engine) -> None:
+    inspector = inspect(engine)
+    assert set(inspector.get_table_names()) == set(metadata.tables)
+    for table in metadata.tables.values():
+        # SQLite reports an INTEGER PRIMARY KEY as nullable, so nullability of keys is skipped.
+        reflected = {
+            c["name"]: (str(c["type"]), c["nullable"] or bool(c["primary_key"]), bool(c["primary_key"]))
+            for c in inspector.get_columns(table.name)
+        }
+        declared = {
+            c.name: (str(c.type.compile(engine.dialect)), c.nullable or c.primary_key, c.primary_key)
+            for c in table.columns
+        }
+        assert reflected == declared, table.name
+        unique = {tuple(u["column_names"]) for u in inspector.get_unique_constraints(table.name)}
+        declared_unique = {
+            tuple(c.name for c in constraint.columns)
+            for constraint in table.constraints
+            if isinstance(constraint, UniqueConstraint)
+        }
+        assert unique == declared_unique, table.name
+
+
+def test_garbage_file_is_refused_with_one_line_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "registry.db"
+    garbage = b"this is not a database\n" * 500
+    path.write_bytes(garbage)
+    with pytest.raises(LmforgeError) as raised:
+        db.connect(home=tmp_path)
+    message = str(raised.value)
+    assert str(path) in message
+    assert "\n" not in message
+    assert path.read_bytes() == garbage  # refused without writing to it
+
+
+def test_non_sqlite_url_is_refused() -> None:
+    with pytest.raises(LmforgeError, match="postgresql"):
+        db.connect("postgresql://user@localhost/registry")
