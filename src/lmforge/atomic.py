@@ -41,7 +41,10 @@ def write_with(path: str | Path, writer: Callable[[Path], None]) -> None:
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    write_with(path, lambda tmp: tmp.write_bytes(data))
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(data)
+
+    write_with(path, write)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

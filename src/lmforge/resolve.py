@@ -121,7 +121,9 @@ def _cache_matches(target: Path, key: dict[str, int]) -> bool:
     except (OSError, ValueError):
         return False
     source = record.get("source", {})
-    return all(source.get(k) == v for k, v in key.items()) and (target / "model.safetensors").exists()
+    return (
+        all(source.get(k) == v for k, v in key.items()) and (target / "model.safetensors").exists()
+    )
 
 
 def _convert_builtin(name: str, gguf_path: Path, target: Path, key: dict[str, int]) -> None:

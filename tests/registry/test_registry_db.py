@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from lmforge.registry.tables import metadata
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Engine:
+def engine(tmp_path: Path) -> Iterator[Engine]:
     engine = db.connect(f"sqlite:///{tmp_path / 'registry.db'}")
     yield engine
     engine.dispose()
@@ -45,6 +46,24 @@ def test_every_connection_uses_wal_full_sync_foreign_keys_busy_timeout(engine: E
                 "busy_timeout": 5000,
             }
         engine.dispose()
+
+
+def test_transactions_cover_ddl_and_reads(engine: Engine) -> None:
+    # pysqlite's legacy mode would autocommit the CREATE TABLE and not BEGIN before a SELECT.
+    with pytest.raises(RuntimeError), engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE scratch (x INTEGER)")
+        raise RuntimeError("roll back")
+    assert "scratch" not in inspect(engine).get_table_names()
+
+    with engine.connect() as reader:
+        before = reader.exec_driver_sql("SELECT count(*) FROM models").scalar()
+        with engine.begin() as writer:
+            writer.exec_driver_sql(
+                "INSERT INTO models (name, version, path, sha256, created_at)"
+                " VALUES ('x', 1, '/m', 'sha', 'now')"
+            )
+        # Same transaction, same snapshot: the reader does not see the new row yet.
+        assert reader.exec_driver_sql("SELECT count(*) FROM models").scalar() == before
 
 
 def test_migrations_are_numbered_one_to_n() -> None:
@@ -87,12 +106,13 @@ def test_tables_mirror_the_migrated_schema(engine: Engine) -> None:
     assert set(inspector.get_table_names()) == set(metadata.tables)
     for table in metadata.tables.values():
         # SQLite reports an INTEGER PRIMARY KEY as nullable, so nullability of keys is skipped.
+        keys = set(inspector.get_pk_constraint(table.name)["constrained_columns"])
         reflected = {
-            c["name"]: (str(c["type"]), c["nullable"] or bool(c["primary_key"]), bool(c["primary_key"]))
+            c["name"]: (str(c["type"]), c["nullable"] or c["name"] in keys, c["name"] in keys)
             for c in inspector.get_columns(table.name)
         }
         declared = {
-            c.name: (str(c.type.compile(engine.dialect)), c.nullable or c.primary_key, c.primary_key)
+            c.name: (c.type.compile(engine.dialect), c.nullable or c.primary_key, c.primary_key)
             for c in table.columns
         }
         assert reflected == declared, table.name

@@ -155,6 +155,6 @@ def test_two_processes_registering_one_name_get_versions_1_to_40(tmp_path: Path)
         records = list_versions(conn, name="shared")
     engine.dispose()
     assert [r.version for r in records] == list(range(1, 41))
-    for worker in ("worker0", "worker1"):
-        mine = [r for r in records if r.source == worker]
-        assert [r.path for r in mine] == [Path(f"/m/{worker}/{i}") for i in range(20)]
+    for name in ("worker0", "worker1"):
+        mine = [r for r in records if r.source == name]
+        assert [r.path for r in mine] == [Path(f"/m/{name}/{i}") for i in range(20)]

@@ -144,7 +144,9 @@ def llm_params_check(options: dict[str, Any]) -> None:
 def chat_command(
     model: Annotated[
         str | None,
-        typer.Argument(help=f"Registry name, directory, .gguf or built-in (default {DEFAULT_MODEL})."),
+        typer.Argument(
+            help=f"Registry name, directory, .gguf or built-in (default {DEFAULT_MODEL})."
+        ),
     ] = None,
     system: Annotated[str | None, typer.Option("--system", "-s", help="System prompt.")] = None,
     max_tokens: MaxTokens = 256,

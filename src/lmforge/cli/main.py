@@ -11,8 +11,12 @@ import logging
 import os
 import sys
 
-import click
 import typer
+
+try:  # typer >= 0.20 vendors its own copy of click
+    from typer._click import exceptions as click_exc
+except ImportError:  # pragma: no cover - older typer uses click itself
+    import click.exceptions as click_exc  # type: ignore[no-redef]
 
 from lmforge.cli import demo, generate, models
 from lmforge.errors import LmforgeError
@@ -53,14 +57,18 @@ def main(argv: list[str] | None = None) -> int:
     debug = bool(os.environ.get("LMFORGE_DEBUG"))
     try:
         result = command.main(args=argv, prog_name="lmforge", standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.exceptions.Abort:
+    except typer.Exit as exc:
+        return int(exc.exit_code)
+    except typer.Abort:
         print("error: aborted", file=sys.stderr)
         return 130
-    except click.ClickException as exc:
+    except click_exc.NoArgsIsHelpError as exc:
+        if exc.ctx is not None:
+            typer.echo(exc.ctx.get_help())
+        return 0
+    except click_exc.ClickException as exc:
         hint = ""
-        if isinstance(exc, click.UsageError) and exc.ctx is not None:
+        if isinstance(exc, click_exc.UsageError) and exc.ctx is not None:
             hint = f" (see '{exc.ctx.command_path} --help')"
         print(f"error: {exc.format_message()}{hint}", file=sys.stderr)
         return exc.exit_code

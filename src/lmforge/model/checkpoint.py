@@ -65,16 +65,16 @@ def empty_model(config: ModelConfig) -> Transformer:
     torch's own layer constructors initialise their weights even on the meta device, and the
     first such call costs ~2 s (meta kernels load lazily), so initialisation is switched off.
     """
-    layers = (torch.nn.Linear, torch.nn.Embedding, torch.nn.LayerNorm)
+    layers: tuple[Any, ...] = (torch.nn.Linear, torch.nn.Embedding, torch.nn.LayerNorm)
     saved = [cls.reset_parameters for cls in layers]
     try:
         for cls in layers:
-            cls.reset_parameters = lambda self: None  # type: ignore[method-assign]
+            cls.reset_parameters = lambda self: None
         with torch.device("meta"):
             return Transformer(config)
     finally:
         for cls, fn in zip(layers, saved, strict=True):
-            cls.reset_parameters = fn  # type: ignore[method-assign]
+            cls.reset_parameters = fn
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,10 +419,9 @@ def load_state(model: Transformer, sd: dict[str, torch.Tensor], source: str) -> 
     if unexpected:
         raise CorruptArtifactError(f"{source}: unexpected weights, e.g. {unexpected[0]}")
     for name, target in expected.items():
-        if tuple(sd[name].shape) != tuple(target.shape):
-            raise CorruptArtifactError(
-                f"{source}: {name} has shape {tuple(sd[name].shape)}, expected {tuple(target.shape)}"
-            )
+        got, want = tuple(sd[name].shape), tuple(target.shape)
+        if got != want:
+            raise CorruptArtifactError(f"{source}: {name} has shape {got}, expected {want}")
     tensors = {k: sd[k].to(torch.float32) for k in expected}
     model.load_state_dict(tensors, strict=False, assign=True)
     if model.config.tie_embeddings:

@@ -54,7 +54,7 @@ class ModelConfig:
     n_kv_head: int = 0
     """Key/value heads for grouped-query attention; 0 means `n_head` (multi-head attention)."""
     d_ff: int = 0
-    """MLP hidden size; 0 means 4·d_model (gpt2) or the Llama rule ⌈8/3·d_model⌉ to a multiple of 64."""
+    """MLP hidden size; 0 means 4·d_model (gpt2) or ⌈8/3·d_model⌉ rounded up to 64 (llama)."""
     max_seq_len: int = 2048
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0

