@@ -94,8 +94,9 @@ class Tokenizer:
         cfg.update({k: getattr(self, k) for k in SPECIAL_KEYS if getattr(self, k) is not None})
         cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
         cfg["clean_up_tokenization_spaces"] = False
-        if self.chat_template:
-            cfg["chat_template"] = self.chat_template
+        # The template lmforge renders with (ChatML when the tokenizer has none), so that
+        # transformers' apply_chat_template gives the same prompt.
+        cfg["chat_template"] = self.chat_template or CHATML_TEMPLATE
         if self.model_max_length:
             cfg["model_max_length"] = self.model_max_length
         return cfg

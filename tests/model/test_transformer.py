@@ -1,0 +1,154 @@
+"""The Transformer's fast paths against slow obvious references (tiny configs, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from lmforge.model.kv_cache import KVCache
+from lmforge.model.transformer import (
+    ModelConfig,
+    Transformer,
+    decode_step,
+    optimize_weight_layout,
+    prefill,
+)
+
+
+def greedy_recompute(model: Transformer, ids: list[int], n: int) -> list[int]:
+    """Reference: no cache, the whole sequence re-run for every new token."""
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([seq]))[0, -1]
+            seq.append(int(logits.argmax()))
+    return seq[len(ids) :]
+
+
+def greedy_cached(model: Transformer, ids: list[int], n: int) -> list[int]:
+    cache = KVCache.allocate(model.config, 1, len(ids) + n)
+    logits = prefill(model, torch.tensor([ids]), cache)
+    out = []
+    for i in range(n):
+        tid = int(logits[0].argmax())
+        out.append(tid)
+        logits = decode_step(model, torch.tensor([tid]), torch.tensor([len(ids) + i]), cache)
+    return out
+
+
+def test_kv_cache_decode_equals_recompute(tiny_model: Transformer) -> None:
+    ids = [5, 17, 99, 3, 42, 7]
+    assert greedy_cached(tiny_model, ids, 40) == greedy_recompute(tiny_model, ids, 40)
+
+
+def test_kv_cache_logits_equal_recompute(tiny_model: Transformer) -> None:
+    torch.manual_seed(1)
+    seq = torch.randint(0, tiny_model.config.vocab_size, (1, 30))
+    full = tiny_model(seq)[0]  # [T, V]
+    cache = KVCache.allocate(tiny_model.config, 1, 30)
+    steps = [prefill(tiny_model, seq[:, :10], cache)[0]]
+    for t in range(10, 30):
+        steps.append(decode_step(tiny_model, seq[0, t : t + 1], torch.tensor([t]), cache)[0])
+    cached = torch.stack(steps[:-1])  # logits after tokens 10..29 predict positions 10..29
+    torch.testing.assert_close(cached, full[9:29], atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_prefill_equals_one_prefill(tiny_model: Transformer) -> None:
+    seq = torch.arange(1, 41).unsqueeze(0) % tiny_model.config.vocab_size
+    one = prefill(tiny_model, seq, KVCache.allocate(tiny_model.config, 1, 40))
+    cache = KVCache.allocate(tiny_model.config, 1, 40)
+    for start in range(0, 40, 16):
+        chunked = prefill(tiny_model, seq[:, start : start + 16], cache, start=start)
+    torch.testing.assert_close(chunked, one, atol=1e-5, rtol=1e-5)
+
+
+def test_batched_decode_with_different_positions_equals_single(tiny_model: Transformer) -> None:
+    """Rows at different positions (the engine's case) give each row's single-sequence result."""
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8, 7], [11, 12, 13, 14, 15]]
+    singles = [greedy_cached(tiny_model, p, 12) for p in prompts]
+    cache = KVCache.allocate(tiny_model.config, len(prompts), 32)
+    last = []
+    for row, p in enumerate(prompts):  # prefill each row into its own cache slot
+        slot = KVCache(cache.k[:, row : row + 1], cache.v[:, row : row + 1])
+        last.append(prefill(tiny_model, torch.tensor([p]), slot)[0])
+    logits = torch.stack(last)
+    positions = torch.tensor([len(p) for p in prompts])
+    outs: list[list[int]] = [[] for _ in prompts]
+    for _ in range(12):
+        nxt = logits.argmax(-1)
+        for row in range(len(prompts)):
+            outs[row].append(int(nxt[row]))
+        logits = decode_step(tiny_model, nxt, positions, cache)
+        positions = positions + 1
+    assert outs == singles
+
+
+def test_eager_and_sdpa_attention_agree(tiny_model: Transformer) -> None:
+    seq = torch.randint(0, tiny_model.config.vocab_size, (2, 20))
+    tiny_model.attn_impl = "eager"
+    eager = tiny_model(seq)
+    tiny_model.attn_impl = "sdpa"
+    sdpa = tiny_model(seq)
+    torch.testing.assert_close(eager, sdpa, atol=1e-5, rtol=1e-5)
+
+
+def test_eager_decode_matches_sdpa_decode(tiny_model: Transformer) -> None:
+    ids = [3, 1, 4, 1, 5, 9, 2, 6]
+    tiny_model.attn_impl = "eager"
+    eager = greedy_cached(tiny_model, ids, 20)
+    tiny_model.attn_impl = "sdpa"
+    assert greedy_cached(tiny_model, ids, 20) == eager
+
+
+def test_weight_layout_keeps_results(tiny_model: Transformer) -> None:
+    seq = torch.randint(0, tiny_model.config.vocab_size, (1, 16))
+    before = tiny_model(seq)
+    optimize_weight_layout(tiny_model)
+    assert not tiny_model.lm_head.weight.is_contiguous()  # N ≥ K: column-major now
+    torch.testing.assert_close(tiny_model(seq), before, atol=1e-5, rtol=1e-5)
+
+
+def test_causality(tiny_model: Transformer) -> None:
+    """Changing a later token never changes earlier logits."""
+    a = torch.randint(0, tiny_model.config.vocab_size, (1, 12))
+    b = a.clone()
+    b[0, 8:] = (b[0, 8:] + 1) % tiny_model.config.vocab_size
+    torch.testing.assert_close(tiny_model(a)[0, :8], tiny_model(b)[0, :8])
+
+
+def test_tied_embeddings_share_storage() -> None:
+    model = Transformer(tiny_config("llama", tie_embeddings=True))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.config.num_params() == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_num_params_formula(arch: str) -> None:
+    model = Transformer(tiny_config(arch))
+    assert model.config.num_params() == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"n_head": 5}, "n_kv_head"),
+        ({"d_model": 30, "n_head": 4, "n_kv_head": 4}, "d_model"),
+        ({"arch": "rwkv"}, "arch"),
+        ({"vocab_size": 0}, "vocab_size"),
+        ({"dropout": 1.0}, "dropout"),
+    ],
+)
+def test_config_errors_name_the_field(overrides: dict, message: str) -> None:
+    base = dict(arch="llama", vocab_size=64, d_model=32, n_layer=1, n_head=4, n_kv_head=2)
+    base.update(overrides)
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**base)
+
+
+def test_context_overflow_is_an_error(tiny_model: Transformer) -> None:
+    cache = KVCache.allocate(tiny_model.config, 1, tiny_model.config.max_seq_len)
+    with pytest.raises(ValueError, match="beyond"):
+        decode_step(
+            tiny_model, torch.tensor([1]), torch.tensor([tiny_model.config.max_seq_len]), cache
+        )
