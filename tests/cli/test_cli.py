@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from conftest import run_env
 
 LMFORGE = [sys.executable, "-m", "lmforge.cli.main"]

@@ -109,7 +109,7 @@ def test_bad_directories(tmp_path: Path, tiny_model_dir: Path) -> None:
         load_model(tmp_path / "missing")
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ModelNotFoundError, match="config.json"):
+    with pytest.raises(ModelNotFoundError, match=r"config\.json"):
         load_model(empty)
     weights = tiny_model_dir / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated
@@ -117,11 +117,11 @@ def test_bad_directories(tmp_path: Path, tiny_model_dir: Path) -> None:
         load_model(tiny_model_dir)
     assert "\n" not in str(exc.value)
     (tiny_model_dir / "config.json").write_text("{not json")
-    with pytest.raises(CorruptArtifactError, match="config.json"):
+    with pytest.raises(CorruptArtifactError, match=r"config\.json"):
         load_model(tiny_model_dir)
     not_gguf = tmp_path / "weights.bin"
     not_gguf.write_bytes(b"\0" * 10)
-    with pytest.raises(LmforgeError, match="not .gguf"):
+    with pytest.raises(LmforgeError, match=r"not \.gguf"):
         load_model(not_gguf)
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_config
 
+from conftest import tiny_config
 from lmforge.model.kv_cache import KVCache
 from lmforge.model.transformer import (
     ModelConfig,
