@@ -19,9 +19,11 @@ from lmforge.infer.sampling import SamplingParams, filter_logits, sample
         ("temperature", math.nan),
         ("temperature", math.inf),
         ("temperature", -1.0),
+        ("temperature", "1"),
         ("top_p", 0.0),
         ("top_p", 1.5),
         ("top_p", math.nan),
+        ("top_p", None),
         ("top_k", -1),
         ("top_k", 1.5),
         ("min_p", 1.0),
@@ -29,8 +31,10 @@ from lmforge.infer.sampling import SamplingParams, filter_logits, sample
         ("min_p", math.nan),
         ("stop", [""]),
         ("stop", ["ok", 3]),
+        ("stop", "END"),  # a bare str would be one stop string per character
         ("seed", -1),
         ("seed", 2**63),
+        ("seed", 1.5),
     ],
 )
 def test_bad_value_is_an_error_naming_the_field(field, value):  # type: ignore[no-untyped-def]

@@ -82,7 +82,7 @@ def list_command(
                 "kind": "registry",
                 "arch": rec.arch,
                 "params": rec.n_params,
-                "path": rec.path,
+                "path": str(rec.path),
                 "created": rec.created_at,
             }
         )

@@ -36,18 +36,23 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
             raise LmforgeError(f"max_tokens must be an integer >= 0, got {self.max_tokens}")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
+        if (
+            not _is_real(self.temperature)
+            or not math.isfinite(self.temperature)
+            or self.temperature < 0
+        ):
             raise LmforgeError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise LmforgeError(f"top_k must be an integer >= 0, got {self.top_k}")
-        if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
+        if not _is_real(self.top_p) or not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
             raise LmforgeError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not math.isfinite(self.min_p) or not 0 <= self.min_p < 1:
+        if not _is_real(self.min_p) or not math.isfinite(self.min_p) or not 0 <= self.min_p < 1:
             raise LmforgeError(f"min_p must be in [0, 1), got {self.min_p}")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise LmforgeError(f"seed must be in [0, 2**63), got {self.seed}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise LmforgeError("stop strings must be non-empty strings")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+            raise LmforgeError(f"seed must be an integer in [0, 2**63), got {self.seed}")
+        # A bare str would be taken as one stop string per character.
+        if isinstance(self.stop, str) or any(not isinstance(s, str) or not s for s in self.stop):
+            raise LmforgeError(f"stop must be a list of non-empty strings, got {self.stop!r}")
 
     @property
     def greedy(self) -> bool:
@@ -59,6 +64,11 @@ class SamplingParams:
         gen = torch.Generator()
         gen.manual_seed(self.seed if self.seed is not None else torch.seed())
         return gen
+
+
+def _is_real(value: object) -> bool:
+    """int or float: a str or None from a request body must fail validation, not math.isfinite."""
+    return isinstance(value, (int, float))
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
