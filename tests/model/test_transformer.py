@@ -152,3 +152,35 @@ def test_context_overflow_is_an_error(tiny_model: Transformer) -> None:
         decode_step(
             tiny_model, torch.tensor([1]), torch.tensor([tiny_model.config.max_seq_len]), cache
         )
+
+
+@pytest.mark.parametrize("column_major", [False, True])
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_split_linear_matches_f_linear(column_major: bool, rows: int, with_bias: bool) -> None:
+    from lmforge.model.transformer import split_linear
+
+    torch.manual_seed(0)
+    w = torch.randn(96, 40)
+    if column_major:
+        w = w.t().contiguous().t()
+    bias = torch.randn(96) if with_bias else None
+    x = torch.randn(rows, 1, 40)
+    ref = torch.nn.functional.linear(x, w, bias)
+    for parts in (2, 4):
+        torch.testing.assert_close(split_linear(x, w, bias, parts), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_weight_layout_switches_split_path(tiny_model: Transformer) -> None:
+    optimize_weight_layout(tiny_model)
+    attn = tiny_model.model.layers[0].self_attn
+    assert tiny_model.lm_head.split == 2 and attn.o_proj.split == 2
+    assert attn.o_proj.weight.is_contiguous()  # N < 2K stays row-major
+    ids = [3, 1, 4, 1, 5]
+    fast = greedy_cached(tiny_model, ids, 20)
+    from lmforge.model.transformer import Linear
+
+    for module in tiny_model.modules():
+        if isinstance(module, Linear):
+            module.split = 0
+    assert greedy_cached(tiny_model, ids, 20) == fast
