@@ -257,7 +257,9 @@ def ours_to_gpt2(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def llama_to_ours(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    out = dict(sd)
+    """Fuse HF Llama's separate Q/K/V and gate/up tensors, in place (each original is released
+    as soon as its fused copy exists, so loading peaks at one layer above the model's size)."""
+    out = sd
     for i in range(config.n_layer):
         p = f"model.layers.{i}."
         for fused, parts in _LLAMA_FUSED.items():
