@@ -244,9 +244,8 @@ def sdpa_attention(
     is_causal: bool,
     scale: float,
 ) -> torch.Tensor:
-    b, h, t, d = q.shape
-    n_rep = h // k.shape[1]
-    if n_rep > 1 and t == 1 and mask is None:
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1 and q.shape[2] == 1 and mask is None:
         # Decode: let SDPA share each K/V head between its query heads instead of copying the
         # cache n_rep times (measured: 20 µs vs 47 µs per layer at 90 cached tokens).
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
