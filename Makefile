@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/lmforge demo
 
-test: $(STAMP)
+test: lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests
 
 lint: $(STAMP)

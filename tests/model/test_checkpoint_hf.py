@@ -136,15 +136,15 @@ def test_shape_mismatch_names_the_tensor(tiny_model_dir: Path) -> None:
         load_model(tiny_model_dir)
 
 
-def test_unsupported_rope_scaling_is_refused(tiny_model_dir: Path) -> None:
-    cfg_path = tiny_model_dir / "config.json"
+def test_unsupported_rope_scaling_is_refused(tmp_path: Path, tiny_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    directory = hf_tiny("llama", tmp_path, tiny_tokenizer)
+    cfg_path = directory / "config.json"
     cfg = json.loads(cfg_path.read_text())
-    if cfg["model_type"] != "llama":
-        pytest.skip("llama only")
     cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    cfg.pop("rope_parameters", None)
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(LmforgeError, match="yarn"):
-        load_model(tiny_model_dir)
+        load_model(directory)
 
 
 def test_no_pickle_anywhere() -> None:
@@ -156,3 +156,24 @@ def test_no_pickle_anywhere() -> None:
         for line in text.splitlines():
             if "torch.load(" in line:
                 assert "weights_only=True" in line, f"{path}: {line.strip()}"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_greedy_tokens_match_transformers(arch: str, tmp_path: Path, tiny_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """32 greedy tokens from lmforge's generation loop equal transformers' generate()."""
+    import lmforge
+
+    directory = hf_tiny(arch, tmp_path, tiny_tokenizer)
+    prompt = [5, 17, 99, 3]
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    with torch.no_grad():
+        out = model.eval().generate(
+            torch.tensor([prompt]),
+            max_new_tokens=32,
+            min_new_tokens=32,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    theirs = out[0, len(prompt) :].tolist()
+    ours = lmforge.load(str(directory)).complete(prompt, max_tokens=32, ignore_eos=True)
+    assert ours.token_ids == theirs

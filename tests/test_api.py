@@ -1,0 +1,102 @@
+"""The Python API (`lmforge.load` → `LLM`) on tiny models: the pieces agree with each other."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lmforge
+from lmforge.errors import LmforgeError
+
+
+def test_import_lmforge_does_not_import_torch() -> None:
+    code = "import sys, lmforge; assert 'torch' not in sys.modules; print(lmforge.__version__)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_generate_stream_complete_agree(tiny_model_dir: Path) -> None:
+    llm = lmforge.load(str(tiny_model_dir))
+    text = llm.generate("The quick", max_tokens=20)
+    assert "".join(llm.stream("The quick", max_tokens=20)) == text
+    done = llm.complete("The quick", max_tokens=20)
+    assert done.text == text
+    assert done.prompt_tokens == len(llm.tokenizer.encode("The quick"))
+    assert done.completion_tokens == len(done.token_ids) <= 20
+    assert llm.tokenizer.decode(done.token_ids) == text
+
+
+def test_generate_matches_greedy_logits(tiny_model_dir: Path) -> None:
+    """The generation loop (KV cache, split linears) against argmax of full-sequence logits."""
+    llm = lmforge.load(str(tiny_model_dir))
+    ids = llm.tokenizer.encode("Pack my box")
+    done = llm.complete(ids, max_tokens=12, ignore_eos=True)
+    seq = list(ids)
+    for _ in range(12):
+        seq.append(int(llm.logits(seq)[-1].argmax()))
+    assert done.token_ids == seq[len(ids) :]
+
+
+def test_stop_strings_cut_the_text(tiny_model_dir: Path) -> None:
+    llm = lmforge.load(str(tiny_model_dir))
+    full = llm.generate("The", max_tokens=30, ignore_eos=True)
+    if len(full) < 4:
+        pytest.skip("tiny model produced too little text")
+    stop = full[2:4]
+    cut = llm.complete("The", max_tokens=30, ignore_eos=True, stop=[stop])
+    assert cut.text == full[: full.index(stop)]
+    assert cut.finish_reason == "stop"
+
+
+def test_chat_uses_template(tiny_model_dir: Path) -> None:
+    llm = lmforge.load(str(tiny_model_dir))
+    messages = [{"role": "user", "content": "hi"}]
+    ids = llm.chat_prompt_ids(messages)
+    assert llm.tokenizer.decode(ids, skip_special_tokens=False).startswith("<|im_start|>user\nhi")
+    reply = llm.chat(messages, max_tokens=8)
+    assert reply == llm.complete(ids, max_tokens=8).text
+
+
+def test_logits_shapes_and_errors(tiny_model_dir: Path) -> None:
+    llm = lmforge.load(str(tiny_model_dir))
+    assert llm.logits([1, 2, 3]).shape == (3, llm.config.vocab_size)
+    batch = llm.logits(torch.tensor([[1, 2, 3], [4, 5, 6]]))
+    assert batch.shape == (2, 3, llm.config.vocab_size)
+    torch.testing.assert_close(batch[1], llm.logits([4, 5, 6]), atol=1e-5, rtol=1e-5)
+    with pytest.raises(LmforgeError, match="token ids"):
+        llm.logits([llm.config.vocab_size])
+    with pytest.raises(LmforgeError, match="context"):
+        llm.logits([1] * (llm.config.max_seq_len + 1))
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": 2.0}, "top_p"),
+    ],
+)
+def test_bad_options(tiny_model_dir: Path, options: dict, field: str) -> None:
+    llm = lmforge.load(str(tiny_model_dir))
+    with pytest.raises(LmforgeError, match=field):
+        llm.generate("The", **options)
+
+
+def test_max_tokens_zero_and_context_end(tiny_model_dir: Path) -> None:
+    llm = lmforge.load(str(tiny_model_dir))
+    assert llm.complete("The", max_tokens=0).completion_tokens == 0
+    ids = [5] * (llm.config.max_seq_len - 3)
+    done = llm.complete(ids, max_tokens=50, ignore_eos=True)
+    assert done.completion_tokens == 3 and done.finish_reason == "length"
+
+
+def test_load_errors(tmp_path: Path) -> None:
+    with pytest.raises(LmforgeError, match="dtype"):
+        lmforge.load(str(tmp_path), dtype="float8")
+    with pytest.raises(LmforgeError, match="unknown model"):
+        lmforge.load("no-such-model")
