@@ -212,3 +212,10 @@ def test_models_import_list_show_generate(tiny_model_dir: Path, tmp_path: Path) 
     bad = lmforge("models", "import", str(tiny_model_dir), "--name", "../evil", home=home)
     assert_one_line_error(bad, "../evil")
     assert not (home / "evil").exists()
+
+
+def test_demo_runs(builtin_home: Path) -> None:
+    proc = lmforge("demo", "-n", "24", home=builtin_home)
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
+    assert "two-turn chat" in proc.stdout

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 
 from lmforge.builtin import DEFAULT_MODEL
@@ -24,7 +25,7 @@ def demo_command(
     out.rule(f"[bold]lmforge demo[/bold] · {llm.name}")
     prompt = "The capital of France is"
     done = llm.complete(prompt, max_tokens=max_tokens)
-    out.print(Panel(f"[bold]{prompt}[/bold]{done.text}", title="greedy completion"))
+    out.print(Panel(f"[bold]{prompt}[/bold]{escape(done.text)}", title="greedy completion"))
     out.print(
         f"[dim]{done.completion_tokens} tokens, {done.decode_tokens_per_s:.1f} tokens/s decode, "
         f"first token after {done.ttft_s * 1000:.0f} ms[/dim]"
@@ -37,7 +38,9 @@ def demo_command(
         reply = llm.chat(messages, max_tokens=max_tokens)
         messages.append({"role": "assistant", "content": reply})
         turns.append((messages[-2]["content"], reply))
-    body = "\n\n".join(f"[bold]user:[/bold] {q}\n[bold]assistant:[/bold] {a}" for q, a in turns)
+    body = "\n\n".join(
+        f"[bold]user:[/bold] {escape(q)}\n[bold]assistant:[/bold] {escape(a)}" for q, a in turns
+    )
     out.print(Panel(body, title="two-turn chat (chat template applied)"))
     out.print("[dim]next: lmforge generate 'your prompt' · lmforge chat · lmforge --help[/dim]")
 

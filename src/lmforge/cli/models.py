@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lmforge.builtin import BUILTINS
@@ -100,7 +101,7 @@ def list_command(
             row["kind"],
             row["arch"] or "-",
             _human_params(row["params"]),
-            row["path"],
+            escape(row["path"]),
         )
     out.print(table)
 
@@ -144,7 +145,7 @@ def show_command(
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
     table.add_row("kind", ref.kind)
-    table.add_row("path", str(ref.path))
+    table.add_row("path", escape(str(ref.path)))
     table.add_row("size", f"{info['size_bytes'] / 1e6:.1f} MB")
     cfg = info.get("config", {}).get("lmforge_config") or {}
     for key in ("arch", "n_layer", "d_model", "n_head", "n_kv_head", "vocab_size", "max_seq_len"):
@@ -154,7 +155,7 @@ def show_command(
     if "weights_sha256" in lineage:
         table.add_row("weights sha256", lineage["weights_sha256"])
     if "source" in lineage:
-        table.add_row("source", json.dumps(lineage["source"]))
+        table.add_row("source", escape(json.dumps(lineage["source"])))
     out.print(table)
 
 
@@ -198,4 +199,4 @@ def import_command(
             )
     finally:
         engine.dispose()
-    out.print(f"imported [bold]{rec.name}@{rec.version}[/bold] → {target}")
+    out.print(f"imported [bold]{rec.name}@{rec.version}[/bold] → {escape(str(target))}")
