@@ -139,6 +139,10 @@ def main() -> None:
         print(json.dumps(WORKERS[args.worker](args)))
         return
 
+    # Convert the built-in GGUF once, outside the measured processes (its peak RSS is not ours).
+    prepare = "from lmforge.resolve import builtin_dir; from lmforge.builtin import DEFAULT_MODEL; "
+    prepare += "builtin_dir(DEFAULT_MODEL)"
+    subprocess.run([sys.executable, "-c", prepare], check=True)
     results: dict[str, dict] = {}
     for side in args.sides.split(","):
         cmd = [
