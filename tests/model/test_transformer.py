@@ -158,7 +158,7 @@ def test_context_overflow_is_an_error(tiny_model: Transformer) -> None:
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_split_linear_matches_f_linear(column_major: bool, rows: int, with_bias: bool) -> None:
-    from lmforge.model.transformer import split_linear
+    from lmforge.model.transformer import split_linear, weight_blocks
 
     torch.manual_seed(0)
     w = torch.randn(96, 40)
@@ -168,13 +168,15 @@ def test_split_linear_matches_f_linear(column_major: bool, rows: int, with_bias:
     x = torch.randn(rows, 1, 40)
     ref = torch.nn.functional.linear(x, w, bias)
     for parts in (2, 4):
-        torch.testing.assert_close(split_linear(x, w, bias, parts), ref, atol=1e-5, rtol=1e-5)
+        blocks = weight_blocks(w, parts)
+        assert blocks.data_ptr() == w.data_ptr()  # a view, no copy
+        torch.testing.assert_close(split_linear(x, blocks, bias), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_weight_layout_switches_split_path(tiny_model: Transformer) -> None:
     optimize_weight_layout(tiny_model)
     attn = tiny_model.model.layers[0].self_attn
-    assert tiny_model.lm_head.split == 2 and attn.o_proj.split == 2
+    assert tiny_model.lm_head.blocks is not None and attn.o_proj.blocks is not None
     assert attn.o_proj.weight.is_contiguous()  # N < 2K stays row-major
     ids = [3, 1, 4, 1, 5]
     fast = greedy_cached(tiny_model, ids, 20)
@@ -182,5 +184,15 @@ def test_weight_layout_switches_split_path(tiny_model: Transformer) -> None:
 
     for module in tiny_model.modules():
         if isinstance(module, Linear):
-            module.split = 0
+            module.blocks = None
     assert greedy_cached(tiny_model, ids, 20) == fast
+
+
+def test_split_path_ignores_a_replaced_weight(tiny_model: Transformer) -> None:
+    """After `.to(dtype)` or a new weight, the cached blocks are stale and must not be used."""
+    optimize_weight_layout(tiny_model)
+    head = tiny_model.lm_head
+    with torch.no_grad():
+        head.weight.data = head.weight.data * 2  # new storage
+    x = torch.randn(1, 1, tiny_model.config.d_model)
+    torch.testing.assert_close(head(x), torch.nn.functional.linear(x, head.weight))
