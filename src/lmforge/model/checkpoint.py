@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -370,13 +371,56 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_MAX_HEADER = 100 << 20  # the safetensors spec's limit on the JSON header
 
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Read a .safetensors file with plain reads into fresh tensors, checking every offset.
+
+    Not `safetensors.torch.load_file`: its tensors are views of a memory map, so the file's
+    pages stay in our RSS beside the fused and re-laid-out copies the model keeps (measured on
+    the built-in model: 989 MB peak after loading vs ~760 MB this way). The format is the
+    documented one: u64 little-endian header size, a JSON header, then the raw bytes.
+    """
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or not 2 <= n <= min(_MAX_HEADER, size - 8):
+                raise ValueError("invalid header length")
+            header = json.loads(f.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
+            base, out = 8 + n, {}
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+                if dtype is None:
+                    raise ValueError(f"{name}: unsupported dtype {info.get('dtype')!r}")
+                tensor = torch.empty([int(d) for d in info["shape"]], dtype=dtype)
+                start, end = (int(x) for x in info["data_offsets"])
+                nbytes = tensor.numel() * tensor.element_size()
+                if end - start != nbytes or start < 0 or base + end > size:
+                    raise ValueError(f"{name}: data offsets out of range (truncated file?)")
+                f.seek(base + start)
+                if f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != nbytes:
+                    raise ValueError(f"{name}: file ends early")
+                out[name] = tensor
+            return out
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise CorruptArtifactError(f"{path} is not a readable safetensors file: {exc}") from None
 
 
