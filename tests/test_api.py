@@ -100,3 +100,14 @@ def test_load_errors(tmp_path: Path) -> None:
         lmforge.load(str(tmp_path), dtype="float8")
     with pytest.raises(LmforgeError, match="unknown model"):
         lmforge.load("no-such-model")
+
+
+def test_bfloat16_load_generates_close_to_float32(tiny_model_dir: Path) -> None:
+    fp32 = lmforge.load(str(tiny_model_dir))
+    bf16 = lmforge.load(str(tiny_model_dir), dtype="bfloat16")
+    assert bf16.model.lm_head.weight.dtype == torch.bfloat16
+    ids = fp32.tokenizer.encode("The quick brown fox")
+    a, b = fp32.logits(ids), bf16.logits(ids)
+    assert (a - b).abs().max().item() < 0.05 * a.abs().max().item()
+    done = bf16.complete(ids, max_tokens=8, ignore_eos=True)
+    assert done.completion_tokens == 8
