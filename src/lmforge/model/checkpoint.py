@@ -416,7 +416,8 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
                 if end - start != nbytes or start < 0 or base + end > size:
                     raise ValueError(f"{name}: data offsets out of range (truncated file?)")
                 f.seek(base + start)
-                if f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != nbytes:
+                raw = tensor.view(-1).view(torch.uint8).numpy()  # the tensor's own bytes
+                if f.readinto(raw.data) != nbytes:
                     raise ValueError(f"{name}: file ends early")
                 out[name] = tensor
             return out
