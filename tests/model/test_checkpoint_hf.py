@@ -177,3 +177,48 @@ def test_greedy_tokens_match_transformers(arch: str, tmp_path: Path, tiny_tokeni
     theirs = out[0, len(prompt) :].tolist()
     ours = lmforge.load(str(directory)).complete(prompt, max_tokens=32, ignore_eos=True)
     assert ours.token_ids == theirs
+
+
+def test_sharded_safetensors_and_pytorch_bin(tmp_path: Path, tiny_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """Hub-style directories: a sharded safetensors index, or a legacy pytorch_model.bin
+    (read with weights_only=True)."""
+    directory = hf_tiny("llama", tmp_path, tiny_tokenizer)
+    ids = torch.randint(0, 384, (1, 16))
+    reference = hf_logits(directory, ids)
+    from safetensors.torch import load_file
+
+    weights = load_file(str(directory / "model.safetensors"))
+
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (sharded / name).write_bytes((directory / name).read_bytes())
+    from safetensors.torch import save_file
+
+    names = sorted(weights)
+    halves = {
+        "model-00001-of-00002.safetensors": names[::2],
+        "model-00002-of-00002.safetensors": names[1::2],
+    }
+    weight_map = {}
+    for shard, keys in halves.items():
+        save_file({k: weights[k] for k in keys}, str(sharded / shard), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(keys, shard))
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(sharded).model(ids), reference, atol=1e-5, rtol=1e-5)
+
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (legacy / name).write_bytes((directory / name).read_bytes())
+    torch.save(weights, legacy / "pytorch_model.bin")
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(legacy).model(ids), reference, atol=1e-5, rtol=1e-5)
+
+    # A shard path that escapes the directory is refused.
+    (sharded / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"x": "../legacy/pytorch_model.bin"}})
+    )
+    with pytest.raises(CorruptArtifactError, match="outside"):
+        load_model(sharded)
