@@ -111,3 +111,16 @@ def test_bfloat16_load_generates_close_to_float32(tiny_model_dir: Path) -> None:
     assert (a - b).abs().max().item() < 0.05 * a.abs().max().item()
     done = bf16.complete(ids, max_tokens=8, ignore_eos=True)
     assert done.completion_tokens == 8
+
+
+def test_streaming_does_not_leak_inference_mode(tiny_model_dir: Path) -> None:
+    """Between streamed pieces, and after a stream is abandoned, autograd works as usual."""
+    llm = lmforge.load(str(tiny_model_dir))
+    stream = llm.stream("The quick", max_tokens=10, ignore_eos=True)
+    next(stream)
+    assert not torch.is_inference_mode_enabled()
+    assert torch.is_grad_enabled()
+    del stream
+    x = torch.ones(2, requires_grad=True)
+    (x * 3).sum().backward()
+    assert x.grad is not None

@@ -5,8 +5,8 @@ directory or `.gguf` file, or a registry name (`name` for the latest version, `n
 Anything else is an error that suggests close names.
 
 Built-in models ship as GGUF; the first use dequantizes one into an ordinary HF-layout
-directory under `$LMFORGE_HOME/builtin/<name>/` so later loads are a memory map, not a
-10-second GGUF parse. The cache is keyed by the GGUF's size and mtime and rebuilt when they
+directory under `$LMFORGE_HOME/builtin/<name>/` so later loads read one safetensors file
+(about a second), not a 10-second GGUF parse. The cache is keyed by the GGUF's size and mtime and rebuilt when they
 change; it is written atomically, so a killed conversion leaves nothing half-written.
 """
 
@@ -49,12 +49,11 @@ def resolve(spec: str | None, *, home: Path | None = None) -> ModelRef:
     if "/" in spec or spec.lower().endswith((".gguf", ".safetensors")) or spec.startswith("."):
         raise ModelNotFoundError(f"{spec}: no such file or directory")
     m = _REGISTRY_REF.match(spec)
-    names = registry_names(home)
     if m:
         ref = _from_registry(m["name"], int(m["version"]) if m["version"] else None, home)
         if ref is not None:
             return ref
-    candidates = sorted(set(BUILTINS) | set(names))
+    candidates = sorted(set(BUILTINS) | set(registry_names(home)))
     close = difflib.get_close_matches(spec, candidates, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     if not close and candidates:

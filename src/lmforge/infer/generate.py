@@ -49,20 +49,22 @@ def generate_ids(
         return
     budget = min(params.max_tokens, cfg.max_seq_len - len(prompt_ids))
     # The last sampled token is never fed back, so the cache needs prompt + budget - 1 slots.
-    cache = KVCache.allocate(cfg, 1, len(prompt_ids) + budget, dtype=model.lm_head.weight.dtype)
+    slots = len(prompt_ids) + budget - 1
+    cache = KVCache.allocate(cfg, 1, slots, dtype=model.lm_head.weight.dtype)
     stop_ids = set() if params.ignore_eos else set(params.stop_token_ids)
     generator = params.make_generator()
-    with torch.inference_mode():
-        logits = prefill(model, torch.tensor([list(prompt_ids)]), cache)
-        pos = len(prompt_ids)
-        for i in range(budget):
-            tid = int(sample(logits, params, generator)[0])
-            if tid in stop_ids:
-                yield GenerationStep(tid, "stop")
-                return
-            if i == budget - 1:
-                yield GenerationStep(tid, "length")
-                return
-            yield GenerationStep(tid, None)
-            logits = decode_step(model, torch.tensor([tid]), torch.tensor([pos]), cache)
-            pos += 1
+    # prefill and decode_step enter inference mode themselves: holding it across `yield`
+    # would leak the mode into the caller's code between tokens.
+    logits = prefill(model, torch.tensor([list(prompt_ids)]), cache)
+    pos = len(prompt_ids)
+    for i in range(budget):
+        tid = int(sample(logits, params, generator)[0])
+        if tid in stop_ids:
+            yield GenerationStep(tid, "stop")
+            return
+        if i == budget - 1:
+            yield GenerationStep(tid, "length")
+            return
+        yield GenerationStep(tid, None)
+        logits = decode_step(model, torch.tensor([tid]), torch.tensor([pos]), cache)
+        pos += 1
