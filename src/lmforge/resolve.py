@@ -6,8 +6,9 @@ Anything else is an error that suggests close names.
 
 Built-in models ship as GGUF; the first use dequantizes one into an ordinary HF-layout
 directory under `$LMFORGE_HOME/builtin/<name>/` so later loads read one safetensors file
-(about a second), not a 10-second GGUF parse. The cache is keyed by the GGUF's size and mtime and rebuilt when they
-change; it is written atomically, so a killed conversion leaves nothing half-written.
+(about a second), not a 10-second GGUF parse. The cache is keyed by the GGUF's size and
+mtime and rebuilt when they change; it is written atomically, so a killed conversion leaves
+nothing half-written.
 """
 
 from __future__ import annotations
