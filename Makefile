@@ -36,7 +36,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix src tests bench
 
 bench: $(STAMP)
-	$(PY) bench/generate.py
+	$(PY) bench/generate.py --repeats 5
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info
