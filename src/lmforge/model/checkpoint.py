@@ -10,7 +10,9 @@
   package (F32, F16, BF16, Q8_0, Q4_0, Q4_1 and the K-quants it knows), the tokenizer rebuilt
   from the metadata (`tokenizer/gguf.py`).
 
-Every write is atomic; nothing is ever pickled.
+Every write is atomic; nothing is ever pickled. The module is longer than ~600 lines on purpose:
+it is the one place that knows formats (config mapping, tensor-name maps for Llama, GPT-2 and
+GGUF, safetensors reading, GGUF dequantization), so that no other module has to.
 """
 
 from __future__ import annotations
