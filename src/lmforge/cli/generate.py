@@ -170,6 +170,8 @@ def chat_command(
     base = [{"role": "system", "content": system}] if system else []
     history: list[dict[str, str]] = list(base)
     if interactive:
+        import readline  # noqa: F401  (line editing and history for input())
+
         err.print(f"[dim]chatting with {llm.name} — /reset to start over, /exit to quit[/dim]")
     while True:
         try:
@@ -196,14 +198,16 @@ def chat_command(
             continue
         if interactive:
             sys.stdout.write("assistant> ")
-        reply = ""
+        reply, finish = "", "stop"
         for delta in llm.iter_complete(ids, llm.sampling_params(**options)):
             sys.stdout.write(delta.text)
             sys.stdout.flush()
             if delta.completion is not None:
-                reply = delta.completion.text
+                reply, finish = delta.completion.text, delta.completion.finish_reason
         sys.stdout.write("\n")
         sys.stdout.flush()
+        if interactive and finish == "length":
+            err.print("[dim](cut at --max-tokens)[/dim]")
         history.append({"role": "assistant", "content": reply})
 
 
