@@ -32,8 +32,11 @@ Threads = Annotated[int | None, typer.Option("--threads", help="CPU threads for 
 def load_llm(model: str | None, dtype: str, threads: int | None) -> Any:
     """Load MODEL with a spinner on stderr (the first use of a built-in converts its GGUF)."""
     from lmforge.api import load
+    from lmforge.builtin import BUILTINS
 
-    with err.status(f"loading {model or DEFAULT_MODEL} …", spinner="dots"):
+    name = model or DEFAULT_MODEL
+    note = " (a built-in's first use converts its GGUF: ~10 s)" if name in BUILTINS else ""
+    with err.status(f"loading {name} …{note}", spinner="dots"):
         return load(model, dtype=dtype, threads=threads)
 
 

@@ -92,8 +92,9 @@ def list_command(
             print(json.dumps(row))
         return
     table = Table(title="models", title_justify="left")
-    for col in ("name", "version", "kind", "arch", "params", "path"):
-        table.add_column(col, overflow="fold")
+    for col in ("name", "version", "kind", "arch", "params"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("path", overflow="fold")
     for row in rows:
         table.add_row(
             row["name"],
