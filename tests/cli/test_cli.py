@@ -142,6 +142,14 @@ def test_generate_reads_stdin_and_model_dir(tiny_model_dir: Path, tmp_path: Path
     assert record["usage"]["completion_tokens"] <= 5 and record["prompt"] == "The"
 
 
+def test_no_stream_prints_the_same_text(tiny_model_dir: Path, tmp_path: Path) -> None:
+    args = ("generate", str(tiny_model_dir), "The quick", "-n", "10")
+    streamed = lmforge(*args, home=tmp_path)
+    whole = lmforge(*args, "--no-stream", home=tmp_path)
+    assert streamed.returncode == whole.returncode == 0, whole.stderr
+    assert streamed.stdout == whole.stdout and streamed.stdout.strip()
+
+
 def test_sampling_is_reproducible_with_seed(tiny_model_dir: Path, tmp_path: Path) -> None:
     args = ("generate", str(tiny_model_dir), "The quick", "-n", "12", "-t", "1.0", "--json")
     a = json.loads(lmforge(*args, "--seed", "7", home=tmp_path).stdout)["token_ids"]
