@@ -299,7 +299,7 @@ def plan_attention(
         raise ValueError(f"position {k_len - 1} is beyond the KV cache ({kv_cache.max_len})")
     first = positions[:, :1]
     same_rows = batch == 1 or bool((positions == positions[:1]).all())
-    contiguous = bool((positions == first + torch.arange(t)).all())
+    contiguous = t == 1 or bool((positions == first + torch.arange(t)).all())
     write_start = int(first[0, 0]) if same_rows and contiguous else None
     if same_rows and contiguous and t == 1:
         # One new token per row, all at the same position: it sees the whole prefix.
