@@ -63,31 +63,21 @@ def resolve(spec: str | None, *, home: Path | None = None) -> ModelRef:
 
 
 def registry_names(home: Path) -> list[str]:
-    if not (home / "registry.db").exists():
-        return []
     from lmforge.registry import repo
-    from lmforge.registry.db import connect
+    from lmforge.registry.db import read_existing
 
-    engine = connect(home=home)
-    try:
-        with engine.connect() as conn:
-            return repo.model_names(conn)
-    finally:
-        engine.dispose()
+    with read_existing(home=home) as conn:
+        return repo.model_names(conn) if conn is not None else []
 
 
 def _from_registry(name: str, version: int | None, home: Path) -> ModelRef | None:
-    if not (home / "registry.db").exists():
-        return None
     from lmforge.registry import repo
-    from lmforge.registry.db import connect
+    from lmforge.registry.db import read_existing
 
-    engine = connect(home=home)
-    try:
-        with engine.connect() as conn:
-            rec = repo.get_model(conn, name=name, version=version)
-    finally:
-        engine.dispose()
+    with read_existing(home=home) as conn:
+        if conn is None:
+            return None
+        rec = repo.get_model(conn, name=name, version=version)
     if rec is None:
         if version is not None:
             raise ModelNotFoundError(f"model {name!r} has no version {version}")

@@ -140,3 +140,19 @@ def test_garbage_file_is_refused_with_one_line_naming_it(tmp_path: Path) -> None
 def test_non_sqlite_url_is_refused() -> None:
     with pytest.raises(LmforgeError, match="postgresql"):
         db.connect("postgresql://user@localhost/registry")
+
+
+def test_read_existing_never_creates_a_registry(tmp_path: Path) -> None:
+    from lmforge.registry import repo
+    from lmforge.registry.db import connect, read_existing
+
+    with read_existing(home=tmp_path) as conn:
+        assert conn is None
+    assert not (tmp_path / "registry.db").exists()
+    engine = connect(home=tmp_path)
+    with engine.begin() as c:
+        repo.register_model(c, name="m", path="/x", sha256="a" * 64)
+    engine.dispose()
+    with read_existing(home=tmp_path) as conn:
+        assert conn is not None
+        assert repo.model_names(conn) == ["m"]

@@ -33,18 +33,11 @@ app = typer.Typer(
 
 
 def _registry_records() -> list[Any]:
-    home = lmforge_home()
-    if not (home / "registry.db").exists():
-        return []
     from lmforge.registry import repo
-    from lmforge.registry.db import connect
+    from lmforge.registry.db import read_existing
 
-    engine = connect(home=home)
-    try:
-        with engine.connect() as conn:
-            return list(repo.list_models(conn))
-    finally:
-        engine.dispose()
+    with read_existing() as conn:
+        return repo.list_models(conn) if conn is not None else []
 
 
 def _human_params(n: int | None) -> str:

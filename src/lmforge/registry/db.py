@@ -14,6 +14,8 @@ driver" in SQLAlchemy's SQLite dialect documentation.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,24 @@ def connect(url: str | None = None, *, home: Path | None = None) -> Engine:
             f"registry {database}: cannot use it as a SQLite database: {reason}"
         ) from e
     return engine
+
+
+@contextmanager
+def read_existing(*, home: Path | None = None) -> Iterator[Connection | None]:
+    """A connection for reads from the registry under HOME, or None when there is none yet.
+
+    For callers that only look (model lists, name resolution): a missing registry is an empty
+    one, and looking never creates it. The engine is disposed of on exit.
+    """
+    if not ((home or lmforge_home()) / "registry.db").exists():
+        yield None
+        return
+    engine = connect(home=home)
+    try:
+        with engine.connect() as conn:
+            yield conn
+    finally:
+        engine.dispose()
 
 
 def _on_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
