@@ -169,6 +169,7 @@ def chat_command(
     options = _options(max_tokens, temperature, top_k, top_p, min_p, seed, stop)
     llm_params_check(options)
     llm = load_llm(model, dtype, threads)
+    params = llm.sampling_params(**options)
     interactive = sys.stdin.isatty()
     base = [{"role": "system", "content": system}] if system else []
     history: list[dict[str, str]] = list(base)
@@ -202,7 +203,7 @@ def chat_command(
         if interactive:
             sys.stdout.write("assistant> ")
         reply, finish = "", "stop"
-        for delta in llm.iter_complete(ids, llm.sampling_params(**options)):
+        for delta in llm.iter_complete(ids, params):
             sys.stdout.write(delta.text)
             sys.stdout.flush()
             if delta.completion is not None:

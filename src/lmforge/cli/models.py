@@ -164,7 +164,7 @@ def import_command(
 ) -> None:
     """Import a model into the registry as an HF-layout directory under $LMFORGE_HOME/models."""
     from lmforge.atomic import atomic_directory
-    from lmforge.model.checkpoint import file_sha256, load_model, save_model
+    from lmforge.model.checkpoint import file_sha256, load_model, read_lineage, save_model
     from lmforge.registry import repo
     from lmforge.registry.db import connect
 
@@ -186,7 +186,7 @@ def import_command(
                 conn,
                 name=name,
                 path=str(target),
-                sha256=file_sha256(target / "model.safetensors"),
+                sha256=read_lineage(target)["weights_sha256"],  # hashed by save_model
                 arch=loaded.config.arch,
                 n_params=loaded.config.num_params(),
                 source=str(path.resolve()),

@@ -457,7 +457,7 @@ def load_state(model: Transformer, sd: dict[str, torch.Tensor], source: str) -> 
 
     Strict: a missing, unexpected or misshapen tensor is a one-line error naming the first one.
     """
-    expected = {k: v for k, v in model.state_dict().items()}
+    expected = model.state_dict()
     if model.config.tie_embeddings:
         sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
         expected.pop("lm_head.weight", None)
@@ -494,9 +494,13 @@ def load_hf_dir(d: Path) -> LoadedModel:
     load_state(model, sd, str(d))
     gen_path = d / "generation_config.json"
     gen = _read_json(gen_path) if gen_path.is_file() else {}
-    lin_path = d / LINEAGE_FILE
-    lineage = _read_json(lin_path) if lin_path.is_file() else {}
-    return LoadedModel(model, tokenizer, d, gen, lineage)
+    return LoadedModel(model, tokenizer, d, gen, read_lineage(d))
+
+
+def read_lineage(directory: Path) -> dict[str, Any]:
+    """lmforge.json of a model directory ({} when it has none, e.g. a Hugging Face download)."""
+    path = directory / LINEAGE_FILE
+    return _read_json(path) if path.is_file() else {}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -407,7 +407,6 @@ class Backbone(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
         if config.arch == "gpt2":
             self.embed_positions = nn.Embedding(config.max_seq_len, config.d_model)
-        self.dropout = config.dropout
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = make_norm(config)
 
@@ -548,14 +547,13 @@ def optimize_weight_layout(model: nn.Module, parts: int = 2) -> None:
         seen.add(id(module.weight))
         w = module.weight
         n, k = w.shape
-        if w.dtype != torch.float32:
-            if not w.is_contiguous():
-                w.data = w.data.contiguous()
-        elif n > k and w.is_contiguous():
+        column_major = w.dtype == torch.float32 and n > k
+        if column_major and w.is_contiguous():
             w.data = w.data.t().contiguous().t()
-        elif n <= k and not w.is_contiguous():
+        elif not column_major and not w.is_contiguous():
             w.data = w.data.contiguous()
-    for module in model.modules():  # after all moves: tied weights may have moved twice
+    # Every Linear, including those whose (tied) weight the loop above skipped as seen.
+    for module in model.modules():
         if isinstance(module, Linear):
             w = module.weight
             split = w.dtype == torch.float32 and w.shape[0] % parts == 0
