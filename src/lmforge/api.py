@@ -33,8 +33,12 @@ from lmforge.tokenizer.stream import TextStream
 
 Messages = Sequence[dict[str, Any]]
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16}
-_DTYPES["bf16"] = torch.bfloat16
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 
 @dataclass
