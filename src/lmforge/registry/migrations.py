@@ -51,6 +51,28 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        2,
+        "create datasets",
+        (
+            """
+            CREATE TABLE datasets (
+                id INTEGER PRIMARY KEY,
+                name TEXT NOT NULL,
+                path TEXT NOT NULL,
+                content_key TEXT NOT NULL,
+                manifest_sha256 TEXT NOT NULL,
+                tokenizer TEXT NOT NULL,
+                vocab_size INTEGER NOT NULL,
+                documents INTEGER NOT NULL,
+                tokens INTEGER NOT NULL,
+                created_at TEXT NOT NULL,
+                updated_at TEXT NOT NULL,
+                UNIQUE (name)
+            )
+            """,
+        ),
+    ),
 )
 
 _CREATE_SCHEMA_MIGRATIONS = """

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, func, insert, select
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from lmforge.errors import LmforgeError
-from lmforge.registry.tables import models, utc_now
+from lmforge.registry.tables import datasets, models, utc_now
 
 # Names become directory names: no slashes, no leading dot, so no "..".
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
@@ -51,11 +52,11 @@ class ModelRecord:
         return f"{self.name}@{self.version}"
 
 
-def validate_name(name: str) -> str:
-    """Return NAME if it is a valid model name, else raise `LmforgeError` naming it."""
+def validate_name(name: str, *, kind: str = "model") -> str:
+    """Return NAME if it is a valid model (or data set) name, else raise `LmforgeError`."""
     if not NAME_PATTERN.fullmatch(name):
         raise LmforgeError(
-            f"invalid model name {name!r}: use 1-64 of a-z 0-9 . _ - starting with a-z or 0-9"
+            f"invalid {kind} name {name!r}: use 1-64 of a-z 0-9 . _ - starting with a-z or 0-9"
         )
     return name
 
@@ -142,3 +143,81 @@ def model_names(conn: Connection) -> list[str]:
 
 def _record(row: Any) -> ModelRecord:
     return ModelRecord(**{**row, "path": Path(row["path"])})
+
+
+# -- data sets ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    """One row of `datasets`: the prepared data set NAME (one row per name)."""
+
+    id: int
+    name: str
+    path: Path  # the data set directory, with manifest.json
+    content_key: str  # sha256 of the inputs' hashes + options: the same key is the same data
+    manifest_sha256: str
+    tokenizer: str  # "bpe", "char", "byte" or the model/path it was taken from
+    vocab_size: int
+    documents: int  # kept, all splits
+    tokens: int  # all splits
+    created_at: str  # ISO-8601 UTC
+    updated_at: str  # last (re)preparation
+
+
+def put_dataset(
+    conn: Connection,
+    *,
+    name: str,
+    path: Path | str,
+    content_key: str,
+    manifest_sha256: str,
+    tokenizer: str,
+    vocab_size: int,
+    documents: int,
+    tokens: int,
+) -> DatasetRecord:
+    """Record data set NAME, replacing its previous row (one statement: insert or update)."""
+    validate_name(name, kind="data set")
+    for label, digest in (("content key", content_key), ("manifest sha256", manifest_sha256)):
+        if not _SHA256_PATTERN.fullmatch(digest):
+            raise LmforgeError(f"invalid {label} {digest!r} for data set {name!r}")
+    now = utc_now()
+    values = {
+        "path": str(path),
+        "content_key": content_key,
+        "manifest_sha256": manifest_sha256,
+        "tokenizer": tokenizer,
+        "vocab_size": vocab_size,
+        "documents": documents,
+        "tokens": tokens,
+        "updated_at": now,
+    }
+    statement = (
+        sqlite_insert(datasets)
+        .values(name=name, created_at=now, **values)
+        .on_conflict_do_update(index_elements=[datasets.c.name], set_=values)
+        .returning(*datasets.c)
+    )
+    return _dataset(conn.execute(statement).one()._mapping)
+
+
+def get_dataset(conn: Connection, *, name: str) -> DatasetRecord | None:
+    """Data set NAME, or None if there is none."""
+    row = conn.execute(select(datasets).where(datasets.c.name == name)).one_or_none()
+    return None if row is None else _dataset(row._mapping)
+
+
+def list_datasets(conn: Connection) -> list[DatasetRecord]:
+    """Every data set, sorted by name."""
+    query = select(datasets).order_by(datasets.c.name)
+    return [_dataset(row._mapping) for row in conn.execute(query)]
+
+
+def delete_dataset(conn: Connection, *, name: str) -> bool:
+    """Forget data set NAME (its files are the caller's); True if there was a row."""
+    return bool(conn.execute(datasets.delete().where(datasets.c.name == name)).rowcount)
+
+
+def _dataset(row: Any) -> DatasetRecord:
+    return DatasetRecord(**{**row, "path": Path(row["path"])})

@@ -37,6 +37,23 @@ models = Table(
     UniqueConstraint("name", "version"),
 )
 
+datasets = Table(
+    "datasets",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("path", Text, nullable=False),
+    Column("content_key", Text, nullable=False),  # sha256 of inputs + options: same key = same data
+    Column("manifest_sha256", Text, nullable=False),
+    Column("tokenizer", Text, nullable=False),  # "bpe", "char", "byte" or where it came from
+    Column("vocab_size", Integer, nullable=False),
+    Column("documents", Integer, nullable=False),  # kept, all splits
+    Column("tokens", Integer, nullable=False),  # all splits
+    Column("created_at", Text, nullable=False),
+    Column("updated_at", Text, nullable=False),  # a re-prepare with --overwrite moves this
+    UniqueConstraint("name"),
+)
+
 
 def utc_now() -> str:
     """Now as stored in `*_at` columns, e.g. `2025-01-31T12:00:00.123456Z`."""

@@ -1,0 +1,1 @@
+"""The data stage: raw files → clean, deduplicated, PII-scrubbed, tokenized shards + manifest."""
