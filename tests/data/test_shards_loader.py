@@ -22,7 +22,9 @@ from lmforge.data.shards import (
 from lmforge.errors import CorruptArtifactError, LmforgeError
 
 
-def make_dataset(directory: Path, tokens: np.ndarray, max_tokens: int, vocab_size: int = 1000) -> None:
+def make_dataset(
+    directory: Path, tokens: np.ndarray, max_tokens: int, vocab_size: int = 1000
+) -> None:
     dtype = token_dtype(vocab_size)
     writer = ShardWriter(directory, "train", dtype, max_tokens)
     for piece in np.array_split(tokens, 7):  # uneven writes that straddle shard boundaries
@@ -84,7 +86,7 @@ def test_split_reads_across_shards_like_one_array(tmp_path: Path) -> None:
         assert np.array_equal(split.read(start, length), tokens[start : start + length])
     with pytest.raises(IndexError):
         split.read(4995, 10)
-    with pytest.raises(LmforgeError, match="no 'val' split .*has: train"):
+    with pytest.raises(LmforgeError, match=r"no 'val' split .*has: train"):
         TokenSplit.open(tmp_path, "val")
 
 

@@ -31,13 +31,18 @@ def read_all(path: Path, **options: object) -> tuple[list, SourceTally]:
 def test_text_and_markdown_files_are_one_document_each(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("first line\n\nsecond  paragraph \n", encoding="utf-8")
     (tmp_path / "b.md").write_text("# Title\n\n你好，世界。\n", encoding="utf-8")
-    for name, want in (("a.txt", "first line\n\nsecond  paragraph \n"), ("b.md", "# Title\n\n你好，世界。\n")):
+    for name, want in (
+        ("a.txt", "first line\n\nsecond  paragraph \n"),
+        ("b.md", "# Title\n\n你好，世界。\n"),
+    ):
         docs, tally = read_all(tmp_path / name)
         assert [d.text for d in docs] == [want]
         assert tally.bytes_read == (tmp_path / name).stat().st_size
 
 
-def test_big_text_file_is_cut_at_blank_lines_into_parts_that_join_back_exactly(tmp_path: Path) -> None:
+def test_big_text_file_is_cut_at_blank_lines_into_parts_that_join_back_exactly(
+    tmp_path: Path,
+) -> None:
     paragraphs = [f"Paragraph {i}. " + "word " * (i % 40 + 5) + "\n\n" for i in range(3000)]
     text = "".join(paragraphs)
     (tmp_path / "big.txt").write_text(text, encoding="utf-8")
@@ -54,12 +59,22 @@ def test_jsonl_text_field_and_chat_messages(tmp_path: Path) -> None:
         json.dumps({"text": "plain document", "id": 1}),
         "",
         json.dumps({"body": "other field", "text": "second"}),
-        json.dumps({"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello!"}]}),
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "Hi?"},
+                    {"role": "assistant", "content": "Hello!"},
+                ]
+            }
+        ),
     ]
     (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     docs, _ = read_all(tmp_path / "d.jsonl")
     assert [d.text for d in docs] == ["plain document", "second", "Hi?\n\nHello!"]
-    assert docs[2].messages == [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello!"}]
+    assert docs[2].messages == [
+        {"role": "user", "content": "Hi?"},
+        {"role": "assistant", "content": "Hello!"},
+    ]
     assert docs[1].source.endswith("d.jsonl:3")
     docs, _ = read_all(tmp_path / "d.jsonl", text_field="body", on_error="skip")
     assert [d.text for d in docs] == ["other field", "Hi?\n\nHello!"]
@@ -100,13 +115,17 @@ def test_json_array_of_records_and_strings(tmp_path: Path) -> None:
 
 
 def test_csv_and_tsv_columns(tmp_path: Path) -> None:
-    (tmp_path / "r.csv").write_text('id,review\n1,"Great, really\nmultiline"\n2,bad\n', encoding="utf-8")
+    (tmp_path / "r.csv").write_text(
+        'id,review\n1,"Great, really\nmultiline"\n2,bad\n', encoding="utf-8"
+    )
     docs, _ = read_all(tmp_path / "r.csv", text_field="review")
     assert [d.text for d in docs] == ["Great, really\nmultiline", "bad"]
     (tmp_path / "r.tsv").write_text("sentence\tlabel\nit works\t1\n", encoding="utf-8")
     docs, _ = read_all(tmp_path / "r.tsv", text_field="sentence")
     assert [d.text for d in docs] == ["it works"]
-    with pytest.raises(LmforgeError, match=r"r\.tsv: no column 'text' \(columns: sentence, label\)"):
+    with pytest.raises(
+        LmforgeError, match=r"r\.tsv: no column 'text' \(columns: sentence, label\)"
+    ):
         read_all(tmp_path / "r.tsv")
 
 
@@ -116,7 +135,7 @@ def test_parquet_column_and_missing_column(tmp_path: Path) -> None:
     docs, tally = read_all(path, text_field="content")
     assert [d.text for d in docs] == ["alpha doc", "beta doc"]
     assert tally.bytes_read == path.stat().st_size
-    with pytest.raises(LmforgeError, match="no column 'text' .*content, n"):
+    with pytest.raises(LmforgeError, match=r"no column 'text' .*content, n"):
         read_all(path)
 
 
@@ -124,7 +143,9 @@ def test_parquet_column_and_missing_column(tmp_path: Path) -> None:
 def test_compressed_files_are_read_transparently(tmp_path: Path, suffix: str) -> None:
     payload = "".join(json.dumps({"text": f"doc {i} ünïcode"}) + "\n" for i in range(100)).encode()
     path = tmp_path / f"c.jsonl{suffix}"
-    data = gzip.compress(payload) if suffix == ".gz" else zstandard.ZstdCompressor().compress(payload)
+    data = (
+        gzip.compress(payload) if suffix == ".gz" else zstandard.ZstdCompressor().compress(payload)
+    )
     path.write_bytes(data)
     docs, tally = read_all(path)
     assert [d.text for d in docs] == [f"doc {i} ünïcode" for i in range(100)]
@@ -140,7 +161,7 @@ def test_corrupt_compressed_file_is_one_clear_error(tmp_path: Path) -> None:
 
 def test_undecodable_bytes_name_the_offset(tmp_path: Path) -> None:
     path = tmp_path / "latin1.txt"
-    path.write_bytes("fine text then caf".encode() + b"\xe9 au lait\n")
+    path.write_bytes(b"fine text then caf\xe9 au lait\n")
     with pytest.raises(LmforgeError, match=r"latin1\.txt: not valid UTF-8 at byte 18"):
         read_all(path)
     docs, tally = read_all(path, on_error="skip")
@@ -161,7 +182,7 @@ def test_expand_folders_globs_and_files_in_stable_order_without_repeats(tmp_path
 
 
 def test_bad_source_specs_are_one_line_errors(tmp_path: Path) -> None:
-    with pytest.raises(LmforgeError, match="nope.txt: no such file"):
+    with pytest.raises(LmforgeError, match=r"nope\.txt: no such file"):
         expand_sources([str(tmp_path / "nope.txt")])
     (tmp_path / "x.bin").write_bytes(b"1")
     with pytest.raises(LmforgeError, match="unsupported file type"):

@@ -18,7 +18,7 @@ try:  # typer >= 0.20 vendors its own copy of click
 except ImportError:  # pragma: no cover - older typer uses click itself
     import click.exceptions as click_exc  # type: ignore[no-redef]
 
-from lmforge.cli import demo, generate, models
+from lmforge.cli import data, demo, generate, models
 from lmforge.errors import LmforgeError
 
 app = typer.Typer(
@@ -26,6 +26,7 @@ app = typer.Typer(
     help="lmforge: the whole LLM chain in one self-hosted tool.",
     epilog=(
         "[bold]Examples[/bold]\n\n"
+        "  lmforge data prepare input.txt --name shakespeare --tokenizer char --split tail\n\n"
         "  lmforge generate 'The capital of France is'\n\n"
         "  lmforge chat\n\n"
         "  lmforge models list\n\n"
@@ -38,6 +39,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 generate.register(app)
+app.add_typer(data.app, name="data")
 app.add_typer(models.app, name="models")
 demo.register(app)
 

@@ -70,7 +70,9 @@ class TokenSplit:
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
 
-def _windows(split: TokenSplit, starts: list[int], block_size: int) -> tuple[torch.Tensor, ...]:
+def _windows(
+    split: TokenSplit, starts: list[int], block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     rows = np.stack([split.read(s, block_size + 1) for s in starts]).astype(np.int64)
     data = torch.from_numpy(rows)  # [B, T + 1]
     return data[:, :-1], data[:, 1:]

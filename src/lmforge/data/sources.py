@@ -202,7 +202,7 @@ def open_binary(path: Path, tally: SourceTally) -> IO[bytes]:
         import zstandard
 
         reader = zstandard.ZstdDecompressor().stream_reader(counted, closefd=True)
-        return io.BufferedReader(reader, buffer_size=_READ_BYTES)  # type: ignore[arg-type]
+        return io.BufferedReader(reader, buffer_size=_READ_BYTES)
     return counted
 
 
@@ -402,14 +402,16 @@ def _record_document(
     """A JSON-like record → a text or chat document; None (counted) when skipped."""
     if not isinstance(record, dict):
         message = f"{where}: want a JSON object, got {type(record).__name__}"
-        return _fail_or_skip(options, tally, "not_an_object", message)
+        _fail_or_skip(options, tally, "not_an_object", message)
+        return None
     value = record.get(options.text_field)
     if isinstance(value, str):
         return Document(value, where)
     if value is None and "messages" in record:
         messages = _chat_messages(record["messages"])
         if isinstance(messages, str):
-            return _fail_or_skip(options, tally, "bad_messages", f"{where}: {messages}")
+            _fail_or_skip(options, tally, "bad_messages", f"{where}: {messages}")
+            return None
         text = "\n\n".join(m["content"] for m in messages)
         return Document(text, where, messages=messages)
     if value is None:
@@ -418,9 +420,11 @@ def _record_document(
             f"{where}: no field {options.text_field!r} and no 'messages' (fields: {fields}); "
             "choose one with --text-field"
         )
-        return _fail_or_skip(options, tally, "missing_field", message)
+        _fail_or_skip(options, tally, "missing_field", message)
+        return None
     message = f"{where}: field {options.text_field!r} is {type(value).__name__}, not a string"
-    return _fail_or_skip(options, tally, "not_a_string", message)
+    _fail_or_skip(options, tally, "not_a_string", message)
+    return None
 
 
 def _chat_messages(value: Any) -> list[dict[str, str]] | str:
@@ -434,10 +438,10 @@ def _chat_messages(value: Any) -> list[dict[str, str]] | str:
 
 
 def _fail_or_skip(options: SourceOptions, tally: SourceTally, reason: str, message: str) -> None:
+    """Raise for MESSAGE, or (with --on-error skip) count it and return None: the record is gone."""
     if options.on_error == "fail":
         raise LmforgeError(f"{message} (use --on-error skip to skip such records)")
     tally.skip(reason, message)
-    return None
 
 
 READERS: dict[str, Reader] = {
