@@ -3,6 +3,7 @@
 On disk it is the pair Hugging Face uses — `tokenizer.json` and `tokenizer_config.json` (with
 `chat_template`) — so a model directory written by lmforge loads in `transformers` unchanged.
 `IncrementalDecoder` turns a stream of ids into text without splitting multi-byte characters.
+Encoding reads lone surrogates (from bad JSON escapes) as U+FFFD instead of failing.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models
 
 from lmforge.atomic import write_text_atomic
 from lmforge.errors import CorruptArtifactError, LmforgeError
@@ -58,7 +60,33 @@ class Tokenizer:
         return self.token_to_id(self.pad_token)
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        return list(self.backend.encode(text, add_special_tokens=add_special_tokens).ids)
+        """Text → ids. Lone surrogates become U+FFFD; an unencodable text is an LmforgeError."""
+        return self._encode([text], add_special_tokens, batch=False)[0]
+
+    def encode_batch(
+        self, texts: Sequence[str], *, add_special_tokens: bool = True
+    ) -> list[list[int]]:
+        """Many texts → ids, encoded in parallel in Rust (the fast path for large corpora)."""
+        return self._encode(list(texts), add_special_tokens, batch=True)
+
+    def _encode(
+        self, texts: list[str], add_special_tokens: bool, *, batch: bool
+    ) -> list[list[int]]:
+        try:
+            if batch:
+                encodings = self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)
+            else:
+                encodings = [self.backend.encode(texts[0], add_special_tokens=add_special_tokens)]
+        except TypeError:
+            # Lone surrogates ('\ud83d' from a bad JSON escape) cannot cross into Rust as UTF-8;
+            # they are looked for only after such a failure, so valid text pays nothing.
+            fixed = [replace_surrogates(t) if isinstance(t, str) else t for t in texts]
+            if fixed == texts:
+                raise
+            return self._encode(fixed, add_special_tokens, batch=batch)
+        except Exception as exc:  # e.g. a character-level vocabulary without the character
+            raise LmforgeError(_encode_error(self.backend, texts, exc)) from None
+        return [list(enc.ids) for enc in encodings]
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return str(self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens))
@@ -145,6 +173,25 @@ class Tokenizer:
             extra_config={k: v for k, v in cfg.items() if k not in known and _jsonable(v)},
             **specials,
         )
+
+
+def replace_surrogates(text: str) -> str:
+    """Replace lone surrogates with U+FFFD (and join surrogate pairs into their character)."""
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
+def _encode_error(backend: HFTokenizer, texts: Sequence[str], exc: Exception) -> str:
+    """One line for a text the backend refuses, naming the character when it is out of vocab."""
+    vocab = backend.get_vocab(with_added_tokens=False)
+    if isinstance(backend.model, models.WordLevel) and all(len(tok) == 1 for tok in vocab):
+        for text in texts:
+            for ch in text:
+                if ch not in vocab:
+                    return (
+                        f"character {ch!r} (U+{ord(ch):04X}) is not in the tokenizer's "
+                        f"vocabulary of {len(vocab)} characters"
+                    )
+    return f"the tokenizer cannot encode the text: {exc}"
 
 
 def _token_text(value: Any) -> str | None:
