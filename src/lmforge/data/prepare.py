@@ -190,6 +190,7 @@ class DocumentProcessor:
         self.quality = clean.QualityFilter(config.quality_config())
         self.pii_mode = config.pii
         self.scanner = pii.PiiScanner() if config.pii != "keep" else None
+        self.kinds = {r.name: r.kind for r in self.scanner.rules} if self.scanner else {}
         self.dedup = config.dedup
         self.minhash = config.minhash_params() if config.dedup == "minhash" else None
 
@@ -220,7 +221,11 @@ class DocumentProcessor:
                     out.reason = "pii"
                     return out
             else:
-                text, out.pii_counts = self.scanner.scrub(text)
+                text, by_rule = self.scanner.scrub(text)
+                kinds: Counter[str] = Counter()
+                for rule, n in by_rule.items():
+                    kinds[self.kinds[rule]] += n
+                out.pii_counts = dict(kinds)
                 if messages is not None:
                     messages = [
                         {**m, "content": self.scanner.scrub(m["content"])[0]} for m in messages
@@ -348,7 +353,12 @@ def prepare(
             "use --overwrite to replace it, or another --name"
         )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    _remove_abandoned_builds(out_dir)
+    build = Path(
+        tempfile.mkdtemp(
+            prefix=f".{out_dir.name}.{os.getpid()}.", suffix=".tmp", dir=out_dir.parent
+        )
+    )
     try:
         manifest = _build(config, build, name, files, sources, given, key, progress)
         manifest["timing"]["seconds"] = round(time.perf_counter() - started, 3)
@@ -363,6 +373,25 @@ def prepare(
         shutil.rmtree(build, ignore_errors=True)
         raise
     return PrepareResult(out_dir, manifest, unchanged=False)
+
+
+def _remove_abandoned_builds(out_dir: Path) -> None:
+    """Delete build directories of OUT_DIR left by killed runs (their process is gone)."""
+    for build in out_dir.parent.glob(f".{out_dir.name}.*.tmp"):
+        pid = build.name[len(out_dir.name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            log.info("removing %s, left by an interrupted run", build)
+            shutil.rmtree(build, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _existing_manifest(out_dir: Path) -> dict[str, Any] | None:
