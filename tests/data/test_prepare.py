@@ -22,11 +22,10 @@ from lmforge.data.shards import read_manifest, verify_shards
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer
 
-WORDS = (
-    "the of and to in is was for on that with as by at from his her they this which have "
-    "king queen lord lady sword crown river stone night morning bright dark gentle noble "
-    "speak answer honour country battle letter garden winter summer friend enemy heart"
-).split()
+_WORD_LIST = """the of and to in is was for on that with as by at from his her they this which have
+king queen lord lady sword crown river stone night morning bright dark gentle noble speak answer
+honour country battle letter garden winter summer friend enemy heart"""
+WORDS = _WORD_LIST.split()
 
 
 def sentence(rng: random.Random, n: int = 12) -> str:
@@ -210,7 +209,7 @@ def test_chat_records_are_rendered_with_the_chat_template(tmp_path: Path) -> Non
     result = run(tmp_path, src, tokenizer="bpe", vocab_size=500, val_fraction=0.0)
     tok = Tokenizer.load(result.path)
     ids = split_ids(result.path, "train")
-    first = tok.encode_chat(records[0]["messages"], add_generation_prompt=False) + [tok.eos_id]
+    first = [*tok.encode_chat(records[0]["messages"], add_generation_prompt=False), tok.eos_id]
     assert ids[: len(first)] == first
     assert tok.decode(ids, skip_special_tokens=False).count("<|im_start|>assistant") == 20
 
@@ -223,7 +222,7 @@ def test_given_tokenizer_is_used_as_is(tmp_path: Path, tiny_tokenizer: Tokenizer
     result = run(tmp_path, src, tokenizer=str(tmp_path / "tok"), split="tail", val_fraction=0.0)
     want: list[int] = []
     for d in docs:
-        want += tiny_tokenizer.encode(d, add_special_tokens=False) + [tiny_tokenizer.eos_id]
+        want += [*tiny_tokenizer.encode(d, add_special_tokens=False), tiny_tokenizer.eos_id]
     assert split_ids(result.path, "train") == want
     assert result.manifest["tokenizer"]["kind"] == "given"
 
@@ -248,7 +247,7 @@ def test_rerun_is_a_no_op_and_other_options_need_overwrite(tmp_path: Path) -> No
     stamp = (first.path / "manifest.json").stat().st_mtime_ns
     again = run(tmp_path, src, tokenizer="byte", workers=2)  # workers do not change the data
     assert again.unchanged and (first.path / "manifest.json").stat().st_mtime_ns == stamp
-    with pytest.raises(LmforgeError, match="already exists .*--overwrite"):
+    with pytest.raises(LmforgeError, match=r"already exists .*--overwrite"):
         run(tmp_path, src, tokenizer="byte", min_chars=50)
     config = PrepareConfig(sources=(str(src),), tokenizer="byte", min_chars=50, workers=1)
     replaced = prepare(config, first.path, overwrite=True)

@@ -66,6 +66,13 @@ def test_bad_names_and_keys_are_refused(engine: Engine) -> None:
         put(engine, "../escape", "a")
     with engine.begin() as conn, pytest.raises(LmforgeError, match="content key"):
         put_dataset(
-            conn, name="x", path="/x", content_key="nothex", manifest_sha256=sha("m"),
-            tokenizer="bpe", vocab_size=1, documents=1, tokens=1,
+            conn,
+            name="x",
+            path="/x",
+            content_key="nothex",
+            manifest_sha256=sha("m"),
+            tokenizer="bpe",
+            vocab_size=1,
+            documents=1,
+            tokens=1,
         )
