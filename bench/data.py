@@ -272,7 +272,7 @@ def sample_documents(corpus: Path, mb: float) -> list[str]:
 
 
 def minhash_stage(docs: list[str]) -> dict:
-    from datasketch import MinHashLSH
+    from datasketch import MinHash, MinHashLSH
 
     from lmforge.data import dedup
 
@@ -288,7 +288,9 @@ def minhash_stage(docs: list[str]) -> dict:
     lsh = MinHashLSH(threshold=params.threshold, num_perm=params.num_perm)
     naive = 0
     for i, d in enumerate(docs):
-        m = dedup.datasketch_signature(d, params)
+        m = MinHash(num_perm=params.num_perm)
+        for shingle in dedup.shingles(d, params.ngram):
+            m.update(" ".join(shingle).encode("utf-8"))
         if lsh.query(m):
             naive += 1
         else:
@@ -325,6 +327,7 @@ def main() -> None:
     if not args.skip_prepare:
         print(f"prepare: {text_bytes / 1e6:.0f} MB, {args.workers} workers …", file=sys.stderr)
         result["prepare"] = run_prepare(corpus, text_bytes, args.workers)
+        (RESULTS / "data.json").write_text(json.dumps(result, indent=2))
     print(f"minhash: {args.minhash_mb:.0f} MB sample …", file=sys.stderr)
     result["minhash"] = minhash_stage(sample_documents(corpus, args.minhash_mb))
     (RESULTS / "data.json").write_text(json.dumps(result, indent=2))

@@ -186,7 +186,7 @@ def prepare_command(
         _DocsPerSecond(),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=err, disable=quiet, transient=False) as bar:
+    with Progress(*columns, console=err, disable=quiet or not err.is_terminal) as bar:
         result = prepare(
             config, target, name=name, overwrite=overwrite, progress=_RichProgress(bar)
         )
@@ -224,6 +224,12 @@ def prepare_command(
         f"{manifest['funnel'][0]['documents']:,}, {splits}; vocabulary {head['vocab_size']:,} "
         f"({timing['seconds']:.1f} s, {timing['mb_per_s']:.1f} MB/s)"
     )
+    if errors := manifest["read_errors"]:
+        total = sum(errors.values())
+        kinds = ", ".join(f"{k} {v:,}" for k, v in errors.items())
+        out.print(f"  skipped {total:,} bad record{'s' * (total != 1)} ({kinds}), e.g.")
+        for message in manifest["first_errors"][:3]:
+            out.print(f"    {escape(message)}")
     out.print(f"  {result.path}   (details: lmforge data show {name})")
 
 

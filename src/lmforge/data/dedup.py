@@ -29,8 +29,8 @@ Signature hash (version `DEDUP_VERSION`)
     "affine64" scheme (fmix64, then `a_k * h + b_k mod 2**64` for each of `num_perm`
     permutations drawn by datasketch from `seed`), so the result is bit-identical to
     `datasketch.MinHash(num_perm, seed, hashfunc=shingle_hash, scheme="affine64")` updated with
-    every shingle of `shingles(text, ngram)`. `datasketch_signature` is the naive per-shingle
-    loop (sha1 per shingle), kept as the benchmark baseline.
+    every shingle of `shingles(text, ngram)`. `bench/data.py` compares it with the naive
+    per-shingle datasketch loop (sha1 per shingle).
 
 What `threshold` means
     `threshold` t is the shingle-set Jaccard similarity from which a later document must be
@@ -324,16 +324,6 @@ def minhash_signature(text: str, params: MinHashParams) -> U64:
         phv += b[:, None]
         np.minimum(signature, phv.min(axis=1), out=signature)
     return signature
-
-
-def datasketch_signature(text: str, params: MinHashParams) -> U64:
-    """The naive reference: datasketch MinHash (affine64, default sha1 hash) updated with the
-    UTF-8 bytes of each shingle, one `update` per shingle. Same kind of work as
-    `minhash_signature`, not the same values; for benchmarks."""
-    m = MinHash(num_perm=params.num_perm, seed=params.seed, scheme="affine64")
-    for shingle in shingles(text, params.ngram):
-        m.update(" ".join(shingle).encode("utf-8", "surrogatepass"))
-    return np.asarray(m.hashvalues, dtype=np.uint64)
 
 
 def estimate_jaccard(a: U64, b: U64) -> float:

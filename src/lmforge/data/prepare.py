@@ -65,7 +65,7 @@ from lmforge.data.sources import (
 )
 from lmforge.errors import CorruptArtifactError, LmforgeError
 from lmforge.tokenizer import Tokenizer
-from lmforge.tokenizer.bpe import byte_tokenizer, train_bpe
+from lmforge.tokenizer.bpe import byte_tokenizer, check_vocab_size, train_bpe
 from lmforge.tokenizer.char import CharEncoder, is_char_tokenizer, train_char
 from lmforge.tokenizer.chat import CHATML_TEMPLATE, render_chat
 
@@ -121,6 +121,8 @@ class PrepareConfig:
                 raise LmforgeError(f"{flag} must be in [0, 1), not {value}")
         if self.val_fraction + self.test_fraction >= 1:
             raise LmforgeError("--val-fraction + --test-fraction must leave some training data")
+        if self.tokenizer == "bpe":
+            check_vocab_size(self.vocab_size)
         if self.workers < 0:
             raise LmforgeError(f"--workers must be 0 (one per core) or more, not {self.workers}")
         if self.shard_tokens < 1024:
@@ -451,12 +453,15 @@ def _build(
         source["documents_kept"] = funnel.kept_per_source[i]
     if funnel.kept_docs == 0:
         raise LmforgeError(_nothing_left(funnel, tally))
+    plan = _split_plan(config, funnel.kept_docs) if config.split == "random" else None
 
     tokenizer = given or _train_tokenizer(config, kept_path, funnel.kept_docs, progress)
     tokenizer.save(build)
     if progress:
         progress.stage("tokenize", funnel.kept_chars)  # counted in characters
-    splits, shards, doc_tokens = _second_pass(config, tokenizer, kept_path, build, funnel, progress)
+    splits, shards, doc_tokens = _second_pass(
+        config, tokenizer, kept_path, build, funnel, plan, progress
+    )
     kept_path.unlink()
     histogram = write_token_histogram(build / "token_lengths.png", doc_tokens, title=name)
     if config.split == "random" and config.val_fraction > 0 and splits["val"]["tokens"] == 0:
@@ -680,14 +685,17 @@ def _split_plan(config: PrepareConfig, n_docs: int) -> np.ndarray:
 
 
 def _pieces(
-    config: PrepareConfig, tokenizer: Tokenizer, kept_path: Path, total_chars: int, n_docs: int
+    config: PrepareConfig,
+    tokenizer: Tokenizer,
+    kept_path: Path,
+    total_chars: int,
+    plan: np.ndarray | None,
 ) -> Iterator[tuple[int, str, bool]]:
     """(split, text, continued) for every piece of every kept document, in order.
 
     --split tail cuts the character stream like nanoGPT: the first (1 - val - test) of all
     characters train, then val, then test; a document on a boundary is cut in two.
     """
-    plan = _split_plan(config, n_docs) if config.split == "random" else None
     held = config.val_fraction + config.test_fraction
     bounds = [int(total_chars * (1 - held)), int(total_chars * (1 - config.test_fraction))]
     pos = 0
@@ -718,6 +726,7 @@ def _second_pass(
     kept_path: Path,
     build: Path,
     funnel: Funnel,
+    plan: np.ndarray | None,
     progress: Progress | None,
 ) -> tuple[dict[str, dict[str, int]], list[ShardInfo], np.ndarray]:
     """Tokenize the kept documents into split shards; returns split counts, shards, doc lengths."""
@@ -758,7 +767,7 @@ def _second_pass(
         batch.clear()
         batch_chars = 0
 
-    for piece in _pieces(config, tokenizer, kept_path, total_chars, funnel.kept_docs):
+    for piece in _pieces(config, tokenizer, kept_path, total_chars, plan):
         batch.append(piece)
         batch_chars += len(piece[1])
         if batch_chars >= 4 * _BATCH_CHARS or len(batch) >= 2048:

@@ -72,7 +72,7 @@ class SourceTally:
         self.errors[reason] += 1
         if len(self.first_errors) < 10:
             self.first_errors.append(message)
-        log.warning("skipped %s", message)
+        log.info("skipped %s", message)
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,16 @@ def min_vocab_size(special_tokens: Sequence[str] = DEFAULT_SPECIALS) -> int:
     return 256 + len(_checked_specials(special_tokens))
 
 
+def check_vocab_size(vocab_size: int, special_tokens: Sequence[str] = DEFAULT_SPECIALS) -> None:
+    """Raise `LmforgeError` naming --vocab-size if it cannot hold the bytes and special tokens."""
+    minimum = min_vocab_size(special_tokens)
+    if vocab_size < minimum:
+        raise LmforgeError(
+            f"--vocab-size {vocab_size} is too small: a byte-level BPE needs at least {minimum} "
+            f"(256 bytes + {minimum - 256} special tokens)"
+        )
+
+
 def train_bpe(
     texts: Iterable[str],
     *,
@@ -79,12 +89,7 @@ def train_bpe(
     surrogates in TEXTS count as U+FFFD, as `Tokenizer.encode` reads them.
     """
     specials = _checked_specials(special_tokens)
-    minimum = 256 + len(specials)
-    if vocab_size < minimum:
-        raise LmforgeError(
-            f"--vocab-size {vocab_size} is too small: a byte-level BPE needs at least {minimum} "
-            f"(256 bytes + {len(specials)} special tokens)"
-        )
+    check_vocab_size(vocab_size, specials)
     if min_frequency < 1:
         raise LmforgeError(f"min_frequency must be at least 1, got {min_frequency}")
     backend = _byte_level(models.BPE())

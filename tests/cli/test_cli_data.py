@@ -1,0 +1,124 @@
+"""`lmforge data prepare | list | show` as a user runs them: subprocesses, exit codes, files."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import run_env
+
+LMFORGE = [sys.executable, "-m", "lmforge.cli.main"]
+
+_RNG = random.Random(0)
+_WORD_LIST = """the fox dog river stone night bright quick lazy jumps over under near far old new"""
+_WORDS = _WORD_LIST.split()
+TEXT = "".join(
+    " ".join(_RNG.choice(_WORDS) for _ in range(_RNG.randint(6, 14))).capitalize() + ".\n\n"
+    for _ in range(400)
+)
+
+
+def lmforge(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*LMFORGE, *args],
+        capture_output=True,
+        text=True,
+        env=run_env(home),
+        timeout=300,
+        check=False,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def nothing_written(home: Path) -> bool:
+    datasets = home / "datasets"
+    return not datasets.exists() or not any(datasets.iterdir())
+
+
+def test_prepare_list_show_and_rerun(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    src = tmp_path / "input.txt"
+    src.write_text(TEXT, encoding="utf-8")
+    args = ("data", "prepare", str(src), "--name", "fox", "--tokenizer", "char", "--split", "tail")
+    proc = lmforge(*args, home=home)
+    assert proc.returncode == 0, proc.stderr
+    assert "data set fox: 1 documents kept of 1" in " ".join(proc.stdout.split())
+    n = len(TEXT)
+    manifest = json.loads((home / "datasets" / "fox" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["tokens"] == int(n * 0.9)
+    assert manifest["splits"]["val"]["tokens"] == n - int(n * 0.9)
+    assert (home / "datasets" / "fox" / "token_lengths.png").read_bytes()[:4] == b"\x89PNG"
+
+    again = lmforge(*args, home=home)
+    assert again.returncode == 0 and "up to date" in again.stdout
+
+    listed = lmforge("data", "list", "--json", home=home)
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [(r["name"], r["tokens"], r["tokenizer"]) for r in rows] == [("fox", n, "char")]
+
+    shown = lmforge("data", "show", "fox", home=home)
+    assert shown.returncode == 0, shown.stderr
+    for needle in ("funnel", "near_dedup", "splits", "token_lengths.png", "PII (scrub"):
+        assert needle in shown.stdout
+    as_json = json.loads(lmforge("data", "show", "fox", "--json", home=home).stdout)
+    assert as_json["content_key"] == manifest["content_key"]
+
+
+def test_help_has_examples() -> None:
+    for command in (("data", "prepare"), ("data", "list"), ("data", "show")):
+        proc = lmforge(*command, "--help", home=Path("/nonexistent"))
+        assert proc.returncode == 0 and "Examples" in proc.stdout, command
+
+
+def test_bad_inputs_are_one_line_and_write_nothing(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    good = tmp_path / "good.txt"
+    good.write_text(TEXT, encoding="utf-8")
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text(
+        '{"text": "a fine document with enough text"}\n{"text": oops}\n'
+        '{"text": "another document, long enough to keep"}\n',
+        "utf-8",
+    )
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(b"caf\xe9 " * 50)
+    table = tmp_path / "t.csv"
+    table.write_text("id,body\n1,hello there general kenobi\n", encoding="utf-8")
+    short = tmp_path / "short.jsonl"
+    short.write_text('{"text": "tiny"}\n', encoding="utf-8")
+    cases = [
+        ((str(tmp_path / "missing.txt"),), ("missing.txt", "no such file")),
+        ((str(bad_json),), ("bad.jsonl:2", "malformed JSON")),
+        ((str(latin),), ("latin.txt", "not valid UTF-8 at byte 3")),
+        ((str(table),), ("t.csv", "no column 'text'", "id, body")),
+        ((str(short),), ("no documents left after filtering",)),
+        ((str(good), "--vocab-size", "100"), ("--vocab-size 100 is too small",)),
+        ((str(good), "--val-fraction", "2"), ("--val-fraction",)),
+        ((str(good), "--tokenizer", "no-such-model"), ("--tokenizer 'no-such-model'",)),
+    ]
+    for extra, needles in cases:
+        proc = lmforge("data", "prepare", *extra, "--name", "x", home=home)
+        assert_one_line_error(proc, *needles)
+        assert nothing_written(home), extra
+    skipped = lmforge(
+        "data", "prepare", str(bad_json), "--name", "x", "--on-error", "skip", "-q", home=home
+    )
+    assert skipped.returncode == 0, skipped.stderr
+    assert "skipped 1 bad record (malformed_json 1)" in " ".join(skipped.stdout.split())
+    proc = lmforge("data", "prepare", str(good), "--name", "Bad/Name", home=home)
+    assert_one_line_error(proc, "invalid data set name")
+    assert_one_line_error(
+        lmforge("data", "show", "nope", home=home), "no data set 'nope'", "known: x"
+    )
