@@ -88,7 +88,13 @@ class CorpusWriter:
         self.vocab = np.array(_vocabulary(self.rng))
         ranks = np.arange(1, len(self.vocab) + 1)
         self.p = (1 / ranks**1.1) / (1 / ranks**1.1).sum()
-        self.cjk = np.array([chr(c) for c in range(0x4E00, 0x4E00 + 3000)])
+        # Chinese: 20k "words" of 1-4 characters over 4000 Zipf-distributed characters, themselves
+        # drawn with Zipf frequencies, like real text (the common characters and words repeat).
+        chars = np.array([chr(c) for c in range(0x4E00, 0x4E00 + 4000)])
+        char_p = 1 / np.arange(1, 4001)
+        char_p /= char_p.sum()
+        sizes = self.rng.choice([1, 2, 3, 4], size=20_000, p=[0.3, 0.55, 0.1, 0.05])
+        self.cjk = np.array(["".join(self.rng.choice(chars, size=k, p=char_p)) for k in sizes])
         self.kept: list[str] = []  # recent documents, to plant duplicates of
 
     def prose(self, n_words: int) -> str:
@@ -107,11 +113,13 @@ class CorpusWriter:
         return "\n\n".join(paragraphs)
 
     def chinese(self, n_chars: int) -> str:
-        chars = self.rng.choice(self.cjk, size=n_chars)
+        words = self.rng.choice(
+            self.cjk, size=n_chars // 2, p=self.p[: len(self.cjk)] / self.p[: len(self.cjk)].sum()
+        )
         parts, i = [], 0
-        while i < n_chars:
-            k = int(self.rng.integers(8, 30))
-            parts.append("".join(chars[i : i + k]) + "。")
+        while i < len(words):
+            k = int(self.rng.integers(4, 15))
+            parts.append("".join(words[i : i + k]) + self.rng.choice(["，", "。", "。", "；"]))
             i += k
         return "".join(parts)
 
@@ -156,7 +164,7 @@ def make_corpus(mb: int, seed: int = 0) -> tuple[Path, int]:
     """Generate (once) a corpus of MB megabytes of text; return its folder and text bytes."""
     import zstandard
 
-    folder = RESULTS / f"corpus-{mb}mb-seed{seed}"
+    folder = RESULTS / f"corpus-v2-{mb}mb-seed{seed}"
     done = folder / "DONE"
     if done.is_file():
         return folder, int(done.read_text())

@@ -271,7 +271,7 @@ def test_failure_midway_leaves_nothing(tmp_path: Path) -> None:
 
 def test_kill_9_leaves_no_data_set_and_the_next_run_cleans_up(tmp_path: Path) -> None:
     rng = random.Random(10)
-    src = write_jsonl(tmp_path / "k.jsonl", [{"text": prose(rng, 20)} for _ in range(20000)])
+    src = write_jsonl(tmp_path / "k.jsonl", [{"text": prose(rng, 20)} for _ in range(6000)])
     home = tmp_path / "home"
     script = textwrap.dedent(
         f"""
@@ -283,9 +283,10 @@ def test_kill_9_leaves_no_data_set_and_the_next_run_cleans_up(tmp_path: Path) ->
     )
     proc = subprocess.Popen([sys.executable, "-c", script], env=run_env(home))
     deadline = time.monotonic() + 60
-    while not list((home / "datasets").glob(".k.*.tmp")) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)
+    while (
+        not list((home / "datasets").glob(".k.*.tmp/_kept.jsonl")) and time.monotonic() < deadline
+    ):
+        time.sleep(0.02)  # killed while the first pass writes
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (home / "datasets" / "k").exists()

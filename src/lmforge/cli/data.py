@@ -119,6 +119,9 @@ def prepare_command(
     vocab_size: Annotated[
         int, typer.Option(help="BPE vocabulary size incl. special tokens.")
     ] = 8192,
+    tokenizer_sample_mb: Annotated[
+        int, typer.Option(help="Train the BPE on at most this many MB of text (a sample).")
+    ] = 100,
     dedup: Annotated[
         str, typer.Option(help="none, exact, or minhash (exact + near duplicates).")
     ] = "minhash",
@@ -165,6 +168,7 @@ def prepare_command(
         sources=tuple(sources),
         tokenizer=_tokenizer_source(tokenizer),
         vocab_size=vocab_size,
+        tokenizer_sample_mb=tokenizer_sample_mb,
         dedup=dedup,  # type: ignore[arg-type]
         minhash_threshold=minhash_threshold,
         pii=pii,  # type: ignore[arg-type]

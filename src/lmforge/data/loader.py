@@ -37,7 +37,7 @@ class TokenSplit:
 
     @classmethod
     def open(cls, directory: str | Path, split: str = "train") -> TokenSplit:
-        d = Path(directory)
+        d = Path(directory).expanduser()
         manifest = read_manifest(d)
         dtype = np.dtype(manifest["dtype"])
         infos = shard_infos(manifest, split)

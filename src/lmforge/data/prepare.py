@@ -86,6 +86,7 @@ class PrepareConfig:
     sources: tuple[str, ...]
     tokenizer: str = "bpe"  # bpe | char | byte | a directory with tokenizer.json
     vocab_size: int = 8192  # for bpe
+    tokenizer_sample_mb: int = 100  # bpe trains on about this much of the kept text at most
     dedup: Literal["none", "exact", "minhash"] = "minhash"
     minhash_threshold: float = 0.8
     pii: Literal["scrub", "drop", "keep"] = "scrub"
@@ -123,6 +124,10 @@ class PrepareConfig:
             raise LmforgeError("--val-fraction + --test-fraction must leave some training data")
         if self.tokenizer == "bpe":
             check_vocab_size(self.vocab_size)
+        if self.tokenizer_sample_mb < 1:
+            raise LmforgeError(
+                f"--tokenizer-sample-mb must be at least 1, not {self.tokenizer_sample_mb}"
+            )
         if self.workers < 0:
             raise LmforgeError(f"--workers must be 0 (one per core) or more, not {self.workers}")
         if self.shard_tokens < 1024:
@@ -148,6 +153,7 @@ class PrepareConfig:
             options["tokenizer"] = "path"
         if self.tokenizer != "bpe":
             options.pop("vocab_size")
+            options.pop("tokenizer_sample_mb")
         if self.dedup != "minhash":
             options.pop("minhash_threshold")
         if self.split == "tail":
@@ -455,7 +461,7 @@ def _build(
         raise LmforgeError(_nothing_left(funnel, tally))
     plan = _split_plan(config, funnel.kept_docs) if config.split == "random" else None
 
-    tokenizer = given or _train_tokenizer(config, kept_path, funnel.kept_docs, progress)
+    tokenizer = given or _train_tokenizer(config, kept_path, funnel, progress)
     tokenizer.save(build)
     if progress:
         progress.stage("tokenize", funnel.kept_chars)  # counted in characters
@@ -651,16 +657,21 @@ def _training_text(record: dict[str, Any]) -> str:
 
 
 def _train_tokenizer(
-    config: PrepareConfig, kept_path: Path, n_docs: int, progress: Progress | None
+    config: PrepareConfig, kept_path: Path, funnel: Funnel, progress: Progress | None
 ) -> Tokenizer:
     if progress:
         progress.stage(f"train {config.tokenizer} tokenizer", None)
-    texts = (_training_text(r) for r in _kept_records(kept_path))
-    if config.tokenizer == "bpe":
-        return train_bpe(texts, vocab_size=config.vocab_size, length=n_docs)
-    if config.tokenizer == "char":
-        return train_char(texts)
-    return byte_tokenizer()
+    if config.tokenizer == "char":  # every character must be seen
+        return train_char(_training_text(r) for r in _kept_records(kept_path))
+    if config.tokenizer == "byte":
+        return byte_tokenizer()
+    # BPE learns from every k-th document, k chosen so that at most --tokenizer-sample-mb of
+    # text is read: training time and memory grow with the text, merges hardly after ~100 MB.
+    stride = max(1, -(-funnel.kept_chars // (config.tokenizer_sample_mb * 1_000_000)))
+    texts = (_training_text(r) for i, r in enumerate(_kept_records(kept_path)) if i % stride == 0)
+    if stride > 1:
+        log.info("training the BPE on every %d-th document", stride)
+    return train_bpe(texts, vocab_size=config.vocab_size, length=-(-funnel.kept_docs // stride))
 
 
 def _split_plan(config: PrepareConfig, n_docs: int) -> np.ndarray:
