@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -250,6 +251,7 @@ def run_prepare(corpus: Path, text_bytes: int, workers: int) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"prepare failed ({proc.returncode}): {stderr.strip()[-2000:]}")
     manifest = json.loads((home / "datasets" / "bench" / "manifest.json").read_text())
+    shutil.rmtree(home)
     return {
         "seconds": seconds,
         "mb_per_s": text_bytes / 1e6 / seconds,
@@ -260,7 +262,6 @@ def run_prepare(corpus: Path, text_bytes: int, workers: int) -> dict:
         "pii": manifest["pii"]["found"],
         "tokens": sum(s["tokens"] for s in manifest["splits"].values()),
         "stdout": stdout.strip(),
-        "home": str(home),
     }
 
 

@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 from conftest import run_env
 
 LMFORGE = [sys.executable, "-m", "lmforge.cli.main"]
@@ -122,3 +125,74 @@ def test_bad_inputs_are_one_line_and_write_nothing(tmp_path: Path) -> None:
     assert_one_line_error(
         lmforge("data", "show", "nope", home=home), "no data set 'nope'", "known: x"
     )
+
+
+@pytest.mark.builtin
+def test_the_built_in_models_tokenizer_can_be_used(builtin_home: Path, tmp_path: Path) -> None:
+    from lmforge.resolve import builtin_dir
+    from lmforge.tokenizer import Tokenizer
+
+    src = tmp_path / "chats.jsonl"
+    rng = random.Random(1)
+    syllables = ["ka", "lo", "mi", "ten", "ros", "ula", "vin", "der", "sa"]
+    words = [a + b for a in syllables for b in syllables]
+    chats = [
+        {"messages": [{"role": "user", "content": " ".join(rng.sample(words, 20)) + "?"}]}
+        for _ in range(30)
+    ]
+    src.write_text("".join(json.dumps(c) + "\n" for c in chats), encoding="utf-8")
+    proc = lmforge(
+        "data",
+        "prepare",
+        str(src),
+        "--name",
+        "chats",
+        "--tokenizer",
+        "smollm2-135m-instruct",
+        "--val-fraction",
+        "0",
+        "--dedup",
+        "none",
+        home=builtin_home,
+    )
+    assert proc.returncode == 0, proc.stderr
+    dataset = builtin_home / "datasets" / "chats"
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    assert manifest["tokenizer"]["vocab_size"] == 49152 and manifest["tokenizer"]["kind"] == "given"
+    assert manifest["removed"] == {}
+    reference = Tokenizer.load(builtin_dir("smollm2-135m-instruct", home=builtin_home))
+    want: list[int] = []
+    for chat in chats:
+        want += [*reference.encode_chat(chat["messages"], add_generation_prompt=False)]
+        want.append(reference.eos_id)
+    got = np.fromfile(dataset / "train_000.bin", dtype=np.uint16).tolist()
+    assert got == want
+
+
+SHAKESPEARE = Path(__file__).resolve().parents[2].parent / "shared/data/tinyshakespeare/input.txt"
+
+
+@pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="../shared/data is not here")
+def test_tinyshakespeare_char_matches_nanogpt(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    proc = lmforge(
+        "data",
+        "prepare",
+        str(SHAKESPEARE),
+        "--name",
+        "shakespeare-char",
+        "--tokenizer",
+        "char",
+        "--split",
+        "tail",
+        "--val-fraction",
+        "0.1",
+        home=home,
+    )
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((home / "datasets/shakespeare-char/manifest.json").read_text())
+    # nanoGPT data/shakespeare_char/prepare.py prints: vocab size 65, train has 1,003,854
+    # tokens, val has 111,540 tokens.
+    assert manifest["tokenizer"]["vocab_size"] == 65
+    assert manifest["splits"]["train"]["tokens"] == 1_003_854
+    assert manifest["splits"]["val"]["tokens"] == 111_540

@@ -15,7 +15,6 @@ from lmforge.data.clean import (
     FILTER_NAMES,
     LINE_RULE_NAMES,
     FilterResult,
-    FilterStats,
     QualityConfig,
     QualityFilter,
     ngram_tokens,
@@ -642,49 +641,6 @@ def test_config_is_frozen_and_defaults_are_documented() -> None:
     assert config.min_chars == 20
     assert config.max_dup_line_fraction == 0.30
     assert dict(config.dup_ngram_max_fractions)[10] == 0.10
-
-
-# --------------------------------------------------------------------------------------------
-# statistics
-# --------------------------------------------------------------------------------------------
-
-
-def _record_all(texts: list[str]) -> FilterStats:
-    stats = FilterStats()
-    for text in texts:
-        stats.record(QUALITY.apply(normalize(text)))
-    return stats
-
-
-def test_stats_record_merge_and_round_trip() -> None:
-    docs_a = [CLEAN_EN, "Too short.", "Lorem ipsum dolor sit amet, consectetur adipiscing."]
-    docs_b = [
-        CLEAN_EN + "We use cookies on this site.\n",
-        "Tiny.",
-        ZH_ARTICLE,
-        "Privacy Policy\n",
-    ]
-    a, b = _record_all(docs_a), _record_all(docs_b)
-    # A round trip through pickle, as multiprocessing does with a worker's stats.
-    total = pickle.loads(pickle.dumps(a)).merge(b)  # noqa: S301
-    assert total == _record_all(docs_a + docs_b)
-    assert total.docs_in == 7
-    assert total.docs_kept == 3
-    assert total.docs_removed == {"min_chars": 2, "lorem_ipsum": 1, "empty": 1}
-    assert total.lines_removed == {"boilerplate_lines": 2}
-    assert total.chars_in == sum(len(d) for d in docs_a + docs_b)
-    assert total.chars_in == total.chars_kept + sum(total.chars_removed.values())
-    assert total.chars_removed["min_chars"] == len("Too short.") + len("Tiny.")
-    as_dict = total.to_dict()
-    order = ["boilerplate_lines", "empty", "lorem_ipsum", "min_chars"]
-    assert list(as_dict["chars_removed"]) == order
-    assert FilterStats.from_dict(as_dict) == total
-    assert total.top_reasons(2) == [
-        ("lorem_ipsum", 1, len(docs_a[2])),
-        ("boilerplate_lines", 0, total.chars_removed["boilerplate_lines"]),
-    ]
-    with pytest.raises(LmforgeError, match="unknown"):
-        FilterStats.from_dict({"docs": 1})
 
 
 def test_filter_and_results_pickle() -> None:

@@ -146,6 +146,7 @@ def prepare_command(
         str, typer.Option(help="fail on a bad record, or skip (and count) it.")
     ] = "fail",
     workers: Annotated[int, typer.Option(help="Worker processes (0: one per core).")] = 0,
+    shard_tokens: Annotated[int, typer.Option(help="Tokens per shard file at most.")] = 100_000_000,
     save_removed: Annotated[
         bool, typer.Option("--save-removed", help="Keep removed documents in removed.jsonl.gz.")
     ] = False,
@@ -180,6 +181,7 @@ def prepare_command(
         min_chars=min_chars,
         on_error=on_error,  # type: ignore[arg-type]
         workers=workers,
+        shard_tokens=shard_tokens,
         save_removed=save_removed,
     )
     target = datasets_dir() / name

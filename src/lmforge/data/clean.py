@@ -7,8 +7,8 @@ This file owns what happens to a single document between reading and deduplicati
   no collapsing of blank lines — so already-clean corpora such as tinyshakespeare round-trip.
 * `QualityFilter(QualityConfig()).apply(text)` removes boilerplate lines (C4) and then either
   keeps the document or drops it, naming the first rule that failed (Gopher and C4 rules).
-* `FilterStats` counts, per rule, the documents, characters and lines removed; worker processes
-  each keep one and the orchestrator sums them with `merge` for the manifest.
+* Each `FilterResult` says which rule dropped the document and how many lines each line rule
+  removed; `prepare` sums them into the data set's manifest.
 
 PII scrubbing and deduplication live elsewhere. Everything here is stdlib-only and picklable.
 
@@ -24,8 +24,8 @@ so the word and n-gram rules also work for Chinese and Japanese, which have no s
 The file is long because every threshold is documented on its config field; the rules
 themselves are one flat function, `QualityFilter._first_failure`, in the order of FILTER_NAMES.
 
-Typical use, per document in a worker: `result = quality.apply(normalize(raw))`, then
-`stats.record(result)`; `tests/data/test_clean.py` shows every rule firing and not firing.
+Typical use, per document in a worker: `result = quality.apply(normalize(raw))`;
+`tests/data/test_clean.py` shows every rule firing and not firing.
 """
 
 from __future__ import annotations
@@ -35,11 +35,10 @@ import logging
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import dataclass
 from itertools import accumulate, compress, repeat
 from operator import mul
-from typing import Any
 
 from lmforge.errors import LmforgeError
 
@@ -422,96 +421,6 @@ class FilterResult:
     @property
     def kept(self) -> bool:
         return self.text is not None
-
-
-@dataclass
-class FilterStats:
-    """Running totals of `FilterResult`s; `merge` sums the stats of several workers.
-
-    Invariant: `chars_in == chars_kept + sum(chars_removed.values())`.
-    """
-
-    docs_in: int = 0
-    docs_kept: int = 0
-    chars_in: int = 0
-    chars_kept: int = 0
-    docs_removed: dict[str, int] = field(default_factory=dict)
-    """Documents dropped, per rule name."""
-    chars_removed: dict[str, int] = field(default_factory=dict)
-    """Characters removed, per rule name (line rules and document rules)."""
-    lines_removed: dict[str, int] = field(default_factory=dict)
-    """Lines removed, per line rule name."""
-
-    def record(self, result: FilterResult) -> None:
-        """Add one document's result."""
-        self.docs_in += 1
-        self.chars_in += result.chars_in
-        if result.text is not None:
-            self.docs_kept += 1
-            self.chars_kept += len(result.text)
-        if result.reason is not None:
-            self.docs_removed[result.reason] = self.docs_removed.get(result.reason, 0) + 1
-        _add_counts(self.chars_removed, result.chars_removed)
-        _add_counts(self.lines_removed, result.lines_removed)
-
-    def merge(self, other: FilterStats) -> FilterStats:
-        """Add `other`'s totals into these; returns self."""
-        self.docs_in += other.docs_in
-        self.docs_kept += other.docs_kept
-        self.chars_in += other.chars_in
-        self.chars_kept += other.chars_kept
-        _add_counts(self.docs_removed, other.docs_removed)
-        _add_counts(self.chars_removed, other.chars_removed)
-        _add_counts(self.lines_removed, other.lines_removed)
-        return self
-
-    def top_reasons(self, k: int = 5) -> list[tuple[str, int, int]]:
-        """The `k` rules that removed the most characters: (name, documents, characters)."""
-        ranked = sorted(
-            self.chars_removed.items(),
-            key=lambda item: (-item[1], -self.docs_removed.get(item[0], 0), item[0]),
-        )
-        return [(name, self.docs_removed.get(name, 0), chars) for name, chars in ranked[:k]]
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready; rule names in evaluation order (line rules first)."""
-        return {
-            "docs_in": self.docs_in,
-            "docs_kept": self.docs_kept,
-            "chars_in": self.chars_in,
-            "chars_kept": self.chars_kept,
-            "docs_removed": _ordered(self.docs_removed),
-            "chars_removed": _ordered(self.chars_removed),
-            "lines_removed": _ordered(self.lines_removed),
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> FilterStats:
-        """The inverse of `to_dict`."""
-        names = {f.name for f in fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise LmforgeError(f"unknown filter stats keys: {', '.join(sorted(unknown))}")
-        stats = cls()
-        for name in ("docs_in", "docs_kept", "chars_in", "chars_kept"):
-            setattr(stats, name, int(data.get(name, 0)))
-        for name in ("docs_removed", "chars_removed", "lines_removed"):
-            setattr(stats, name, {str(k): int(v) for k, v in data.get(name, {}).items()})
-        return stats
-
-
-def _add_counts(into: dict[str, int], counts: Mapping[str, int]) -> None:
-    for name, n in counts.items():
-        into[name] = into.get(name, 0) + n
-
-
-_RULE_ORDER = {name: i for i, name in enumerate((*LINE_RULE_NAMES, *FILTER_NAMES))}
-
-
-def _ordered(counts: Mapping[str, int]) -> dict[str, int]:
-    return dict(
-        sorted(counts.items(), key=lambda item: (_RULE_ORDER.get(item[0], 1 << 30), item[0]))
-    )
 
 
 # --------------------------------------------------------------------------------------------
