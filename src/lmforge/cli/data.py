@@ -16,7 +16,6 @@ from rich.progress import (
     Task,
     TextColumn,
     TimeElapsedColumn,
-    TransferSpeedColumn,
 )
 from rich.table import Table
 from rich.text import Text
@@ -48,32 +47,42 @@ PREPARE_EXAMPLES = """[bold]Examples[/bold]
 """
 
 
-class _DocsPerSecond(ProgressColumn):
+class _Rates(ProgressColumn):
+    """Documents so far, documents/s and MB/s of text (not of compressed input)."""
+
     def render(self, task: Task) -> Text:
-        docs = task.fields.get("docs", 0)
         elapsed = task.elapsed or 0
-        rate = docs / elapsed if elapsed > 0 else 0
-        return Text(f"{docs:,} docs {rate:,.0f} docs/s", style="cyan")
+        docs, text = task.fields.get("docs", 0), task.fields.get("text", 0)
+        if not docs or elapsed <= 0:
+            return Text("")
+        return Text(
+            f"{docs:,} docs  {docs / elapsed:,.0f} docs/s  {text / elapsed / 1e6:.1f} MB/s",
+            style="cyan",
+        )
 
 
 class _RichProgress:
-    """`lmforge.data.prepare.Progress` drawn as rich progress bars on stderr."""
+    """`lmforge.data.funnel.Progress` drawn as rich progress bars on stderr."""
 
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
         self.task: Any = None
 
-    def stage(self, name: str, total_bytes: int | None) -> None:
-        if self.task is not None:
-            task = self.progress.tasks[-1]
-            self.progress.update(
-                self.task, total=task.completed or 1, completed=task.completed or 1
-            )
-        self.task = self.progress.add_task(name, total=total_bytes, docs=0)
+    def stage(self, name: str, total: int | None) -> None:
+        if self.task is not None:  # the previous stage is complete
+            done = self.progress.tasks[-1].completed or 1
+            self.progress.update(self.task, total=done, completed=done)
+            self.progress.stop_task(self.task)  # its rates and time stop here
+        self.task = self.progress.add_task(name, total=total, docs=0, text=0)
 
-    def advance(self, documents: int, nbytes: int) -> None:
-        docs = self.progress.tasks[-1].fields.get("docs", 0) + documents
-        self.progress.update(self.task, advance=nbytes, docs=docs)
+    def advance(self, documents: int, done: int, text_bytes: int) -> None:
+        fields = self.progress.tasks[-1].fields
+        self.progress.update(
+            self.task,
+            advance=done,
+            docs=fields["docs"] + documents,
+            text=fields["text"] + text_bytes,
+        )
 
 
 def _tokenizer_source(spec: str) -> str:
@@ -186,10 +195,9 @@ def prepare_command(
     )
     target = datasets_dir() / name
     columns = (
-        TextColumn("[bold]{task.description:<22}"),
+        TextColumn("[bold]{task.description:<20}"),
         BarColumn(),
-        TransferSpeedColumn(),
-        _DocsPerSecond(),
+        _Rates(),
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=err, disable=quiet or not err.is_terminal) as bar:

@@ -36,9 +36,11 @@ _BATCH_DOCS = 512
 class Progress(Protocol):
     """What `prepare` reports while it works (the CLI draws it as a progress bar)."""
 
-    def stage(self, name: str, total_bytes: int | None) -> None: ...
+    def stage(self, name: str, total: int | None) -> None:
+        """A new stage begins; TOTAL is what its `advance` calls add up to (None: unknown)."""
 
-    def advance(self, documents: int, nbytes: int) -> None: ...
+    def advance(self, documents: int, done: int, text_bytes: int) -> None:
+        """DOCUMENTS more handled; DONE more units of the total; TEXT_BYTES more text (MB/s)."""
 
 
 # -- per-document work (runs in worker processes) --------------------------------------------
@@ -237,7 +239,7 @@ def filter_documents(
 ) -> None:
     exact = ExactIndex() if config.dedup != "none" else None
     near = NearDuplicateIndex(config.minhash_params()) if config.dedup == "minhash" else None
-    seen_bytes = 0
+    seen_bytes = text = 0
     for batch, results in _processed_batches(config, files, tally):
         for doc, res in zip(batch, results, strict=True):
             funnel.read_per_source[doc.origin] += 1
@@ -272,9 +274,9 @@ def filter_documents(
             if res.messages is not None:
                 record["m"] = res.messages
             kept.write(json.dumps(record, ensure_ascii=False) + "\n")
-        if progress:
-            progress.advance(len(batch), tally.bytes_read - seen_bytes)
-            seen_bytes = tally.bytes_read
+        if progress:  # the total is the sources' size on disk (compressed or not)
+            progress.advance(len(batch), tally.bytes_read - seen_bytes, funnel.read_bytes - text)
+            seen_bytes, text = tally.bytes_read, funnel.read_bytes
 
 
 def nothing_left(funnel: Funnel, tally: SourceTally) -> str:

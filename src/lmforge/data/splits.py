@@ -157,7 +157,8 @@ def write_splits(
             current += len(ids)
             pending_eos = split
         if progress:
-            progress.advance(len(batch), sum(len(t) for _, t, _ in batch))
+            chars = sum(len(t) for _, t, _ in batch)  # the total is in characters
+            progress.advance(len(batch), chars, chars)
         batch.clear()
         batch_chars = 0
 
