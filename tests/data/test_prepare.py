@@ -338,3 +338,26 @@ def test_loader_reads_a_prepared_data_set(tmp_path: Path) -> None:
         piece = tok.decode(row_x)
         assert piece in text and tok.decode(row_y)[:-1] == piece[1:]
     assert np.asarray(split.shards[0]).dtype == np.uint16
+
+
+def test_tail_split_with_a_test_fraction_cuts_the_character_stream_in_three(tmp_path: Path) -> None:
+    rng = random.Random(13)
+    parts = [play(rng, 300) for _ in range(3)]
+    for i, part in enumerate(parts):
+        (tmp_path / f"{i}.txt").write_text(part, encoding="utf-8")
+    files = [tmp_path / f"{i}.txt" for i in range(3)]
+    result = run(
+        tmp_path, *files, tokenizer="char", split="tail", val_fraction=0.1, test_fraction=0.2
+    )
+    text = "".join(parts)  # no separator: the char tokenizer has no EOS
+    n = len(text)
+    a, b = int(n * (1 - 0.3)), int(n * (1 - 0.2))
+    tok = Tokenizer.load(result.path)
+    assert tok.decode(split_ids(result.path, "train")) == text[:a]
+    assert tok.decode(split_ids(result.path, "val")) == text[a:b]
+    assert tok.decode(split_ids(result.path, "test")) == text[b:]
+    assert [result.manifest["splits"][s]["chars"] for s in ("train", "val", "test")] == [
+        a,
+        b - a,
+        n - b,
+    ]
