@@ -361,3 +361,24 @@ def test_tail_split_with_a_test_fraction_cuts_the_character_stream_in_three(tmp_
         b - a,
         n - b,
     ]
+
+
+def test_bpe_learns_nothing_from_held_out_text(tmp_path: Path) -> None:
+    rng = random.Random(14)
+    greek = "αβγδεζηθικλμνξοπρστυφχψω"
+    words = ["".join(rng.choice(greek) for _ in range(rng.randint(3, 8))) for _ in range(40)]
+    held_out = " ".join(rng.choice(words) for _ in range(150)) + "."
+    english = [prose(rng, 12) for _ in range(30)]
+    src = write_jsonl(tmp_path / "g.jsonl", [{"text": d} for d in [*english, held_out]])
+    assert len(held_out) < 0.1 * sum(len(d) for d in [*english, held_out])
+    result = run(tmp_path, src, tokenizer="bpe", vocab_size=600, split="tail", val_fraction=0.1)
+    tok = Tokenizer.load(result.path)
+    # Never trained on Greek: no merges for it, one token per UTF-8 byte.
+    assert len(tok.encode(held_out)) == len(held_out.encode("utf-8"))
+    trained_on_it = run(
+        tmp_path, src, name="all", tokenizer="bpe", vocab_size=600, split="tail", val_fraction=0.0
+    )
+    assert (
+        len(Tokenizer.load(trained_on_it.path).encode(held_out))
+        < len(held_out.encode("utf-8")) // 2
+    )

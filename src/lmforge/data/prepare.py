@@ -309,7 +309,7 @@ def _build(
         raise LmforgeError(nothing_left(funnel, tally))
     plan = split_plan(config, funnel.kept_docs) if config.split == "random" else None
 
-    tokenizer = given or train_tokenizer(config, kept_path, funnel, progress)
+    tokenizer = given or train_tokenizer(config, kept_path, funnel, plan, progress)
     tokenizer.save(build)
     if progress:
         progress.stage("tokenize", funnel.kept_chars)  # counted in characters

@@ -40,21 +40,43 @@ def _training_text(record: dict[str, Any]) -> str:
 
 
 def train_tokenizer(
-    config: PrepareConfig, kept_path: Path, funnel: Funnel, progress: Progress | None
+    config: PrepareConfig,
+    kept_path: Path,
+    funnel: Funnel,
+    plan: np.ndarray | None,
+    progress: Progress | None,
 ) -> Tokenizer:
+    """The tokenizer --tokenizer names, trained on the kept documents where it learns anything.
+
+    BPE learns from the training split only (held-out text must not shape the vocabulary), and
+    from every k-th of its documents, k chosen so that at most --tokenizer-sample-mb of text is
+    read: training time and memory grow with the text, the merges hardly change past ~100 MB.
+    The char vocabulary is built from every document, so that held-out text encodes too.
+    """
     if progress:
         progress.stage(f"train {config.tokenizer} tokenizer", None)
-    if config.tokenizer == "char":  # every character must be seen
+    if config.tokenizer == "char":
         return train_char(_training_text(r) for r in kept_records(kept_path))
     if config.tokenizer == "byte":
         return byte_tokenizer()
-    # BPE learns from every k-th document, k chosen so that at most --tokenizer-sample-mb of
-    # text is read: training time and memory grow with the text, merges hardly after ~100 MB.
-    stride = max(1, -(-funnel.kept_chars // (config.tokenizer_sample_mb * 1_000_000)))
-    texts = (_training_text(r) for i, r in enumerate(kept_records(kept_path)) if i % stride == 0)
+    train_share = 1 - config.val_fraction - config.test_fraction
+    train_chars = funnel.kept_chars * train_share
+    stride = max(1, int(-(-train_chars // (config.tokenizer_sample_mb * 1_000_000))))
     if stride > 1:
-        log.info("training the BPE on every %d-th document", stride)
-    return train_bpe(texts, vocab_size=config.vocab_size, length=-(-funnel.kept_docs // stride))
+        log.info("training the BPE on every %d-th training document", stride)
+
+    def texts() -> Iterator[str]:
+        pos, bound, seen = 0, int(funnel.kept_chars * train_share), 0
+        for i, record in enumerate(kept_records(kept_path)):
+            in_train = plan[i] == 0 if plan is not None else pos < bound
+            pos += len(record["t"])
+            if in_train:
+                if seen % stride == 0:
+                    yield _training_text(record)
+                seen += 1
+
+    length = int(funnel.kept_docs * train_share) // stride + 1
+    return train_bpe(texts(), vocab_size=config.vocab_size, length=length)
 
 
 def split_plan(config: PrepareConfig, n_docs: int) -> np.ndarray:
