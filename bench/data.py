@@ -261,6 +261,7 @@ def run_prepare(corpus: Path, text_bytes: int, workers: int) -> dict:
         "removed": manifest["removed"],
         "pii": manifest["pii"]["found"],
         "tokens": sum(s["tokens"] for s in manifest["splits"].values()),
+        "stage_seconds": manifest["timing"]["stages"],
         "stdout": stdout.strip(),
     }
 
@@ -350,6 +351,8 @@ def main() -> None:
             f"{p['seconds']:.1f} s, {p['mb_per_s']:.2f} MB/s, peak RSS {p['peak_rss_mb']:.0f} MB "
             f"(limit 1536 MB: {verdict}), {p['tokens']:,} tokens"
         )
+        stages = ", ".join(f"{k} {v:.1f} s" for k, v in p["stage_seconds"].items())
+        print(f"  stages: {stages}")
         kept = p["funnel"][-1]["documents"]
         print(
             f"  documents: {p['funnel'][0]['documents']:,} read → {kept:,} kept; "

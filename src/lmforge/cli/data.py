@@ -412,7 +412,8 @@ def show_command(
         if png.is_file():
             out.print(f"histogram: {escape(str(png))}")
     timing = manifest["timing"]
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in timing.get("stages", {}).items())
     out.print(
-        f"prepared in {timing['seconds']:.1f} s ({timing['mb_per_s']:.1f} MB/s, "
-        f"{timing['workers']} workers)"
+        f"prepared in {timing['seconds']:.1f} s ({timing['mb_per_s']:.1f} MB/s of text, "
+        f"{timing['workers']} workers; {stages})"
     )

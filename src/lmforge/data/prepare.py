@@ -294,6 +294,7 @@ def _build(
         if config.save_removed
         else None
     )
+    started = time.perf_counter()
     try:
         with open(kept_path, "w", encoding="utf-8") as kept:
             if progress:
@@ -308,18 +309,22 @@ def _build(
     if funnel.kept_docs == 0:
         raise LmforgeError(nothing_left(funnel, tally))
     plan = split_plan(config, funnel.kept_docs) if config.split == "random" else None
-
+    filtered = time.perf_counter()
     tokenizer = given or train_tokenizer(config, kept_path, funnel, plan, progress)
     tokenizer.save(build)
+    trained = time.perf_counter()
     if progress:
         progress.stage("tokenize", funnel.kept_chars)  # counted in characters
     splits, shards, doc_tokens = write_splits(
         config, tokenizer, kept_path, build, funnel, plan, progress
     )
     kept_path.unlink()
+    stage_seconds = {
+        "filter": round(filtered - started, 3),
+        "tokenizer": round(trained - filtered, 3),
+        "tokenize": round(time.perf_counter() - trained, 3),
+    }
     histogram = write_token_histogram(build / "token_lengths.png", doc_tokens, title=name)
-    if config.split == "random" and config.val_fraction > 0 and splits["val"]["tokens"] == 0:
-        log.warning("the val split is empty: too few documents for --val-fraction")
     tokenizer_json = (build / "tokenizer.json").read_bytes()
     return {
         "format": MANIFEST_FORMAT,
@@ -372,7 +377,11 @@ def _build(
         "dtype": token_dtype(tokenizer.vocab_size).name,
         "shards": shards_dict(shards),
         "token_lengths": histogram,
-        "timing": {"workers": worker_count(config), "text_bytes": funnel.read_bytes},
+        "timing": {
+            "workers": worker_count(config),
+            "text_bytes": funnel.read_bytes,
+            "stages": stage_seconds,
+        },
     }
 
 
