@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test lint format bench bench-data clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,9 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/generate.py --repeats 5
+
+bench-data: $(STAMP)
+	$(PY) bench/data.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info
