@@ -1,0 +1,270 @@
+"""The one training loop: batches → loss → AdamW step, with evaluation and exact resume.
+
+    result = train(model, train_split, val_split, LoopConfig(max_steps=2000), run_dir)
+
+Per step: the learning rate of the schedule, `grad_accum` micro-batches (bf16 autocast when
+asked), gradient clipping, the optimizer step. Every `eval_every` steps and at the end: the
+validation loss over `eval_batches` consecutive windows, and `best.pt` (weights only) when it
+improved. Every `ckpt_every` steps and at the end: a checkpoint with everything needed to go on
+exactly — model, optimizer, step, the global RNG (dropout) and the sampler's generator (data
+position) — so a run killed at any moment and resumed (`resume=True`) computes the same loss at
+every later step, bit for bit on CPU. A non-finite loss stops the run with a clear error and
+leaves the last good checkpoint. One JSON line per step goes to `metrics.jsonl`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.atomic import write_text_atomic, write_with
+from lmforge.data.loader import TokenSplit, eval_batches, random_batches
+from lmforge.errors import LmforgeError
+from lmforge.train.checkpoints import latest_checkpoint, save_checkpoint
+from lmforge.train.optim import build_optimizer, lr_at, set_lr
+
+log = logging.getLogger(__name__)
+
+METRICS = "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """What the loop does; each field is the `lmforge train` flag of the same name."""
+
+    max_steps: int = 2000
+    batch_size: int = 12
+    block_size: int = 64  # context length of the training windows
+    grad_accum: int = 1  # micro-batches per step
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # 0: no clipping
+    seed: int = 1337
+    eval_every: int = 250
+    eval_batches: int = 20
+    ckpt_every: int = 250
+    keep_checkpoints: int = 2
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    time_limit: float | None = None  # seconds: stop (with a checkpoint) after this long
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "block_size", "grad_accum", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise LmforgeError(f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("warmup", "eval_every", "ckpt_every", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise LmforgeError(f"--{name.replace('_', '-')} must not be negative")
+        if not 0 <= self.min_lr <= self.lr:
+            raise LmforgeError(f"--min-lr must be in [0, --lr], not {self.min_lr}")
+        if self.grad_clip < 0:
+            raise LmforgeError(f"--grad-clip must not be negative, not {self.grad_clip}")
+        if self.dtype not in ("fp32", "bf16"):
+            raise LmforgeError(f"--dtype must be fp32 or bf16, not {self.dtype!r}")
+        if self.time_limit is not None and self.time_limit <= 0:
+            raise LmforgeError(f"--time-limit must be positive, not {self.time_limit}")
+
+
+@dataclass
+class TrainResult:
+    step: int  # steps done in total
+    train_loss: float  # of the last step
+    val_loss: float | None  # of the last evaluation
+    best_val_loss: float | None
+    tokens: int  # tokens seen in total, resumed runs included
+    seconds: float  # wall time of this call
+    resumed_from: int | None  # the step a resumed run started at
+    stopped_early: bool  # by --time-limit
+
+
+StepCallback = Callable[[dict[str, Any]], None]
+
+
+def evaluate(
+    model: nn.Module, split: TokenSplit, config: LoopConfig, dtype: torch.dtype | None
+) -> float:
+    """Mean loss over the first `eval_batches` consecutive windows of SPLIT."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x, y in eval_batches(
+            split, config.batch_size, config.block_size, max_batches=config.eval_batches
+        ):
+            with _autocast(dtype):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+            total += loss.item()
+            count += y.numel()
+    model.train(was_training)
+    return total / max(1, count)
+
+
+def train(
+    model: nn.Module,
+    train_split: TokenSplit,
+    val_split: TokenSplit | None,
+    config: LoopConfig,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    on_step: StepCallback | None = None,
+) -> TrainResult:
+    """Train MODEL on TRAIN_SPLIT in place; checkpoints and metrics go to RUN_DIR."""
+    started = time.perf_counter()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is not None and train_split.vocab_size > vocab:
+        raise LmforgeError(
+            f"the data set's vocabulary ({train_split.vocab_size}) is larger than the model's "
+            f"({vocab})"
+        )
+    autocast_dtype = torch.bfloat16 if config.dtype == "bf16" else None
+    optimizer = build_optimizer(
+        model, lr=config.lr, weight_decay=config.weight_decay, betas=(config.beta1, config.beta2)
+    )
+    sampler = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    step, best, resumed_from = 0, None, None
+    if resume and (found := latest_checkpoint(run_dir)) is not None:
+        path, state = found
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        sampler.set_state(state["sampler"])
+        step = resumed_from = int(state["step"])
+        best = state.get("best_val_loss")
+        log.info("resumed from %s (step %d)", path, step)
+    _truncate_metrics(run_dir / METRICS, step)
+    tokens_per_step = config.batch_size * config.block_size * config.grad_accum
+    batches = random_batches(train_split, config.batch_size, config.block_size, generator=sampler)
+    model.train()
+    loss_value, val_loss, stopped_early = math.nan, None, False
+    with open(run_dir / METRICS, "a", encoding="utf-8") as metrics:
+        while step < config.max_steps:
+            lr = lr_at(
+                step,
+                lr=config.lr,
+                min_lr=config.min_lr,
+                warmup=config.warmup,
+                max_steps=config.max_steps,
+            )
+            set_lr(optimizer, lr)
+            tick = time.perf_counter()
+            loss_value, grad_norm = _step(model, optimizer, batches, config, autocast_dtype)
+            if not math.isfinite(loss_value):
+                last = latest_checkpoint(run_dir)
+                where = f"; the last good checkpoint is {last[0]}" if last else ""
+                raise LmforgeError(
+                    f"the loss became {loss_value} at step {step + 1} (try a lower --lr){where}"
+                )
+            step += 1
+            record: dict[str, Any] = {
+                "step": step,
+                "loss": loss_value,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens": step * tokens_per_step,
+                "step_s": time.perf_counter() - tick,
+            }
+            out_of_time = (
+                config.time_limit is not None and time.perf_counter() - started >= config.time_limit
+            )
+            last_step = step == config.max_steps or out_of_time
+            if val_split is not None and (
+                last_step or (config.eval_every and step % config.eval_every == 0)
+            ):
+                val_loss = evaluate(model, val_split, config, autocast_dtype)
+                record["val_loss"] = val_loss
+                if best is None or val_loss < best:
+                    best = val_loss
+                    write_with(run_dir / "best.pt", lambda tmp: torch.save(model.state_dict(), tmp))
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            if last_step or (config.ckpt_every and step % config.ckpt_every == 0):
+                state = {
+                    "step": step,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "sampler": sampler.get_state(),
+                    "best_val_loss": best,
+                    "config": asdict(config),
+                }
+                save_checkpoint(run_dir, step, state, keep=config.keep_checkpoints)
+            if on_step is not None:
+                on_step(record)
+            if out_of_time and step < config.max_steps:
+                stopped_early = True
+                break
+    return TrainResult(
+        step=step,
+        train_loss=loss_value,
+        val_loss=val_loss,
+        best_val_loss=best,
+        tokens=step * tokens_per_step,
+        seconds=time.perf_counter() - started,
+        resumed_from=resumed_from,
+        stopped_early=stopped_early,
+    )
+
+
+def _step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    config: LoopConfig,
+    dtype: torch.dtype | None,
+) -> tuple[float, float]:
+    """One optimizer step over `grad_accum` micro-batches; (mean loss, gradient norm)."""
+    total = 0.0
+    for _ in range(config.grad_accum):
+        x, y = next(batches)
+        with _autocast(dtype):
+            logits = model(x)  # [B, T, V]
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / config.grad_accum
+        loss.backward()
+        total += loss.item()
+    if config.grad_clip > 0:
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
+    else:
+        norm = math.nan
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total, norm
+
+
+def _autocast(dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=dtype)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop the lines of steps after STEP (logged by a run killed before its next checkpoint)."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line torn by the kill
+    if len(kept) != len(lines):
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
