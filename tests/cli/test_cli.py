@@ -9,34 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_env
-
-LMFORGE = [sys.executable, "-m", "lmforge.cli.main"]
-
-
-def lmforge(
-    *args: str, home: Path, stdin: str | None = None, timeout: float = 180
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*LMFORGE, *args],
-        input=stdin if stdin is not None else "",
-        capture_output=True,
-        text=True,
-        env=run_env(home),
-        timeout=timeout,
-        check=False,
-    )
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
-    assert proc.returncode != 0, proc.stdout
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: "), lines[0]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
+from conftest import assert_one_line_error, lmforge, run_env
 
 # -- bad input ---------------------------------------------------------------------------------
 

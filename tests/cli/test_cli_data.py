@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import run_env
-
-LMFORGE = [sys.executable, "-m", "lmforge.cli.main"]
+from conftest import assert_one_line_error, lmforge
 
 _RNG = random.Random(0)
 _WORD_LIST = """the fox dog river stone night bright quick lazy jumps over under near far old new"""
@@ -22,27 +18,6 @@ TEXT = "".join(
     " ".join(_RNG.choice(_WORDS) for _ in range(_RNG.randint(6, 14))).capitalize() + ".\n\n"
     for _ in range(400)
 )
-
-
-def lmforge(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*LMFORGE, *args],
-        capture_output=True,
-        text=True,
-        env=run_env(home),
-        timeout=300,
-        check=False,
-    )
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
-    assert proc.returncode != 0, proc.stdout
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: "), lines[0]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def nothing_written(home: Path) -> bool:

@@ -9,15 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import write_token_dataset
 from lmforge.data.loader import TokenSplit, eval_batches, random_batches
 from lmforge.data.shards import (
-    MANIFEST_FORMAT,
-    ShardWriter,
     read_manifest,
-    shards_dict,
     token_dtype,
     verify_shards,
-    write_manifest,
 )
 from lmforge.errors import CorruptArtifactError, LmforgeError
 
@@ -25,18 +22,7 @@ from lmforge.errors import CorruptArtifactError, LmforgeError
 def make_dataset(
     directory: Path, tokens: np.ndarray, max_tokens: int, vocab_size: int = 1000
 ) -> None:
-    dtype = token_dtype(vocab_size)
-    writer = ShardWriter(directory, "train", dtype, max_tokens)
-    for piece in np.array_split(tokens, 7):  # uneven writes that straddle shard boundaries
-        writer.write(piece)
-    shards = writer.close()
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "dtype": dtype.name,
-        "tokenizer": {"vocab_size": vocab_size},
-        "shards": shards_dict(shards),
-    }
-    write_manifest(directory, manifest)
+    write_token_dataset(directory, {"train": tokens}, vocab_size, max_tokens)
 
 
 def test_token_dtype_is_the_narrowest_that_fits() -> None:

@@ -9,14 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import write_token_dataset
 from lmforge.data.loader import TokenSplit
-from lmforge.data.shards import (
-    MANIFEST_FORMAT,
-    ShardWriter,
-    shards_dict,
-    token_dtype,
-    write_manifest,
-)
 from lmforge.errors import LmforgeError
 from lmforge.model.transformer import ModelConfig, Transformer
 from lmforge.train.checkpoints import list_checkpoints
@@ -28,20 +22,7 @@ VOCAB = 32
 def make_splits(
     directory: Path, train: np.ndarray, val: np.ndarray
 ) -> tuple[TokenSplit, TokenSplit]:
-    directory.mkdir(parents=True, exist_ok=True)
-    dtype = token_dtype(VOCAB)
-    shards = []
-    for name, ids in (("train", train), ("val", val)):
-        writer = ShardWriter(directory, name, dtype, 1 << 20)
-        writer.write(ids)
-        shards += writer.close()
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "dtype": dtype.name,
-        "tokenizer": {"vocab_size": VOCAB},
-        "shards": shards_dict(shards),
-    }
-    write_manifest(directory, manifest)
+    write_token_dataset(directory, {"train": train, "val": val}, VOCAB)
     return TokenSplit.open(directory, "train"), TokenSplit.open(directory, "val")
 
 
