@@ -211,13 +211,12 @@ def prepare_command(
         with engine.begin() as conn:
             row = repo.get_dataset(conn, name=name)
             if not (result.unchanged and row and row.content_key == manifest["content_key"]):
-                manifest_sha = _sha256(result.path / "manifest.json")
                 repo.put_dataset(
                     conn,
                     name=name,
                     path=result.path,
                     content_key=manifest["content_key"],
-                    manifest_sha256=manifest_sha,
+                    manifest_sha256=result.manifest_sha256,
                     tokenizer=tokenizer,
                     **head,
                 )
@@ -245,12 +244,6 @@ def prepare_command(
         for message in manifest["first_errors"][:3]:
             out.print(f"    {escape(message)}")
     out.print(f"  {result.path}   (details: lmforge data show {name})")
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @app.command(

@@ -47,6 +47,7 @@ from lmforge.data.funnel import (
 )
 from lmforge.data.report import write_token_histogram
 from lmforge.data.shards import (
+    MANIFEST,
     MANIFEST_FORMAT,
     read_manifest,
     shards_dict,
@@ -158,6 +159,7 @@ class PrepareResult:
     path: Path
     manifest: dict[str, Any]
     unchanged: bool  # True: the data set already existed with the same content key
+    manifest_sha256: str
 
 
 # -- prepare ---------------------------------------------------------------------------------
@@ -202,7 +204,8 @@ def prepare(
     existing = _existing_manifest(out_dir)
     if existing is not None and existing.get("content_key") == key:
         log.info("data set %s is up to date (content key %s)", name, key[:12])
-        return PrepareResult(out_dir, existing, unchanged=True)
+        manifest_sha = file_sha256(out_dir / MANIFEST)
+        return PrepareResult(out_dir, existing, unchanged=True, manifest_sha256=manifest_sha)
     if out_dir.exists() and not overwrite:
         raise LmforgeError(
             f"data set {name!r} already exists with other inputs or options; "
@@ -222,13 +225,13 @@ def prepare(
         manifest["timing"]["mb_per_s"] = round(
             text_mb / max(manifest["timing"]["seconds"], 1e-9), 3
         )
-        write_manifest(build, manifest)
+        manifest_sha = write_manifest(build, manifest)
         fsync_dir(build)
         _swap_into_place(build, out_dir)
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
         raise
-    return PrepareResult(out_dir, manifest, unchanged=False)
+    return PrepareResult(out_dir, manifest, unchanged=False, manifest_sha256=manifest_sha)
 
 
 def _remove_abandoned_builds(out_dir: Path) -> None:

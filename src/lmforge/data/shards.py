@@ -19,6 +19,7 @@ from typing import IO, Any
 import numpy as np
 
 from lmforge.atomic import write_text_atomic
+from lmforge.data.sources import file_sha256
 from lmforge.errors import CorruptArtifactError, LmforgeError
 
 MANIFEST = "manifest.json"
@@ -131,11 +132,7 @@ def verify_shards(directory: Path, manifest: dict[str, Any]) -> None:
             raise CorruptArtifactError(f"{path} is missing")
         if path.stat().st_size != shard.tokens * itemsize:
             raise CorruptArtifactError(f"{path} has the wrong size (truncated?)")
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-        if digest.hexdigest() != shard.sha256:
+        if file_sha256(path) != shard.sha256:
             raise CorruptArtifactError(f"{path}: sha256 differs from the manifest")
 
 
