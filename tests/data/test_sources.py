@@ -157,6 +157,10 @@ def test_corrupt_compressed_file_is_one_clear_error(tmp_path: Path) -> None:
     path.write_bytes(b"\x1f\x8b\x08\x00garbage-garbage")
     with pytest.raises(LmforgeError, match=r"broken\.txt\.gz"):
         read_all(path)
+    path = tmp_path / "broken.jsonl.zst"
+    path.write_bytes(b"\xff" * 40)
+    with pytest.raises(LmforgeError, match=r"broken\.jsonl\.zst: not a valid zstd file"):
+        read_all(path)
 
 
 def test_undecodable_bytes_name_the_offset(tmp_path: Path) -> None:

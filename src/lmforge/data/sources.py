@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
+import zstandard
+
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer.chat import validate_messages
 
@@ -199,8 +201,6 @@ def open_binary(path: Path, tally: SourceTally) -> IO[bytes]:
     if suffix == ".gz":
         return gzip.GzipFile(fileobj=counted, mode="rb")  # type: ignore[return-value]
     if suffix == ".zst":
-        import zstandard
-
         reader = zstandard.ZstdDecompressor().stream_reader(counted, closefd=True)
         return io.BufferedReader(reader, buffer_size=_READ_BYTES)
     return counted
@@ -209,7 +209,7 @@ def open_binary(path: Path, tally: SourceTally) -> IO[bytes]:
 def _read_failure(path: Path, exc: Exception) -> LmforgeError:
     if isinstance(exc, gzip.BadGzipFile | EOFError | zlib.error):
         return LmforgeError(f"{path}: not a valid gzip file ({exc})")
-    if type(exc).__module__.startswith("zstd"):
+    if isinstance(exc, zstandard.ZstdError):
         return LmforgeError(f"{path}: not a valid zstd file ({exc})")
     if isinstance(exc, OSError):
         return LmforgeError(f"{path}: cannot read ({exc.strerror or exc})")
@@ -234,12 +234,8 @@ def read_documents(path: Path, options: SourceOptions, tally: SourceTally) -> It
         yield from reader(path, options, tally)
     except LmforgeError:
         raise
-    except (OSError, EOFError, ValueError, zlib.error) as exc:  # corrupt compression, I/O
-        raise _read_failure(path, exc) from None
-    except Exception as exc:
-        if type(exc).__module__.startswith("zstd"):
-            raise _read_failure(path, exc) from None
-        raise
+    except (OSError, EOFError, ValueError, zlib.error, zstandard.ZstdError) as exc:
+        raise _read_failure(path, exc) from None  # corrupt compression, I/O errors
 
 
 def read_text_file(path: Path, options: SourceOptions, tally: SourceTally) -> Iterator[Document]:
