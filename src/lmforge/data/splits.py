@@ -116,11 +116,7 @@ def _pieces(
     bounds = [int(total_chars * (1 - held)), int(total_chars * (1 - config.test_fraction))]
     pos = 0
     for i, record in enumerate(kept_records(kept_path)):
-        text = (
-            tokenizer.render_chat(record["m"], add_generation_prompt=False)
-            if "m" in record
-            else record["t"]
-        )
+        text = _rendered(tokenizer, record)
         continued = bool(record["c"])
         if plan is not None:
             yield int(plan[i]), text, continued
