@@ -159,8 +159,11 @@ def test_bad_settings_are_named(splits, tmp_path: Path) -> None:  # type: ignore
         LoopConfig(batch_size=0)
     with pytest.raises(LmforgeError, match="--min-lr"):
         LoopConfig(lr=1e-4, min_lr=1e-3)
+    with pytest.raises(LmforgeError, match="longer than the model's context"):
+        run(splits, tmp_path / "run", block_size=33)
+    short = make_splits(tmp_path / "short", patterned(20, 0), patterned(20, 1))
     with pytest.raises(LmforgeError, match="fewer than block_size"):
-        run(splits, tmp_path / "run", block_size=30_000)
+        run(short, tmp_path / "run", block_size=32)
     small = Transformer(
         ModelConfig(
             arch="llama",

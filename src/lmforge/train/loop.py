@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,7 +31,8 @@ from torch import nn
 from lmforge.atomic import write_text_atomic, write_with
 from lmforge.data.loader import TokenSplit, eval_batches, random_batches
 from lmforge.errors import LmforgeError
-from lmforge.train.checkpoints import latest_checkpoint, save_checkpoint
+from lmforge.train.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from lmforge.train.distributed import Distributed
 from lmforge.train.optim import build_optimizer, lr_at, set_lr
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class LoopConfig:
 
     max_steps: int = 2000
     batch_size: int = 12
-    block_size: int = 64  # context length of the training windows
+    block_size: int = 0  # context length of the training windows; 0: the model's context
     grad_accum: int = 1  # micro-batches per step
     lr: float = 1e-3
     min_lr: float = 1e-4
@@ -61,12 +62,13 @@ class LoopConfig:
     keep_checkpoints: int = 2
     dtype: Literal["fp32", "bf16"] = "fp32"
     time_limit: float | None = None  # seconds: stop (with a checkpoint) after this long
+    compile: bool = False  # torch.compile the model's forward and backward
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "block_size", "grad_accum", "eval_batches"):
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_batches"):
             if getattr(self, name) < 1:
                 raise LmforgeError(f"--{name.replace('_', '-')} must be at least 1")
-        for name in ("warmup", "eval_every", "ckpt_every", "keep_checkpoints"):
+        for name in ("block_size", "warmup", "eval_every", "ckpt_every", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise LmforgeError(f"--{name.replace('_', '-')} must not be negative")
         if not 0 <= self.min_lr <= self.lr:
@@ -121,40 +123,63 @@ def train(
     config: LoopConfig,
     run_dir: Path,
     *,
-    resume: bool = False,
+    resume: bool | Path = False,
     on_step: StepCallback | None = None,
+    dist: Distributed | None = None,
 ) -> TrainResult:
-    """Train MODEL on TRAIN_SPLIT in place; checkpoints and metrics go to RUN_DIR."""
+    """Train MODEL on TRAIN_SPLIT in place; checkpoints and metrics go to RUN_DIR.
+
+    RESUME: True for the newest checkpoint in RUN_DIR (none: start fresh), or a checkpoint
+    path. DIST: this process's place in a torchrun job (default: one process); only rank 0
+    writes files and calls ON_STEP.
+    """
     started = time.perf_counter()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    dist = dist or Distributed()
+    config = _with_block_size(config, model)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab is not None and train_split.vocab_size > vocab:
         raise LmforgeError(
             f"the data set's vocabulary ({train_split.vocab_size}) is larger than the model's "
             f"({vocab})"
         )
+    rows = dist.rows(config.batch_size)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     autocast_dtype = torch.bfloat16 if config.dtype == "bf16" else None
+    module = dist.wrap(model)
+    forward: nn.Module = torch.compile(module) if config.compile else module  # type: ignore[assignment]
     optimizer = build_optimizer(
-        model, lr=config.lr, weight_decay=config.weight_decay, betas=(config.beta1, config.beta2)
+        module, lr=config.lr, weight_decay=config.weight_decay, betas=(config.beta1, config.beta2)
     )
     sampler = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     step, best, resumed_from = 0, None, None
-    if resume and (found := latest_checkpoint(run_dir)) is not None:
+    found = _find_checkpoint(run_dir, resume)
+    if found is not None:
         path, state = found
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        dist.load_state(module, optimizer, state["model"], state["optimizer"])
         torch.set_rng_state(state["rng"])
         sampler.set_state(state["sampler"])
         step = resumed_from = int(state["step"])
         best = state.get("best_val_loss")
         log.info("resumed from %s (step %d)", path, step)
-    _truncate_metrics(run_dir / METRICS, step)
+    if dist.is_main:
+        _truncate_metrics(run_dir / METRICS, step)
     tokens_per_step = config.batch_size * config.block_size * config.grad_accum
-    batches = random_batches(train_split, config.batch_size, config.block_size, generator=sampler)
-    model.train()
+    batches = (
+        (x[rows], y[rows])
+        for x, y in random_batches(
+            train_split, config.batch_size, config.block_size, generator=sampler
+        )
+    )
+    module.train()
     loss_value, val_loss, stopped_early = math.nan, None, False
-    with open(run_dir / METRICS, "a", encoding="utf-8") as metrics:
+    with contextlib.ExitStack() as stack:
+        metrics = (
+            stack.enter_context(open(run_dir / METRICS, "a", encoding="utf-8"))
+            if dist.is_main
+            else None
+        )
         while step < config.max_steps:
             lr = lr_at(
                 step,
@@ -165,7 +190,9 @@ def train(
             )
             set_lr(optimizer, lr)
             tick = time.perf_counter()
-            loss_value, grad_norm = _step(model, optimizer, batches, config, autocast_dtype)
+            loss_value, grad_norm = _step(
+                forward, module, optimizer, batches, config, autocast_dtype, dist
+            )
             if not math.isfinite(loss_value):
                 last = latest_checkpoint(run_dir)
                 where = f"; the last good checkpoint is {last[0]}" if last else ""
@@ -181,32 +208,39 @@ def train(
                 "tokens": step * tokens_per_step,
                 "step_s": time.perf_counter() - tick,
             }
-            out_of_time = (
+            out_of_time = dist.any(
                 config.time_limit is not None and time.perf_counter() - started >= config.time_limit
             )
             last_step = step == config.max_steps or out_of_time
             if val_split is not None and (
                 last_step or (config.eval_every and step % config.eval_every == 0)
             ):
-                val_loss = evaluate(model, val_split, config, autocast_dtype)
+                val_loss = evaluate(forward, val_split, config, autocast_dtype)
                 record["val_loss"] = val_loss
                 if best is None or val_loss < best:
                     best = val_loss
-                    write_with(run_dir / "best.pt", lambda tmp: torch.save(model.state_dict(), tmp))
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
+                    weights = dist.model_state(module)
+                    if dist.is_main:
+                        write_with(run_dir / "best.pt", lambda tmp, w=weights: torch.save(w, tmp))
+            if metrics is not None:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
             if last_step or (config.ckpt_every and step % config.ckpt_every == 0):
-                state = {
-                    "step": step,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "rng": torch.get_rng_state(),
-                    "sampler": sampler.get_state(),
-                    "best_val_loss": best,
-                    "config": asdict(config),
-                }
-                save_checkpoint(run_dir, step, state, keep=config.keep_checkpoints)
-            if on_step is not None:
+                model_state, optimizer_state = dist.state(module, optimizer)
+                if dist.is_main:
+                    state = {
+                        "step": step,
+                        "model": model_state,
+                        "optimizer": optimizer_state,
+                        "rng": torch.get_rng_state(),
+                        "sampler": sampler.get_state(),
+                        "best_val_loss": best,
+                        "config": asdict(config),
+                        "world_size": dist.world_size,
+                    }
+                    save_checkpoint(run_dir, step, state, keep=config.keep_checkpoints)
+                dist.barrier()  # no rank runs ahead of a checkpoint it may have to resume from
+            if on_step is not None and dist.is_main:
                 on_step(record)
             if out_of_time and step < config.max_steps:
                 stopped_early = True
@@ -223,29 +257,64 @@ def train(
     )
 
 
+def _with_block_size(config: LoopConfig, model: nn.Module) -> LoopConfig:
+    """CONFIG with block_size 0 replaced by the model's context; too long a block is an error."""
+    context = getattr(getattr(model, "config", None), "max_seq_len", None)
+    if config.block_size == 0:
+        if context is None:
+            raise LmforgeError("--block-size is needed: the model has no context length")
+        return replace(config, block_size=int(context))
+    limited = getattr(getattr(model, "config", None), "arch", None) != "lstm"
+    if limited and context is not None and config.block_size > context:
+        raise LmforgeError(
+            f"--block-size {config.block_size} is longer than the model's context ({context})"
+        )
+    return config
+
+
+def _find_checkpoint(run_dir: Path, resume: bool | Path) -> tuple[Path, dict[str, Any]] | None:
+    if resume is False:
+        return None
+    if resume is True:
+        return latest_checkpoint(run_dir)
+    try:
+        return resume, load_checkpoint(resume)
+    except FileNotFoundError:
+        raise LmforgeError(f"--resume {resume}: no such checkpoint") from None
+    except Exception as exc:
+        raise LmforgeError(f"--resume {resume}: not a readable checkpoint ({exc})") from None
+
+
 def _step(
-    model: nn.Module,
+    forward: nn.Module,
+    module: nn.Module,
     optimizer: torch.optim.Optimizer,
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
     config: LoopConfig,
     dtype: torch.dtype | None,
+    dist: Distributed,
 ) -> tuple[float, float]:
-    """One optimizer step over `grad_accum` micro-batches; (mean loss, gradient norm)."""
+    """One optimizer step over `grad_accum` micro-batches; (mean loss, gradient norm).
+
+    FORWARD is what computes (maybe compiled), MODULE what owns the parameters (maybe wrapped).
+    """
     total = 0.0
-    for _ in range(config.grad_accum):
+    for micro in range(config.grad_accum):
         x, y = next(batches)
-        with _autocast(dtype):
-            logits = model(x)  # [B, T, V]
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / config.grad_accum
-        loss.backward()
+        with dist.no_sync(module, sync=micro == config.grad_accum - 1):
+            with _autocast(dtype):
+                logits = forward(x)  # [B, T, V]
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / config.grad_accum
+            loss.backward()
         total += loss.item()
     if config.grad_clip > 0:
-        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
+        norm = torch.nn.utils.clip_grad_norm_(module.parameters(), config.grad_clip)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     else:
-        norm = math.nan
+        grad_norm = math.nan
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total, norm
+    return dist.mean(total), grad_norm
 
 
 def _autocast(dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
