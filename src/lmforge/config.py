@@ -40,8 +40,10 @@ def load_config(
     file: str | Path | None = None,
     overrides: Sequence[str] = (),
     base: Mapping[str, Any] | None = None,
+    values: Mapping[str, Any] | None = None,
 ) -> T:
-    """CLS from its defaults, then BASE (e.g. a named preset), then FILE, then OVERRIDES."""
+    """CLS from its defaults, then BASE (e.g. a named preset), then FILE, then OVERRIDES, then
+    VALUES (typed values of dedicated CLI flags, as a nested mapping)."""
     data: dict[str, Any] = {}
     if base:
         data = _merge(data, dict(base))
@@ -49,6 +51,8 @@ def load_config(
         data = _merge(data, read_yaml(file))
     if overrides:
         data = _merge(data, parse_overrides(overrides))
+    if values:
+        data = _merge(data, dict(values))
     return from_dict(cls, data)
 
 

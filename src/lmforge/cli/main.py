@@ -18,7 +18,7 @@ try:  # typer >= 0.20 vendors its own copy of click
 except ImportError:  # pragma: no cover - older typer uses click itself
     import click.exceptions as click_exc  # type: ignore[no-redef]
 
-from lmforge.cli import data, demo, generate, models
+from lmforge.cli import data, demo, generate, models, train
 from lmforge.errors import LmforgeError
 
 app = typer.Typer(
@@ -27,6 +27,7 @@ app = typer.Typer(
     epilog=(
         "[bold]Examples[/bold]\n\n"
         "  lmforge data prepare input.txt --name shakespeare --tokenizer char --split tail\n\n"
+        "  lmforge train --data shakespeare --model nanogpt-shakespeare-cpu --name shakes\n\n"
         "  lmforge generate 'The capital of France is'\n\n"
         "  lmforge chat\n\n"
         "  lmforge models list\n\n"
@@ -39,6 +40,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 generate.register(app)
+train.register(app)
 app.add_typer(data.app, name="data")
 app.add_typer(models.app, name="models")
 demo.register(app)
@@ -87,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+    except OSError as exc:  # disk full, permission denied, …: name the file, no traceback
+        if debug:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
     return result if isinstance(result, int) else 0
 
 

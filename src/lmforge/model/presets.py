@@ -64,9 +64,7 @@ def model_config(
     if name not in PRESETS:
         close = difflib.get_close_matches(name, PRESETS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise LmforgeError(
-            f"unknown model config {name!r}{hint}; known: {', '.join(PRESETS)}"
-        )
+        raise LmforgeError(f"unknown model config {name!r}{hint}; known: {', '.join(PRESETS)}")
     fields = {**PRESETS[name], **(overrides or {}), "vocab_size": vocab_size}
     try:
         if fields["arch"] == "lstm":

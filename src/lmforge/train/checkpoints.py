@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from lmforge.atomic import write_with
+from lmforge.errors import LmforgeError
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,14 @@ def checkpoint_path(run_dir: Path, step: int) -> Path:
 def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], *, keep: int = 2) -> Path:
     """Write STATE as the checkpoint of STEP, then delete all but the newest KEEP."""
     path = checkpoint_path(run_dir, step)
-    write_with(path, lambda tmp: torch.save(state, tmp))
+    try:
+        write_with(path, lambda tmp: torch.save(state, tmp))
+    except OSError as exc:  # disk full, quota, …: the temp file is gone, older ones intact
+        kept = list_checkpoints(run_dir)
+        last = f"; the last complete checkpoint is {kept[-1].name}" if kept else ""
+        raise LmforgeError(
+            f"could not write checkpoint {path}: {exc.strerror or exc}{last}"
+        ) from None
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
     return path

@@ -80,7 +80,7 @@ class Distributed:
         if not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
-        return cls(strategy, dist.get_rank(), dist.get_world_size())  # type: ignore[arg-type]
+        return cls(strategy, dist.get_rank(), dist.get_world_size())
 
     def stop(self) -> None:
         if self.active and dist.is_initialized():

@@ -21,6 +21,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -91,6 +92,8 @@ class TrainResult:
     seconds: float  # wall time of this call
     resumed_from: int | None  # the step a resumed run started at
     stopped_early: bool  # by --time-limit
+    total_seconds: float  # wall time of the whole run up to its last checkpoint and this call
+    cpu_seconds: float  # CPU time of all processes, same span
 
 
 StepCallback = Callable[[dict[str, Any]], None]
@@ -133,7 +136,7 @@ def train(
     path. DIST: this process's place in a torchrun job (default: one process); only rank 0
     writes files and calls ON_STEP.
     """
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     dist = dist or Distributed()
     config = _with_block_size(config, model)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -154,6 +157,7 @@ def train(
     sampler = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     step, best, resumed_from = 0, None, None
+    prior_wall, prior_cpu = 0.0, 0.0  # spent before this call, as of the resumed checkpoint
     found = _find_checkpoint(run_dir, resume)
     if found is not None:
         path, state = found
@@ -162,6 +166,7 @@ def train(
         sampler.set_state(state["sampler"])
         step = resumed_from = int(state["step"])
         best = state.get("best_val_loss")
+        prior_wall, prior_cpu = state.get("wall_seconds", 0.0), state.get("cpu_seconds", 0.0)
         log.info("resumed from %s (step %d)", path, step)
     if dist.is_main:
         _truncate_metrics(run_dir / METRICS, step)
@@ -221,12 +226,13 @@ def train(
                     best = val_loss
                     weights = dist.model_state(module)
                     if dist.is_main:
-                        write_with(run_dir / "best.pt", lambda tmp, w=weights: torch.save(w, tmp))
+                        write_with(run_dir / "best.pt", partial(torch.save, weights))
             if metrics is not None:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
             if last_step or (config.ckpt_every and step % config.ckpt_every == 0):
                 model_state, optimizer_state = dist.state(module, optimizer)
+                cpu = prior_cpu + dist.total(time.process_time() - cpu_started)
                 if dist.is_main:
                     state = {
                         "step": step,
@@ -237,6 +243,8 @@ def train(
                         "best_val_loss": best,
                         "config": asdict(config),
                         "world_size": dist.world_size,
+                        "wall_seconds": prior_wall + time.perf_counter() - started,
+                        "cpu_seconds": cpu,
                     }
                     save_checkpoint(run_dir, step, state, keep=config.keep_checkpoints)
                 dist.barrier()  # no rank runs ahead of a checkpoint it may have to resume from
@@ -245,15 +253,18 @@ def train(
             if out_of_time and step < config.max_steps:
                 stopped_early = True
                 break
+    seconds = time.perf_counter() - started
     return TrainResult(
         step=step,
         train_loss=loss_value,
         val_loss=val_loss,
         best_val_loss=best,
         tokens=step * tokens_per_step,
-        seconds=time.perf_counter() - started,
+        seconds=seconds,
         resumed_from=resumed_from,
         stopped_early=stopped_early,
+        total_seconds=prior_wall + seconds,
+        cpu_seconds=prior_cpu + dist.total(time.process_time() - cpu_started),
     )
 
 
