@@ -23,9 +23,10 @@ from typing import Any
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.infer.generate import check_prompt, generate_ids
+from lmforge.infer.generate import check_prompt, context_length, generate_ids
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model.checkpoint import LoadedModel, load_model
+from lmforge.model.lstm import LSTMConfig, LSTMLanguageModel
 from lmforge.model.transformer import ModelConfig, Transformer, optimize_weight_layout
 from lmforge.resolve import ModelRef, resolve
 from lmforge.tokenizer import Tokenizer
@@ -75,7 +76,7 @@ class LLM:
         self.stop_token_ids = loaded.stop_token_ids()
 
     @property
-    def model(self) -> Transformer:
+    def model(self) -> Transformer | LSTMLanguageModel:
         return self.loaded.model
 
     @property
@@ -83,7 +84,7 @@ class LLM:
         return self.loaded.tokenizer
 
     @property
-    def config(self) -> ModelConfig:
+    def config(self) -> ModelConfig | LSTMConfig:
         return self.loaded.model.config
 
     @property
@@ -126,7 +127,7 @@ class LLM:
             ids = self.tokenizer.encode(prompt)
         else:
             ids = [int(t) for t in prompt]
-        check_prompt(ids, self.config.max_seq_len, self.config.vocab_size)
+        check_prompt(ids, context_length(self.model), self.config.vocab_size)
         return ids
 
     # -- generation ----------------------------------------------------------------------------
@@ -188,7 +189,7 @@ class LLM:
 
     def chat_prompt_ids(self, messages: Messages) -> list[int]:
         ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True)
-        check_prompt(ids, self.config.max_seq_len, self.config.vocab_size)
+        check_prompt(ids, context_length(self.model), self.config.vocab_size)
         return ids
 
     def chat(self, messages: Messages, **options: Any) -> str:
@@ -212,10 +213,9 @@ class LLM:
             x = x.unsqueeze(0)
         if x.dim() != 2 or x.shape[1] == 0:
             raise LmforgeError("ids must be a non-empty sequence [T] or a batch [B, T]")
-        if x.shape[1] > self.config.max_seq_len:
-            raise LmforgeError(
-                f"{x.shape[1]} tokens exceed the model's context of {self.config.max_seq_len}"
-            )
+        context = context_length(self.model)
+        if context is not None and x.shape[1] > context:
+            raise LmforgeError(f"{x.shape[1]} tokens exceed the model's context of {context}")
         if int(x.min()) < 0 or int(x.max()) >= self.config.vocab_size:
             raise LmforgeError(f"token ids must be in 0..{self.config.vocab_size - 1}")
         out = self.model(x).float()

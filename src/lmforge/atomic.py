@@ -40,7 +40,7 @@ def write_with(path: str | Path, writer: Callable[[Path], None]) -> None:
         raise
 
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+def write_bytes_atomic(path: str | Path, data: bytes | memoryview) -> None:
     def write(tmp: Path) -> None:
         tmp.write_bytes(data)
 

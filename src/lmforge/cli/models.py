@@ -150,6 +150,21 @@ def show_command(
         table.add_row("weights sha256", lineage["weights_sha256"])
     if "source" in lineage:
         table.add_row("source", escape(json.dumps(lineage["source"])))
+    if lineage.get("parent"):
+        table.add_row("parent", escape(str(lineage["parent"])))
+    if "run_id" in lineage:
+        data = lineage.get("dataset") or {}
+        table.add_row("trained on", escape(f"{data.get('name')} ({data.get('path')})"))
+        table.add_row("run", escape(f"{lineage['run_id']} ({lineage.get('run_dir')})"))
+        steps, tokens = lineage.get("steps", 0), lineage.get("tokens_seen", 0)
+        wall, cpu = lineage.get("wall_seconds", 0), lineage.get("cpu_seconds", 0)
+        table.add_row(
+            "training",
+            f"{steps:,} steps, {tokens:,} tokens, {wall:,.0f} s wall, {cpu:,.0f} s CPU",
+        )
+        val = (lineage.get("eval") or {}).get("val_loss")
+        if val is not None:
+            table.add_row("val loss", f"{val:.4f}")
     out.print(table)
 
 

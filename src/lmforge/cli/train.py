@@ -218,15 +218,15 @@ def run_training(config: Any, *, quiet: bool = False) -> None:
 
 def _run(config: Any, dist: Any, *, quiet: bool) -> None:
     from lmforge.cli.data import dataset_path
+    from lmforge.registry.repo import validate_name
     from lmforge.train.observe import RunObserver
-    from lmforge.train.pretrain import prepare_run, pretrain
+    from lmforge.train.pretrain import plan_training, prepare_run, pretrain
 
     home = lmforge_home()
-    from lmforge.registry.repo import validate_name
-
     validate_name(config.name)
     dataset_dir = dataset_path(config.data)
     init, init_ref = _load_init(config.init_from, home)
+    plan = plan_training(config, dataset_dir, init=init, init_ref=init_ref, dist=dist)
     run = prepare_run(config, dataset_dir, home / "runs", dist)
     observer = RunObserver(run.dir, title=f"{config.name} · {run.id}")
     columns = (
@@ -237,7 +237,7 @@ def _run(config: Any, dist: Any, *, quiet: bool) -> None:
         TimeRemainingColumn(),
     )
     show = dist.is_main and not quiet
-    if dist.is_main:
+    if show:
         what = "resuming" if run.resume else "starting"
         err.print(f"{what} run [bold]{escape(run.id)}[/bold] → {escape(str(run.dir))}")
     with Progress(*columns, console=err, disable=not (show and err.is_terminal)) as bar:
@@ -245,12 +245,7 @@ def _run(config: Any, dist: Any, *, quiet: bool) -> None:
         watcher = _Watcher(observer, bar, task, config.loop.max_steps)
         try:
             result = pretrain(
-                config,
-                run,
-                init=init,
-                init_ref=init_ref,
-                on_step=watcher if dist.is_main else None,
-                dist=dist,
+                config, run, plan, on_step=watcher if dist.is_main else None, dist=dist
             )
         finally:
             observer.close()

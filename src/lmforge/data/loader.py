@@ -78,7 +78,7 @@ def _windows(
     return data[:, :-1], data[:, 1:]
 
 
-def _check(split: TokenSplit, batch_size: int, block_size: int) -> None:
+def check_windows(split: TokenSplit, batch_size: int, block_size: int) -> None:
     if batch_size < 1 or block_size < 1:
         raise LmforgeError("batch_size and block_size must be positive")
     if len(split) < block_size + 1:
@@ -99,7 +99,7 @@ def random_batches(
 
     The offsets come from GENERATOR, so saving its state makes the stream resumable.
     """
-    _check(split, batch_size, block_size)
+    check_windows(split, batch_size, block_size)
     high = len(split) - block_size  # last valid start + 1 (y needs one more id)
     while True:
         starts = torch.randint(high, (batch_size,), generator=generator).tolist()
@@ -114,7 +114,7 @@ def eval_batches(
 
     The last batch may be smaller; a tail shorter than one window is left out.
     """
-    _check(split, batch_size, block_size)
+    check_windows(split, batch_size, block_size)
     starts = list(range(0, len(split) - block_size, block_size))
     for n, i in enumerate(range(0, len(starts), batch_size)):
         if max_batches is not None and n >= max_batches:

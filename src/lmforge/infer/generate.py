@@ -2,7 +2,8 @@
 
 The batch-1 path behind `lmforge generate`, `lmforge chat` and the Python API. It owns the KV
 cache (allocated here, passed to the model) and yields token ids; turning them into text and
-applying stop strings is the caller's job.
+applying stop strings is the caller's job. An LSTM model takes the same path with its
+recurrent state in place of the KV cache, and has no context end.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.infer.sampling import SamplingParams, sample
+from lmforge.model import lstm
 from lmforge.model.kv_cache import KVCache
+from lmforge.model.lstm import LSTMLanguageModel
 from lmforge.model.transformer import Transformer, decode_step, prefill
 
 
@@ -24,10 +27,20 @@ class GenerationStep:
     finish_reason: str | None  # None while going on; "stop" (EOS / stop id) or "length" at the end
 
 
-def check_prompt(prompt_ids: Sequence[int], max_seq_len: int, vocab_size: int) -> None:
+def context_length(model: Transformer | LSTMLanguageModel) -> int | None:
+    """The most tokens (prompt + completion) MODEL can attend to; None: no limit (an LSTM,
+    whose `max_seq_len` is only its training context)."""
+    if isinstance(model, LSTMLanguageModel):
+        return None
+    return model.config.max_seq_len
+
+
+def check_prompt(prompt_ids: Sequence[int], max_seq_len: int | None, vocab_size: int) -> None:
+    """A non-empty prompt of ids in the vocabulary that leaves room for one new token
+    (MAX_SEQ_LEN None: any length)."""
     if not prompt_ids:
         raise LmforgeError("the prompt is empty (no tokens)")
-    if len(prompt_ids) >= max_seq_len:
+    if max_seq_len is not None and len(prompt_ids) >= max_seq_len:
         raise LmforgeError(
             f"the prompt has {len(prompt_ids)} tokens; the model's context is {max_seq_len}"
         )
@@ -37,25 +50,32 @@ def check_prompt(prompt_ids: Sequence[int], max_seq_len: int, vocab_size: int) -
 
 
 def generate_ids(
-    model: Transformer, prompt_ids: Sequence[int], params: SamplingParams
+    model: Transformer | LSTMLanguageModel, prompt_ids: Sequence[int], params: SamplingParams
 ) -> Iterator[GenerationStep]:
     """Yield new tokens one by one; the last step carries the finish reason.
 
-    Stops at a stop token (unless `ignore_eos`), after `max_tokens`, or at the context end.
+    Stops at a stop token (unless `ignore_eos`), after `max_tokens`, or at the context end
+    (a Transformer's `max_seq_len`; an LSTM has none).
     """
-    cfg = model.config
-    check_prompt(prompt_ids, cfg.max_seq_len, cfg.vocab_size)
+    context = context_length(model)
+    check_prompt(prompt_ids, context, model.config.vocab_size)
     if params.max_tokens == 0:
         return
-    budget = min(params.max_tokens, cfg.max_seq_len - len(prompt_ids))
-    # The last sampled token is never fed back, so the cache needs prompt + budget - 1 slots.
-    slots = len(prompt_ids) + budget - 1
-    cache = KVCache.allocate(cfg, 1, slots, dtype=model.lm_head.weight.dtype)
+    budget = params.max_tokens
+    if context is not None:
+        budget = min(budget, context - len(prompt_ids))
     stop_ids = set() if params.ignore_eos else set(params.stop_token_ids)
     generator = params.make_generator()
     # prefill and decode_step enter inference mode themselves: holding it across `yield`
     # would leak the mode into the caller's code between tokens.
-    logits = prefill(model, torch.tensor([list(prompt_ids)]), cache)
+    prompt = torch.tensor([list(prompt_ids)])
+    if isinstance(model, LSTMLanguageModel):
+        logits, state = lstm.prefill(model, prompt)
+    else:
+        # The last sampled token is never fed back, so the cache needs prompt + budget - 1 slots.
+        slots = len(prompt_ids) + budget - 1
+        cache = KVCache.allocate(model.config, 1, slots, dtype=model.lm_head.weight.dtype)
+        logits = prefill(model, prompt, cache)
     pos = len(prompt_ids)
     for i in range(budget):
         tid = int(sample(logits, params, generator)[0])
@@ -66,5 +86,8 @@ def generate_ids(
             yield GenerationStep(tid, "length")
             return
         yield GenerationStep(tid, None)
-        logits = decode_step(model, torch.tensor([tid]), torch.tensor([pos]), cache)
+        if isinstance(model, LSTMLanguageModel):
+            logits, state = lstm.decode_step(model, torch.tensor([tid]), state)
+        else:
+            logits = decode_step(model, torch.tensor([tid]), torch.tensor([pos]), cache)
         pos += 1

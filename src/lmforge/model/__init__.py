@@ -1,1 +1,1 @@
-"""Models: the decoder-only Transformer, its KV cache and the checkpoint formats."""
+"""Models: the decoder-only Transformer, its KV cache, the LSTM baseline, checkpoint formats."""

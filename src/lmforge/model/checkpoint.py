@@ -9,6 +9,10 @@
 - GGUF (read): llama-architecture files, every tensor dequantized to fp32 with the `gguf`
   package (F32, F16, BF16, Q8_0, Q4_0, Q4_1 and the K-quants it knows), the tokenizer rebuilt
   from the metadata (`tokenizer/gguf.py`).
+- lmforge's LSTM baseline (read and write): the same directory layout, with `config.json`
+  naming `LmforgeLSTMForCausalLM` (`model_type: lmforge-lstm`, the `LSTMConfig` under
+  `lmforge_config`) and the weights under torch's own `nn.LSTM` names. `transformers` cannot
+  load it (it has no LSTM language model); lmforge's `load_model` can.
 
 Every write is atomic; nothing is ever pickled. The module is longer than ~600 lines on purpose:
 it is the one place that knows formats (config mapping, tensor-name maps for Llama, GPT-2 and
@@ -30,6 +34,7 @@ import torch
 
 from lmforge.atomic import write_text_atomic, write_with
 from lmforge.errors import CorruptArtifactError, LmforgeError, ModelNotFoundError
+from lmforge.model.lstm import LSTMConfig, LSTMLanguageModel
 from lmforge.model.transformer import ModelConfig, Transformer
 from lmforge.tokenizer import Tokenizer
 
@@ -43,14 +48,14 @@ WEIGHTS_FILE = "model.safetensors"
 class LoadedModel:
     """A model with everything needed to use it."""
 
-    model: Transformer
+    model: Transformer | LSTMLanguageModel
     tokenizer: Tokenizer
     path: Path
     generation_config: dict[str, Any] = field(default_factory=dict)
     lineage: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def config(self) -> ModelConfig:
+    def config(self) -> ModelConfig | LSTMConfig:
         return self.model.config
 
     def stop_token_ids(self) -> list[int]:
@@ -62,18 +67,25 @@ class LoadedModel:
         return out
 
 
-def empty_model(config: ModelConfig) -> Transformer:
-    """A Transformer on the meta device (no memory, no init), to be filled by `load_state`.
+def empty_model(config: ModelConfig | LSTMConfig) -> Transformer | LSTMLanguageModel:
+    """A model on the meta device (no memory, no init), to be filled by `load_state`.
 
     torch's own layer constructors initialise their weights even on the meta device, and the
     first such call costs ~2 s (meta kernels load lazily), so initialisation is switched off.
     """
-    layers: tuple[Any, ...] = (torch.nn.Linear, torch.nn.Embedding, torch.nn.LayerNorm)
+    layers: tuple[Any, ...] = (
+        torch.nn.Linear,
+        torch.nn.Embedding,
+        torch.nn.LayerNorm,
+        torch.nn.RNNBase,
+    )
     saved = [cls.reset_parameters for cls in layers]
     try:
         for cls in layers:
             cls.reset_parameters = lambda self: None
         with torch.device("meta"):
+            if isinstance(config, LSTMConfig):
+                return LSTMLanguageModel(config)
             return Transformer(config)
     finally:
         for cls, fn in zip(layers, saved, strict=True):
@@ -84,11 +96,33 @@ def empty_model(config: ModelConfig) -> Transformer:
 # Hugging Face config.json ↔ ModelConfig
 
 
-def config_to_hf(config: ModelConfig, tokenizer: Tokenizer | None = None) -> dict[str, Any]:
+LSTM_ARCHITECTURE = "LmforgeLSTMForCausalLM"
+LSTM_MODEL_TYPE = "lmforge-lstm"
+
+
+def config_to_hf(
+    config: ModelConfig | LSTMConfig, tokenizer: Tokenizer | None = None
+) -> dict[str, Any]:
     ids: dict[str, Any] = {}
     if tokenizer is not None:
         ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
         ids["pad_token_id"] = tokenizer.pad_id
+    if isinstance(config, LSTMConfig):
+        # HF-style names for people and tools that read config.json; `lmforge_config` (added
+        # by `save_model`) is what `config_from_hf` reads back.
+        return {
+            "architectures": [LSTM_ARCHITECTURE],
+            "model_type": LSTM_MODEL_TYPE,
+            "vocab_size": config.vocab_size,
+            "hidden_size": config.d_model,
+            "num_hidden_layers": config.n_layer,
+            "max_position_embeddings": config.max_seq_len,
+            "dropout": config.dropout,
+            "initializer_range": config.init_std,
+            "tie_word_embeddings": config.tie_embeddings,
+            "torch_dtype": "float32",
+            **ids,
+        }
     if config.arch == "gpt2":
         return {
             "architectures": ["GPT2LMHeadModel"],
@@ -134,9 +168,14 @@ def config_to_hf(config: ModelConfig, tokenizer: Tokenizer | None = None) -> dic
     }
 
 
-def config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
+def config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig | LSTMConfig:
     model_type = hf.get("model_type")
     try:
+        if model_type == LSTM_MODEL_TYPE:
+            lmforge_config = hf.get("lmforge_config")
+            if not isinstance(lmforge_config, dict):
+                raise CorruptArtifactError(f"{source}: config.json lacks lmforge_config")
+            return LSTMConfig.from_dict(lmforge_config)
         if model_type == "gpt2":
             act = hf.get("activation_function", "gelu_new")
             if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
@@ -186,7 +225,8 @@ def config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
     except ValueError as exc:
         raise CorruptArtifactError(f"{source}: {exc}") from None
     raise LmforgeError(
-        f"{source}: model_type {model_type!r} is not supported (llama, mistral, gpt2 are)"
+        f"{source}: model_type {model_type!r} is not supported "
+        f"(llama, mistral, gpt2, {LSTM_MODEL_TYPE} are)"
     )
 
 
@@ -293,25 +333,31 @@ def ours_to_llama(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[str,
 # Save
 
 
-def state_dict_for_hf(model: Transformer) -> dict[str, torch.Tensor]:
-    """The model's weights under Hugging Face names, contiguous, tied copies dropped."""
+def state_dict_for_hf(model: Transformer | LSTMLanguageModel) -> dict[str, torch.Tensor]:
+    """The model's weights under Hugging Face names (the LSTM's: torch's names), contiguous,
+    tied copies dropped."""
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         sd.pop("lm_head.weight", None)
+    if isinstance(model, LSTMLanguageModel):
+        return {k: v.contiguous() for k, v in sd.items()}
     if model.config.arch == "gpt2":
         return ours_to_gpt2(sd)
     return ours_to_llama(sd, model.config)
 
 
 def save_model(
-    model: Transformer,
+    model: Transformer | LSTMLanguageModel,
     tokenizer: Tokenizer,
     directory: str | Path,
     *,
     lineage: dict[str, Any] | None = None,
     generation_config: dict[str, Any] | None = None,
 ) -> Path:
-    """Write MODEL and TOKENIZER to DIRECTORY in the Hugging Face layout (+ lmforge.json)."""
+    """Write MODEL and TOKENIZER to DIRECTORY in the Hugging Face layout (+ lmforge.json).
+
+    An `LSTMLanguageModel` is written in the same layout, but only lmforge loads it back.
+    """
     from safetensors.torch import save_file
 
     d = Path(directory)
@@ -452,7 +498,9 @@ def read_hf_weights(d: Path) -> dict[str, torch.Tensor]:
     raise ModelNotFoundError(f"{d} has no model.safetensors (or index, or pytorch_model.bin)")
 
 
-def load_state(model: Transformer, sd: dict[str, torch.Tensor], source: str) -> None:
+def load_state(
+    model: Transformer | LSTMLanguageModel, sd: dict[str, torch.Tensor], source: str
+) -> None:
     """Give MODEL (built by `empty_model`) the tensors of SD, without copying them.
 
     Strict: a missing, unexpected or misshapen tensor is a one-line error naming the first one.
@@ -473,6 +521,10 @@ def load_state(model: Transformer, sd: dict[str, torch.Tensor], source: str) -> 
             raise CorruptArtifactError(f"{source}: {name} has shape {got}, expected {want}")
     tensors = {k: sd[k].to(torch.float32) for k in expected}
     model.load_state_dict(tensors, strict=False, assign=True)
+    if isinstance(model, LSTMLanguageModel):
+        if model.config.tie_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        return
     if model.config.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.init_buffers()
@@ -486,10 +538,9 @@ def load_hf_dir(d: Path) -> LoadedModel:
     config = config_from_hf(hf, str(d))
     tokenizer = Tokenizer.load(d)
     sd = read_hf_weights(d)
-    if config.arch == "gpt2":
-        sd = gpt2_to_ours(sd)
-    else:
-        sd = llama_to_ours(sd, config)
+    # An LSTM's tensors are stored under its own names, a Transformer's under HF's.
+    if isinstance(config, ModelConfig):
+        sd = gpt2_to_ours(sd) if config.arch == "gpt2" else llama_to_ours(sd, config)
     model = empty_model(config)
     load_state(model, sd, str(d))
     gen_path = d / "generation_config.json"

@@ -62,7 +62,7 @@ def model_config(
 ) -> ModelConfig | LSTMConfig:
     """The config of preset NAME for VOCAB_SIZE, with OVERRIDES (field → value) applied."""
     if name not in PRESETS:
-        close = difflib.get_close_matches(name, PRESETS, n=1)
+        close = difflib.get_close_matches(name, PRESETS, n=1, cutoff=0.5)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise LmforgeError(f"unknown model config {name!r}{hint}; known: {', '.join(PRESETS)}")
     fields = {**PRESETS[name], **(overrides or {}), "vocab_size": vocab_size}

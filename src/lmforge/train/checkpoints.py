@@ -9,6 +9,7 @@ leaves either the previous checkpoint or the new one, never a torn file. Names s
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lmforge.atomic import write_with
+from lmforge.atomic import write_bytes_atomic
 from lmforge.errors import LmforgeError
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,12 @@ def checkpoint_path(run_dir: Path, step: int) -> Path:
 def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], *, keep: int = 2) -> Path:
     """Write STATE as the checkpoint of STEP, then delete all but the newest KEEP."""
     path = checkpoint_path(run_dir, step)
+    # Serialized in memory first: torch.save reports a failed write (disk full, quota) as an
+    # opaque RuntimeError from its zip writer, a plain file write as an OSError with errno.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     try:
-        write_with(path, lambda tmp: torch.save(state, tmp))
+        write_bytes_atomic(path, buffer.getbuffer())
     except OSError as exc:  # disk full, quota, …: the temp file is gone, older ones intact
         kept = list_checkpoints(run_dir)
         last = f"; the last complete checkpoint is {kept[-1].name}" if kept else ""

@@ -138,7 +138,7 @@ def train(
     """
     started, cpu_started = time.perf_counter(), time.process_time()
     dist = dist or Distributed()
-    config = _with_block_size(config, model)
+    config = with_block_size(config, model)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab is not None and train_split.vocab_size > vocab:
         raise LmforgeError(
@@ -268,7 +268,7 @@ def train(
     )
 
 
-def _with_block_size(config: LoopConfig, model: nn.Module) -> LoopConfig:
+def with_block_size(config: LoopConfig, model: nn.Module) -> LoopConfig:
     """CONFIG with block_size 0 replaced by the model's context; too long a block is an error."""
     context = getattr(getattr(model, "config", None), "max_seq_len", None)
     if config.block_size == 0:

@@ -1,8 +1,9 @@
 """Pretraining as a stage: `TrainConfig`, the model it builds, the run it records.
 
     config = load_config(TrainConfig, file="run.yaml", overrides=["--loop.lr=3e-4"])
-    run = start_run(config, dataset_dir, runs_dir)            # or find_resumable(...)
-    result = pretrain(config, run, init=None, on_step=observer)
+    plan = plan_training(config, dataset_dir)         # model + splits, all checks, no writes
+    run = prepare_run(config, dataset_dir, runs_dir)  # new, or `--resume auto|PATH`
+    result = pretrain(config, run, plan, on_step=observer)
     export_model(result, target_dir)
 
 `TrainConfig` is what `lmforge train` flags and YAML files set: the data set, a named model
@@ -32,7 +33,7 @@ from torch import nn
 
 from lmforge.atomic import write_text_atomic
 from lmforge.config import dump_yaml, read_yaml, to_dict
-from lmforge.data.loader import TokenSplit
+from lmforge.data.loader import TokenSplit, check_windows
 from lmforge.data.shards import read_manifest
 from lmforge.errors import LmforgeError
 from lmforge.model.checkpoint import LoadedModel, save_model
@@ -40,7 +41,7 @@ from lmforge.model.presets import model_config
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoints import list_checkpoints
 from lmforge.train.distributed import Distributed
-from lmforge.train.loop import LoopConfig, StepCallback, TrainResult, train
+from lmforge.train.loop import LoopConfig, StepCallback, TrainResult, train, with_block_size
 
 log = logging.getLogger(__name__)
 
@@ -247,29 +248,57 @@ def build_model(config: TrainConfig, vocab_size: int, init: LoadedModel | None) 
     return Transformer(shape)
 
 
-def pretrain(
+@dataclass
+class Plan:
+    """What a run trains, checked before anything is written."""
+
+    model: nn.Module
+    tokenizer: Tokenizer  # saved with the trained model
+    train_split: TokenSplit
+    val_split: TokenSplit | None
+    init_ref: str | None = None  # the model continued from, as the user named it
+
+
+def plan_training(
     config: TrainConfig,
-    run: Run,
+    dataset_dir: Path,
     *,
     init: LoadedModel | None = None,
     init_ref: str | None = None,
+    dist: Distributed | None = None,
+) -> Plan:
+    """The model (fresh or INIT's) and splits for CONFIG; every mismatch is an error here."""
+    dist = dist or Distributed()
+    data_tokenizer = dataset_tokenizer(dataset_dir)
+    if init is not None:
+        check_same_tokenizer(data_tokenizer, init.tokenizer, init_ref or str(init.path))
+    train_split = TokenSplit.open(dataset_dir, "train")
+    val_split = _optional_split(dataset_dir, "val")
+    model = build_model(config, data_tokenizer.vocab_size, init)
+    loop = with_block_size(config.loop, model)
+    dist.rows(loop.batch_size)
+    for split in (train_split, val_split):
+        if split is not None:
+            check_windows(split, loop.batch_size, loop.block_size)
+    tokenizer = init.tokenizer if init is not None else data_tokenizer
+    return Plan(model, tokenizer, train_split, val_split, init_ref)
+
+
+def pretrain(
+    config: TrainConfig,
+    run: Run,
+    plan: Plan,
+    *,
     on_step: StepCallback | None = None,
     dist: Distributed | None = None,
 ) -> PretrainResult:
-    """Train per CONFIG in RUN's directory (resuming as run.resume says)."""
+    """Train PLAN's model per CONFIG in RUN's directory (resuming as run.resume says)."""
     dist = dist or Distributed()
-    tokenizer = init.tokenizer if init is not None else dataset_tokenizer(run.dataset_dir)
-    data_tokenizer = dataset_tokenizer(run.dataset_dir)
-    if init is not None:
-        check_same_tokenizer(data_tokenizer, init.tokenizer, init_ref or str(init.path))
-    train_split = TokenSplit.open(run.dataset_dir, "train")
-    val_split = _optional_split(run.dataset_dir, "val")
-    model = build_model(config, data_tokenizer.vocab_size, init)
     try:
         result = train(
-            model,
-            train_split,
-            val_split,
+            plan.model,
+            plan.train_split,
+            plan.val_split,
             config.loop,
             run.dir,
             resume=run.resume,
@@ -280,13 +309,11 @@ def pretrain(
         if dist.is_main:
             _write_run_file(run.dir, status="failed", error=str(exc))
         raise
-    lineage = run_lineage(config, run, result, model, init_ref=init_ref, dist=dist)
+    lineage = run_lineage(config, run, result, plan.model, init_ref=plan.init_ref, dist=dist)
     if dist.is_main:
         status = "stopped" if result.stopped_early else "completed"
-        _write_run_file(
-            run.dir, status=status, name=config.name, dataset=str(run.dataset_dir), result=lineage
-        )
-    return PretrainResult(model, tokenizer, result, lineage)
+        _write_run_file(run.dir, status=status, result=lineage)
+    return PretrainResult(plan.model, plan.tokenizer, result, lineage)
 
 
 def run_lineage(
