@@ -49,6 +49,15 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], *, keep: in
     return path
 
 
+def remove_partial_writes(run_dir: Path) -> list[Path]:
+    """Delete temp files that a killed process left mid-write (`.ckpt-….tmp`, `.best.pt….tmp`)."""
+    stale = sorted(run_dir.glob(".*.tmp")) if run_dir.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+        log.info("removed %s, left by an interrupted write", path)
+    return stale
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """The run's checkpoint files, oldest first (temp files of unfinished writes excluded)."""
     if not run_dir.is_dir():

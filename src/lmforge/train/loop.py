@@ -32,7 +32,12 @@ from torch import nn
 from lmforge.atomic import write_text_atomic, write_with
 from lmforge.data.loader import TokenSplit, eval_batches, random_batches
 from lmforge.errors import LmforgeError
-from lmforge.train.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from lmforge.train.checkpoints import (
+    latest_checkpoint,
+    load_checkpoint,
+    remove_partial_writes,
+    save_checkpoint,
+)
 from lmforge.train.distributed import Distributed
 from lmforge.train.optim import build_optimizer, lr_at, set_lr
 
@@ -169,6 +174,7 @@ def train(
         prior_wall, prior_cpu = state.get("wall_seconds", 0.0), state.get("cpu_seconds", 0.0)
         log.info("resumed from %s (step %d)", path, step)
     if dist.is_main:
+        remove_partial_writes(run_dir)
         _truncate_metrics(run_dir / METRICS, step)
     tokens_per_step = config.batch_size * config.block_size * config.grad_accum
     batches = (

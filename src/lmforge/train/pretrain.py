@@ -31,7 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lmforge.atomic import write_text_atomic
+from lmforge.atomic import atomic_directory, write_text_atomic
 from lmforge.config import dump_yaml, read_yaml, to_dict
 from lmforge.data.loader import TokenSplit, check_windows
 from lmforge.data.shards import read_manifest
@@ -142,9 +142,9 @@ def start_run(config: TrainConfig, dataset_dir: Path, runs_dir: Path, run_id: st
     """A new run directory `runs_dir/<name>-<UTC time>-<hex>` with config.yaml and run.json."""
     run_id = run_id or new_run_id(config.name)
     run_dir = runs_dir / run_id
-    run_dir.mkdir(parents=True, exist_ok=False)
-    write_text_atomic(run_dir / CONFIG_FILE, dump_yaml(config))
-    _write_run_file(run_dir, status="running", name=config.name, dataset=str(dataset_dir))
+    with atomic_directory(run_dir) as tmp:  # a kill never leaves a run without its config
+        write_text_atomic(tmp / CONFIG_FILE, dump_yaml(config))
+        _write_run_file(tmp, status="running", name=config.name, dataset=str(dataset_dir))
     return Run(run_id, run_dir, dataset_dir)
 
 
@@ -179,18 +179,30 @@ def new_run_id(name: str) -> str:
 
 
 def find_resumable(config: TrainConfig, runs_dir: Path) -> Run | None:
-    """For `--resume auto`: the newest unfinished run of config.name that has a checkpoint,
-    checked against CONFIG (None: start a new run)."""
+    """For `--resume auto`: the newest unfinished run of config.name, checked against CONFIG.
+
+    None (start a new run) when there is none, or when the newest one never wrote a
+    checkpoint and was started with other settings (nothing of it would be kept anyway).
+    """
     candidates = []
     for d in runs_dir.glob(f"{config.name}-*") if runs_dir.is_dir() else []:
         info = _read_run_file(d)
-        unfinished = info.get("name") == config.name and info.get("status") != "completed"
-        if unfinished and list_checkpoints(d):  # a run killed before its first checkpoint: none
+        if info.get("name") == config.name and info.get("status") != "completed":
             candidates.append((d.stat().st_mtime, d, info))
     if not candidates:
         return None
     _, run_dir, info = max(candidates, key=lambda c: c[0])
+    if not list_checkpoints(run_dir) and _changed_settings(config, run_dir):
+        return None
     return open_run(config, run_dir, info)
+
+
+def _changed_settings(config: TrainConfig, run_dir: Path) -> list[str]:
+    """Keys of CONFIG that differ from the run's config.yaml, except RESUMABLE_CHANGES."""
+    saved = _flatten(read_yaml(run_dir / CONFIG_FILE))
+    now = _flatten(to_dict(config))
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    return [k for k in changed if k not in RESUMABLE_CHANGES]
 
 
 def open_run(config: TrainConfig, run_dir: Path, info: dict[str, Any] | None = None) -> Run:
@@ -198,11 +210,9 @@ def open_run(config: TrainConfig, run_dir: Path, info: dict[str, Any] | None = N
     if not (run_dir / CONFIG_FILE).is_file():
         raise LmforgeError(f"--resume {run_dir}: not a training run (no {CONFIG_FILE})")
     info = info if info is not None else _read_run_file(run_dir)
-    saved = _flatten(read_yaml(run_dir / CONFIG_FILE))
-    now = _flatten(to_dict(config))
-    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-    changed = [k for k in changed if k not in RESUMABLE_CHANGES]
+    changed = _changed_settings(config, run_dir)
     if changed:
+        saved, now = _flatten(read_yaml(run_dir / CONFIG_FILE)), _flatten(to_dict(config))
         detail = ", ".join(f"{k}: {saved.get(k)!r} → {now.get(k)!r}" for k in changed[:4])
         raise LmforgeError(
             f"run {run_dir.name} was started with other settings ({detail}); resume with the "
