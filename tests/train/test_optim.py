@@ -74,8 +74,9 @@ def test_a_step_equals_torch_adamw_with_the_same_groups() -> None:
             opt.zero_grad()
             m(x).square().sum().backward()
             opt.step()
+    # Ours is the fused kernel, the reference the per-tensor loop: equal up to float rounding.
     for a, b in zip(model.parameters(), reference.parameters(), strict=True):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
 
 
 def test_bad_hyperparameters_name_the_flag() -> None:

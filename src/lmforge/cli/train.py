@@ -72,8 +72,11 @@ class _StepStats(ProgressColumn):
 class _Watcher:
     """on_step: progress bar (terminal) or a log line per evaluation (pipes), plus the observer."""
 
-    def __init__(self, observer: Any, bar: Progress, task: Any, max_steps: int) -> None:
+    def __init__(
+        self, observer: Any, bar: Progress, task: Any, max_steps: int, *, lines: bool
+    ) -> None:
         self.observer, self.bar, self.task, self.max_steps = observer, bar, task, max_steps
+        self.lines = lines  # a line per evaluation instead of the bar (stderr is not a terminal)
         self.tokens_per_step = 0.0
         self.window: list[tuple[float, int]] = []  # (step seconds, tokens) of recent steps
         self.val_loss: float | None = None
@@ -93,7 +96,7 @@ class _Watcher:
             tok_s=tok_s,
             val_loss=self.val_loss,
         )
-        if self.bar.disable and ("val_loss" in record or step == self.max_steps):
+        if self.lines and ("val_loss" in record or step == self.max_steps):
             val = f"  val loss {record['val_loss']:.4f}" if "val_loss" in record else ""
             err.print(
                 f"step {step}/{self.max_steps}  loss {record['loss']:.4f}{val}  {tok_s:,.0f} tok/s"
@@ -242,7 +245,9 @@ def _run(config: Any, dist: Any, *, quiet: bool) -> None:
         err.print(f"{what} run [bold]{escape(run.id)}[/bold] → {escape(str(run.dir))}")
     with Progress(*columns, console=err, disable=not (show and err.is_terminal)) as bar:
         task = bar.add_task("train", total=config.loop.max_steps)
-        watcher = _Watcher(observer, bar, task, config.loop.max_steps)
+        watcher = _Watcher(
+            observer, bar, task, config.loop.max_steps, lines=show and not err.is_terminal
+        )
         try:
             result = pretrain(
                 config, run, plan, on_step=watcher if dist.is_main else None, dist=dist

@@ -116,14 +116,17 @@ class Distributed:
                 model.set_requires_gradient_sync(True)  # type: ignore[operator]
 
     def state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-        """Full model and optimizer state dicts, keyed by parameter name, on the CPU."""
+        """Full model and optimizer state dicts, keyed by parameter name, on the CPU.
+
+        A collective: every rank calls it; under ddp/fsdp only rank 0 gets the tensors (the
+        others get empty dicts), which is all that writing a checkpoint needs."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_state_dict(model, optimizer, options=options)
 
     def model_state(self, model: nn.Module) -> dict[str, Any]:
-        """The full model state dict, keyed by parameter name, on the CPU."""
+        """The full model state dict on the CPU (a collective; see `state`)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)

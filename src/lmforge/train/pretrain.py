@@ -246,15 +246,17 @@ def build_model(config: TrainConfig, vocab_size: int, init: LoadedModel | None) 
             model.config.dropout = dropout  # type: ignore[union-attr]
         return model
     torch.manual_seed(config.loop.seed)  # the initial weights depend on the seed only
-    shape = model_config(config.model, vocab_size, config.arch.given())
+    return new_model(model_config(config.model, vocab_size, config.arch.given()))
+
+
+def new_model(shape: Any) -> nn.Module:
+    """A freshly initialised model of SHAPE (a `ModelConfig` or an `LSTMConfig`)."""
     if shape.arch == "lstm":
-        from lmforge.model.lstm import LSTMConfig, LSTMLanguageModel
+        from lmforge.model.lstm import LSTMLanguageModel
 
-        assert isinstance(shape, LSTMConfig)
         return LSTMLanguageModel(shape)
-    from lmforge.model.transformer import ModelConfig, Transformer
+    from lmforge.model.transformer import Transformer
 
-    assert isinstance(shape, ModelConfig)
     return Transformer(shape)
 
 
@@ -319,11 +321,17 @@ def pretrain(
         if dist.is_main:
             _write_run_file(run.dir, status="failed", error=str(exc))
         raise
-    lineage = run_lineage(config, run, result, plan.model, init_ref=plan.init_ref, dist=dist)
+    model = plan.model
+    if dist.strategy == "fsdp":  # its parameters are shards: gather them into a plain model
+        full = dist.model_state(model)  # a collective; only rank 0 receives the tensors
+        if dist.is_main:
+            model = new_model(getattr(model, "config"))  # noqa: B009
+            model.load_state_dict(full)
+    lineage = run_lineage(config, run, result, model, init_ref=plan.init_ref, dist=dist)
     if dist.is_main:
         status = "stopped" if result.stopped_early else "completed"
         _write_run_file(run.dir, status=status, result=lineage)
-    return PretrainResult(plan.model, plan.tokenizer, result, lineage)
+    return PretrainResult(model, plan.tokenizer, result, lineage)
 
 
 def run_lineage(
