@@ -158,15 +158,15 @@ def test_config_file_overrides_and_flags_in_order(
 def test_time_limit_then_resume_auto_and_changed_settings(
     char_data: Path, lmforge_home: Path
 ) -> None:
-    args = ("--model", "tiny", "--name", "t", "--max-steps", "400", "--ckpt-every", "5", *TINY)
-    first = train(lmforge_home, char_data, *args, "--time-limit", "0.5")
+    args = ("--model", "tiny", "--name", "t", "--max-steps", "150", "--ckpt-every", "5", *TINY)
+    first = train(lmforge_home, char_data, *args, "--time-limit", "0.2")
     assert first.returncode == 0, first.stderr
     assert "stopped by --time-limit" in first.stderr
     assert not (lmforge_home / "models").exists()  # nothing registered yet
     run = run_dir(lmforge_home)
     assert json.loads((run / "run.json").read_text())["status"] == "stopped"
     stopped_at = len((run / "metrics.jsonl").read_text().splitlines())
-    assert 0 < stopped_at < 400
+    assert 0 < stopped_at < 150
 
     changed = train(lmforge_home, char_data, *args, "--resume", "auto", "--lr", "0.5")
     assert_one_line_error(changed, "loop.lr", "started with other settings")
@@ -176,7 +176,7 @@ def test_time_limit_then_resume_auto_and_changed_settings(
     assert f"resumed at {stopped_at}" in done.stdout
     assert len(list((lmforge_home / "runs").iterdir())) == 1  # the same run went on
     lineage = json.loads((model_dir(lmforge_home, "t") / "lmforge.json").read_text())
-    assert lineage["steps"] == 400 and lineage["tokens_seen"] == 400 * 4 * 32
+    assert lineage["steps"] == 150 and lineage["tokens_seen"] == 150 * 4 * 32
 
 
 def test_init_from_continues_a_registered_model(char_data: Path, lmforge_home: Path) -> None:

@@ -3,16 +3,17 @@
 A preset fixes the shape of a model; the vocabulary size always comes from the data set's
 tokenizer, and any field can be overridden (`--arch.n_layer=6`, `--dropout 0.1`).
 
-| name                      | family      | layers | heads | d_model | context | ~params*  |
-|---------------------------|-------------|--------|-------|---------|---------|-----------|
-| `nanogpt-shakespeare-cpu` | gpt2        | 4      | 4     | 128     | 64      | 0.8 M     |
-| `tiny`                    | llama       | 2      | 4     | 64      | 128     | 0.1 M     |
-| `small`                   | gpt2        | 6      | 6     | 384     | 256     | 10.7 M    |
-| `llama-small`             | llama (GQA) | 6      | 6 (2) | 384     | 256     | 9.5 M     |
-| `gpt2-124m`               | gpt2        | 12     | 12    | 768     | 1024    | 124 M     |
-| `lstm`                    | lstm        | 2      | –     | 256     | 64      | 1.1 M     |
+| name                      | family      | layers | heads | d_model | context | params* |
+|---------------------------|-------------|--------|-------|---------|---------|---------|
+| `nanogpt-shakespeare-cpu` | gpt2        | 4      | 4     | 128     | 64      | 0.81 M  |
+| `tiny`                    | llama       | 2      | 4     | 64      | 128     | 0.11 M  |
+| `small`                   | gpt2        | 6      | 6     | 384     | 256     | 10.8 M  |
+| `llama-small`             | llama (GQA) | 6      | 6 (2) | 384     | 256     | 9.5 M   |
+| `gpt2-124m`               | gpt2        | 12     | 12    | 768     | 1024    | 85.9 M  |
+| `lstm`                    | lstm        | 2      | –     | 256     | 64      | 1.07 M  |
 
-\\* without the embedding's vocabulary-dependent part (counted for a 65-symbol vocabulary).
+\* for a 65-symbol vocabulary (tinyshakespeare, character level); `gpt2-124m` has 124 M with
+GPT-2's 50,257 tokens.
 
 `nanogpt-shakespeare-cpu` is nanoGPT's published CPU configuration for shakespeare-char
 (github.com/karpathy/nanoGPT README, "I only have a macbook"); `small` is the "baby GPT" of
