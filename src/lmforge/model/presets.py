@@ -12,7 +12,7 @@ tokenizer, and any field can be overridden (`--arch.n_layer=6`, `--dropout 0.1`)
 | `gpt2-124m`               | gpt2        | 12     | 12    | 768     | 1024    | 85.9 M  |
 | `lstm`                    | lstm        | 2      | –     | 256     | 64      | 1.07 M  |
 
-\* for a 65-symbol vocabulary (tinyshakespeare, character level); `gpt2-124m` has 124 M with
+* for a 65-symbol vocabulary (tinyshakespeare, character level); `gpt2-124m` has 124 M with
 GPT-2's 50,257 tokens.
 
 `nanogpt-shakespeare-cpu` is nanoGPT's published CPU configuration for shakespeare-char
