@@ -195,8 +195,15 @@ def test_models_import_list_show_generate(tiny_model_dir: Path, tmp_path: Path) 
     assert not (home / "evil").exists()
 
 
-def test_demo_runs(builtin_home: Path) -> None:
-    proc = lmforge("demo", "-n", "24", home=builtin_home)
+def test_demo_runs(builtin_home: Path, tmp_path: Path) -> None:
+    home = tmp_path / "home"  # its own registry; the converted built-in is shared
+    home.mkdir()
+    (home / "builtin").symlink_to(builtin_home / "builtin")
+    proc = lmforge("demo", "-n", "24", "--train-steps", "8", home=home)
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
     assert "two-turn chat" in proc.stdout
+    assert "lmforge train --data demo-shakespeare" in proc.stdout
+    assert "demo-shakespeare writes" in proc.stdout
+    assert (home / "datasets" / "demo-shakespeare" / "manifest.json").is_file()
+    assert (home / "models" / "demo-shakespeare").is_dir()
