@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint format bench bench-data clean
+.PHONY: setup demo test lint format bench bench-data bench-train clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,10 @@ bench: $(STAMP)
 
 bench-data: $(STAMP)
 	$(PY) bench/data.py
+
+# Training vs nanoGPT's CPU shakespeare-char run (needs ../shared/data and a nanoGPT mirror).
+bench-train: $(STAMP)
+	$(PY) bench/train.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

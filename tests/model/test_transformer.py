@@ -10,6 +10,7 @@ from lmforge.model.kv_cache import KVCache
 from lmforge.model.transformer import (
     ModelConfig,
     Transformer,
+    causal_bmm_attention,
     decode_step,
     optimize_weight_layout,
     prefill,
@@ -91,6 +92,30 @@ def test_eager_and_sdpa_attention_agree(tiny_model: Transformer) -> None:
     tiny_model.attn_impl = "sdpa"
     sdpa = tiny_model(seq)
     torch.testing.assert_close(eager, sdpa, atol=1e-5, rtol=1e-5)
+
+
+def test_training_attention_matches_eager_in_loss_and_gradients(tiny_model: Transformer) -> None:
+    """With gradients on, "sdpa" takes `causal_bmm_attention` (the training path)."""
+    seq = torch.randint(0, tiny_model.config.vocab_size, (2, 20))
+    grads = {}
+    for impl in ("eager", "sdpa"):
+        tiny_model.attn_impl = impl
+        tiny_model.zero_grad(set_to_none=True)
+        loss = tiny_model(seq).float().logsumexp(-1).mean()
+        loss.backward()
+        grads[impl] = (loss.detach(), [p.grad.clone() for p in tiny_model.parameters()])
+    torch.testing.assert_close(grads["sdpa"][0], grads["eager"][0], atol=1e-5, rtol=1e-5)
+    for ours, ref in zip(grads["sdpa"][1], grads["eager"][1], strict=True):
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_causal_bmm_attention_equals_sdpa_in_bf16() -> None:
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 40, 16) for _ in range(3))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    got = causal_bmm_attention(*(t.bfloat16() for t in (q, k, v)), 16**-0.5)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)
 
 
 def test_eager_decode_matches_sdpa_decode(tiny_model: Transformer) -> None:
