@@ -43,7 +43,7 @@ bench-data: $(STAMP)
 
 # Training vs nanoGPT's CPU shakespeare-char run (needs ../shared/data and a nanoGPT mirror).
 bench-train: $(STAMP)
-	$(PY) bench/train.py
+	$(PY) bench/train.py --rounds 2
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info
