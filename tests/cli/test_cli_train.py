@@ -228,11 +228,21 @@ def test_lstm_trains_and_generates(char_data: Path, lmforge_home: Path) -> None:
     ],
 )
 def test_bad_input_is_one_line(
-    args: tuple[str, ...], needles: tuple[str, ...], char_data: Path, lmforge_home: Path
+    args: tuple[str, ...],
+    needles: tuple[str, ...],
+    char_data: Path,
+    lmforge_home: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
+    """In-process (`main(argv)` is the whole command, without a second of torch import per
+    case); the subprocess path of the same error handling is covered by the tests above."""
+    from lmforge.cli.main import main
+
     if args[0] != "--data":
         args = ("--data", str(char_data), *args)
-    proc = lmforge("train", *args, "-q", home=lmforge_home)
+    code = main(["train", *args, "-q"])
+    captured = capsys.readouterr()
+    proc = subprocess.CompletedProcess(["lmforge"], code, captured.out, captured.err)
     assert_one_line_error(proc, *needles)
     assert not (lmforge_home / "runs").exists() or not any((lmforge_home / "runs").iterdir())
 

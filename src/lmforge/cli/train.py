@@ -126,7 +126,7 @@ def train_command(
         int | None, typer.Option(help="Windows per micro-batch (global, all processes).")
     ] = None,
     block_size: Annotated[
-        int | None, typer.Option(help="Window length in tokens (default: model context).")
+        int | None, typer.Option(help="Window length in tokens (default: model context, ≤ 1024).")
     ] = None,
     grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per step.")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,

@@ -44,6 +44,7 @@ from lmforge.train.optim import build_optimizer, lr_at, set_lr
 log = logging.getLogger(__name__)
 
 METRICS = "metrics.jsonl"
+DEFAULT_BLOCK_MAX = 1024  # --block-size 0 takes the model's context, up to this
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class LoopConfig:
 
     max_steps: int = 2000
     batch_size: int = 12
-    block_size: int = 0  # context length of the training windows; 0: the model's context
+    block_size: int = 0  # context length of the training windows; 0: the model's, ≤ 1024
     grad_accum: int = 1  # micro-batches per step
     lr: float = 1e-3
     min_lr: float = 1e-4
@@ -275,12 +276,14 @@ def train(
 
 
 def with_block_size(config: LoopConfig, model: nn.Module) -> LoopConfig:
-    """CONFIG with block_size 0 replaced by the model's context; too long a block is an error."""
+    """CONFIG with block_size 0 replaced by the model's context (at most DEFAULT_BLOCK_MAX:
+    continuing a model with an 8k context should not silently mean 8k-token windows on a
+    CPU); a block longer than the context is an error."""
     context = getattr(getattr(model, "config", None), "max_seq_len", None)
     if config.block_size == 0:
         if context is None:
             raise LmforgeError("--block-size is needed: the model has no context length")
-        return replace(config, block_size=int(context))
+        return replace(config, block_size=min(int(context), DEFAULT_BLOCK_MAX))
     limited = getattr(getattr(model, "config", None), "arch", None) != "lstm"
     if limited and context is not None and config.block_size > context:
         raise LmforgeError(

@@ -112,10 +112,11 @@ class TrainConfig:
             raise LmforgeError("give --model (train from scratch) or --init-from, not both")
         if not self.model and not self.init_from:
             raise LmforgeError("--model is required (e.g. tiny, small) unless --init-from is given")
-        if self.init_from and set(self.arch.given()) - {"dropout"}:
-            keys = ", ".join(f"arch.{k}" for k in sorted(set(self.arch.given()) - {"dropout"}))
+        fixed = sorted(set(self.arch.given()) - {"dropout"}) if self.init_from else []
+        if fixed:
+            keys = ", ".join(f"arch.{k}" for k in fixed)
             raise LmforgeError(
-                f"{keys}: --init-from fixes the model's shape (only dropout can change)"
+                f"{keys}: --init-from fixes the model's shape (only dropout changes)"
             )
 
 
