@@ -108,6 +108,9 @@ class LLM:
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         ignore_eos: bool = False,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repetition_penalty: float = 1.0,
     ) -> SamplingParams:
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         return SamplingParams(
@@ -120,6 +123,9 @@ class LLM:
             stop=stops,
             stop_token_ids=self.stop_token_ids,
             ignore_eos=ignore_eos,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+            repetition_penalty=repetition_penalty,
         )
 
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.infer.sampling import SamplingParams, filter_logits, sample
+from lmforge.infer.sampling import (
+    SamplingParams,
+    TokenHistory,
+    apply_penalties,
+    filter_logits,
+    sample,
+)
 
 
 @pytest.mark.parametrize(
@@ -35,6 +41,17 @@ from lmforge.infer.sampling import SamplingParams, filter_logits, sample
         ("seed", -1),
         ("seed", 2**63),
         ("seed", 1.5),
+        ("presence_penalty", 2.5),
+        ("presence_penalty", math.nan),
+        ("frequency_penalty", -3),
+        ("frequency_penalty", "1"),
+        ("repetition_penalty", 0.0),
+        ("repetition_penalty", math.inf),
+        ("n", 0),
+        ("n", True),
+        ("logprobs", 1),
+        ("top_logprobs", 21),
+        ("top_logprobs", -1),
     ],
 )
 def test_bad_value_is_an_error_naming_the_field(field, value):  # type: ignore[no-untyped-def]
@@ -144,3 +161,60 @@ def test_sampled_frequencies_match_probabilities(top_k, want):  # type: ignore[n
     ids = sample(logits, params, params.make_generator())
     freq = torch.bincount(ids, minlength=4).double() / n
     assert freq.tolist() == pytest.approx(want, abs=0.02)
+
+
+def naive_penalties(logits, prompt, output, params):  # type: ignore[no-untyped-def]
+    """One row, token by token, as OpenAI's and CTRL's papers describe it."""
+    out = [float(x) for x in logits]
+    for token in set(prompt) | set(output):
+        if params.repetition_penalty != 1.0:
+            x = out[token]
+            out[token] = x / params.repetition_penalty if x > 0 else x * params.repetition_penalty
+    for token in set(output):
+        count = output.count(token)
+        out[token] -= params.frequency_penalty * count + params.presence_penalty
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize(
+    ("presence", "frequency", "repetition"),
+    [(0.5, 0.0, 1.0), (0.0, 0.7, 1.0), (0.0, 0.0, 1.3), (-0.4, 1.1, 0.8), (2.0, -2.0, 1.5)],
+)
+def test_penalties_match_reference(presence, frequency, repetition):  # type: ignore[no-untyped-def]
+    g = torch.Generator().manual_seed(0)
+    vocab = 50
+    params = SamplingParams(
+        presence_penalty=presence, frequency_penalty=frequency, repetition_penalty=repetition
+    )
+    prompts = [[1, 2, 3, 3], [], [7]]
+    outputs = [[3, 4, 4, 4, 9], [0, 0], []]
+    logits = torch.randn(3, vocab, generator=g) * 3
+    history = TokenHistory(prompts, vocab)
+    padded = [out + [49] * (5 - len(out)) for out in outputs]  # short rows go on with 49
+    for step in range(5):
+        history.add(torch.tensor([out[step] for out in padded]))
+    got = apply_penalties(logits, history.output_counts, history.seen, params)
+    for row in range(3):
+        want = naive_penalties(logits[row], prompts[row], padded[row], params)
+        torch.testing.assert_close(got[row], want)
+
+
+def test_penalties_change_greedy_generation_like_a_naive_loop(tiny_model):  # type: ignore[no-untyped-def]
+    """generate_ids with penalties == argmax over the full recompute with naive penalties."""
+    from lmforge.infer.generate import generate_ids
+
+    params = SamplingParams(
+        max_tokens=20, repetition_penalty=1.8, presence_penalty=0.6, frequency_penalty=0.4
+    )
+    prompt = [5, 9, 5, 9, 5]
+    got = [step.token_id for step in generate_ids(tiny_model, prompt, params)]
+    ids, want = list(prompt), []
+    with torch.no_grad():
+        for _ in range(20):
+            logits = tiny_model(torch.tensor([ids]))[0, -1]
+            token = int(naive_penalties(logits, prompt, want, params).argmax())
+            want.append(token)
+            ids.append(token)
+    assert got == want
+    plain = [s.token_id for s in generate_ids(tiny_model, prompt, SamplingParams(max_tokens=20))]
+    assert plain != got  # the penalties did something on this model

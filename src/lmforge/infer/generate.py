@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.infer.sampling import SamplingParams, sample
+from lmforge.infer.sampling import SamplingParams, TokenHistory, apply_penalties, sample
 from lmforge.model import lstm
 from lmforge.model.kv_cache import KVCache
 from lmforge.model.lstm import LSTMLanguageModel
@@ -77,8 +77,13 @@ def generate_ids(
         cache = KVCache.allocate(model.config, 1, slots, dtype=model.lm_head.weight.dtype)
         logits = prefill(model, prompt, cache)
     pos = len(prompt_ids)
+    history = TokenHistory([list(prompt_ids)], logits.shape[-1]) if params.penalized else None
     for i in range(budget):
+        if history is not None:
+            logits = apply_penalties(logits, history.output_counts, history.seen, params)
         tid = int(sample(logits, params, generator)[0])
+        if history is not None:
+            history.add(torch.tensor([tid]))
         if tid in stop_ids:
             yield GenerationStep(tid, "stop")
             return
