@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -178,34 +179,62 @@ def import_command(
     name: Annotated[str, typer.Option("--name", help="Registry name (a-z, 0-9, . _ -).")],
 ) -> None:
     """Import a model into the registry as an HF-layout directory under $LMFORGE_HOME/models."""
-    from lmforge.atomic import atomic_directory
-    from lmforge.model.checkpoint import file_sha256, load_model, read_lineage, save_model
+    from lmforge.model.checkpoint import file_sha256, load_model, save_model
     from lmforge.registry import repo
-    from lmforge.registry.db import connect
 
     home = lmforge_home()
     repo.validate_name(name)
     with err.status(f"reading {path} …"):
         loaded = load_model(path)
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    target = home / "models" / name / f"{stamp}-{secrets.token_hex(3)}"
     source = {"kind": "gguf" if path.is_file() else "hf", "path": str(path.resolve())}
     if path.is_file():
         source["sha256"] = file_sha256(path)
+    rec = store_model(
+        home,
+        name,
+        lambda tmp: save_model(
+            loaded.model, loaded.tokenizer, tmp, lineage={"name": name, "source": source}
+        ),
+        arch=loaded.config.arch,
+        n_params=loaded.config.num_params(),
+        source=str(path.resolve()),
+    )
+    out.print(f"imported [bold]{rec.name}@{rec.version}[/bold] → {escape(str(rec.path))}")
+
+
+def store_model(
+    home: Path,
+    name: str,
+    write: Callable[[Path], Any],
+    *,
+    arch: str,
+    n_params: int,
+    source: str,
+    parent: str | None = None,
+) -> Any:
+    """Write a model directory with WRITE (atomically, under models/NAME/) and register it as
+    the next version of NAME; the weights' sha256 comes from the lmforge.json WRITE made."""
+    from lmforge.atomic import atomic_directory
+    from lmforge.model.checkpoint import read_lineage
+    from lmforge.registry import repo
+    from lmforge.registry.db import connect
+
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    target = home / "models" / name / f"{stamp}-{secrets.token_hex(3)}"
     with err.status(f"writing {target} …"), atomic_directory(target) as tmp:
-        save_model(loaded.model, loaded.tokenizer, tmp, lineage={"name": name, "source": source})
+        write(tmp)
     engine = connect(home=home)
     try:
         with engine.begin() as conn:
-            rec = repo.register_model(
+            return repo.register_model(
                 conn,
                 name=name,
                 path=str(target),
                 sha256=read_lineage(target)["weights_sha256"],  # hashed by save_model
-                arch=loaded.config.arch,
-                n_params=loaded.config.num_params(),
-                source=str(path.resolve()),
+                parent=parent,
+                arch=arch,
+                n_params=n_params,
+                source=source,
             )
     finally:
         engine.dispose()
-    out.print(f"imported [bold]{rec.name}@{rec.version}[/bold] → {escape(str(target))}")

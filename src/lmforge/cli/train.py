@@ -10,9 +10,7 @@ Under `torchrun` only rank 0 draws, writes and registers.
 from __future__ import annotations
 
 import math
-import secrets
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -280,32 +278,19 @@ def _load_init(spec: str | None, home: Path) -> tuple[Any, str | None]:
 
 
 def _register(result: Any, config: Any, init_ref: str | None, run: Any, home: Path) -> Any:
-    from lmforge.atomic import atomic_directory
-    from lmforge.model.checkpoint import read_lineage
-    from lmforge.registry import repo
-    from lmforge.registry.db import connect
+    from lmforge.cli.models import store_model
     from lmforge.train.pretrain import export_model
 
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    target = home / "models" / config.name / f"{stamp}-{secrets.token_hex(3)}"
-    with err.status(f"writing {target} …"), atomic_directory(target) as tmp:
-        export_model(result, tmp)
     shape = result.model.config
-    engine = connect(home=home)
-    try:
-        with engine.begin() as conn:
-            return repo.register_model(
-                conn,
-                name=config.name,
-                path=str(target),
-                sha256=read_lineage(target)["weights_sha256"],
-                parent=init_ref,
-                arch=shape.arch,
-                n_params=shape.num_params(),
-                source=f"run:{run.id}",
-            )
-    finally:
-        engine.dispose()
+    return store_model(
+        home,
+        config.name,
+        lambda tmp: export_model(result, tmp),
+        arch=shape.arch,
+        n_params=shape.num_params(),
+        source=f"run:{run.id}",
+        parent=init_ref,
+    )
 
 
 def _summary(result: Any, run: Any, record: Any) -> None:

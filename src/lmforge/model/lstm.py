@@ -20,19 +20,21 @@ Shapes: B batch, T tokens, L n_layer, C d_model (embedding and hidden size), V v
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lmforge.model.transformer import ConfigDict
 
 LSTMState = tuple[torch.Tensor, torch.Tensor]
 """The LSTM's (h, c), each [L, B, C]."""
 
 
 @dataclass
-class LSTMConfig:
+class LSTMConfig(ConfigDict):
     """Shape of an LSTM language model."""
 
     arch: Literal["lstm"] = "lstm"
@@ -63,17 +65,6 @@ class LSTMConfig:
             )
         if not (math.isfinite(self.init_std) and self.init_std > 0):
             raise ValueError(f"model.init_std must be positive, got {self.init_std}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LSTMConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown model config key(s): {', '.join(unknown)}")
-        return cls(**data)
 
     def num_params(self) -> int:
         """Parameter count (tied embeddings counted once)."""

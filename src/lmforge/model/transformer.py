@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +41,23 @@ if TYPE_CHECKING:
 Arch = Literal["llama", "gpt2"]
 
 
+class ConfigDict:
+    """to_dict / from_dict for a model's config dataclass (ModelConfig, LSTMConfig)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model config key(s): {', '.join(unknown)}")
+        return cls(**data)
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(ConfigDict):
     """Shape and family of a decoder-only Transformer."""
 
     arch: Arch = "llama"
@@ -102,17 +117,6 @@ class ModelConfig:
     @property
     def bias(self) -> bool:
         return self.arch == "gpt2"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown model config key(s): {', '.join(unknown)}")
-        return cls(**data)
 
     def num_params(self) -> int:
         """Parameter count (tied embeddings counted once)."""

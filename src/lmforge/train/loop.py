@@ -176,7 +176,7 @@ def train(
         log.info("resumed from %s (step %d)", path, step)
     if dist.is_main:
         remove_partial_writes(run_dir)
-        _truncate_metrics(run_dir / METRICS, step)
+        _truncate_metrics(run_dir, step)
     tokens_per_step = config.batch_size * config.block_size * config.grad_accum
     batches = (
         (x[rows], y[rows])
@@ -343,17 +343,28 @@ def _autocast(dtype: torch.dtype | None) -> contextlib.AbstractContextManager[An
     return torch.autocast("cpu", dtype=dtype)
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """RUN_DIR's metrics.jsonl, one record per step ([] when there is none yet)."""
+    path = run_dir / METRICS
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by a kill
+        if isinstance(record, dict) and "step" in record:
+            records.append(record)
+    return records
+
+
+def _truncate_metrics(run_dir: Path, step: int) -> None:
     """Drop the lines of steps after STEP (logged by a run killed before its next checkpoint)."""
+    path = run_dir / METRICS
     if not path.is_file():
         return
     lines = path.read_text(encoding="utf-8").splitlines()
-    kept = []
-    for line in lines:
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue  # a line torn by the kill
+    kept = [r for r in read_metrics(run_dir) if r["step"] <= step]
     if len(kept) != len(lines):
-        write_text_atomic(path, "".join(line + "\n" for line in kept))
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))

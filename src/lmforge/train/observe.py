@@ -11,13 +11,13 @@ curves never fold back on themselves.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
 from typing import Any
 
 from lmforge.atomic import write_with
+from lmforge.train.loop import read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -65,19 +65,6 @@ class RunObserver:
             # purge_step drops events a killed run logged after its last checkpoint.
             self._writer = SummaryWriter(str(self.run_dir / TENSORBOARD_DIR), purge_step=first_step)
         return self._writer
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line torn by a kill
-    return records
 
 
 def plot_losses(run_dir: Path, *, title: str = "") -> Path:

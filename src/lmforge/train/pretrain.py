@@ -34,7 +34,7 @@ from torch import nn
 from lmforge.atomic import atomic_directory, write_text_atomic
 from lmforge.config import dump_yaml, read_yaml, to_dict
 from lmforge.data.loader import TokenSplit, check_windows
-from lmforge.data.shards import read_manifest
+from lmforge.data.shards import read_manifest, shard_infos
 from lmforge.errors import LmforgeError
 from lmforge.model.checkpoint import LoadedModel, save_model
 from lmforge.model.presets import model_config
@@ -198,12 +198,12 @@ def find_resumable(config: TrainConfig, runs_dir: Path) -> Run | None:
     return open_run(config, run_dir, info)
 
 
-def _changed_settings(config: TrainConfig, run_dir: Path) -> list[str]:
-    """Keys of CONFIG that differ from the run's config.yaml, except RESUMABLE_CHANGES."""
+def _changed_settings(config: TrainConfig, run_dir: Path) -> dict[str, tuple[Any, Any]]:
+    """Key → (the run's value, CONFIG's) where they differ, RESUMABLE_CHANGES left out."""
     saved = _flatten(read_yaml(run_dir / CONFIG_FILE))
     now = _flatten(to_dict(config))
-    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-    return [k for k in changed if k not in RESUMABLE_CHANGES]
+    keys = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES)
+    return {k: (saved.get(k), now.get(k)) for k in keys if saved.get(k) != now.get(k)}
 
 
 def open_run(config: TrainConfig, run_dir: Path, info: dict[str, Any] | None = None) -> Run:
@@ -213,17 +213,12 @@ def open_run(config: TrainConfig, run_dir: Path, info: dict[str, Any] | None = N
     info = info if info is not None else _read_run_file(run_dir)
     changed = _changed_settings(config, run_dir)
     if changed:
-        saved, now = _flatten(read_yaml(run_dir / CONFIG_FILE)), _flatten(to_dict(config))
-        detail = ", ".join(f"{k}: {saved.get(k)!r} → {now.get(k)!r}" for k in changed[:4])
+        detail = ", ".join(f"{k}: {old!r} → {new!r}" for k, (old, new) in list(changed.items())[:4])
         raise LmforgeError(
             f"run {run_dir.name} was started with other settings ({detail}); resume with the "
             "same settings or start a new run without --resume"
         )
     return Run(run_dir.name, run_dir, Path(info.get("dataset", config.data)), resume=True)
-
-
-def dataset_tokenizer(dataset_dir: Path) -> Tokenizer:
-    return Tokenizer.load(dataset_dir)
 
 
 def check_same_tokenizer(data: Tokenizer, model: Tokenizer, model_name: str) -> None:
@@ -282,7 +277,7 @@ def plan_training(
 ) -> Plan:
     """The model (fresh or INIT's) and splits for CONFIG; every mismatch is an error here."""
     dist = dist or Distributed()
-    data_tokenizer = dataset_tokenizer(dataset_dir)
+    data_tokenizer = Tokenizer.load(dataset_dir)
     if init is not None:
         check_same_tokenizer(data_tokenizer, init.tokenizer, init_ref or str(init.path))
     train_split = TokenSplit.open(dataset_dir, "train")
@@ -386,13 +381,10 @@ def export_model(result: PretrainResult, directory: Path) -> Path:
 
 
 def _optional_split(dataset_dir: Path, split: str) -> TokenSplit | None:
-    try:
-        return TokenSplit.open(dataset_dir, split)
-    except LmforgeError as exc:
-        if "has no" in str(exc):
-            log.warning("data set %s has no %s split: no evaluation", dataset_dir.name, split)
-            return None
-        raise
+    if not shard_infos(read_manifest(dataset_dir), split):
+        log.warning("data set %s has no %s split: no evaluation", dataset_dir.name, split)
+        return None
+    return TokenSplit.open(dataset_dir, split)
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
