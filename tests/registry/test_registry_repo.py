@@ -6,6 +6,7 @@ import hashlib
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -158,3 +159,26 @@ def test_two_processes_registering_one_name_get_versions_1_to_40(tmp_path: Path)
     for name in ("worker0", "worker1"):
         mine = [r for r in records if r.source == name]
         assert [r.path for r in mine] == [Path(f"/m/{name}/{i}") for i in range(20)]
+
+
+def test_many_connections_opening_a_fresh_file_at_once_all_succeed(tmp_path: Path) -> None:
+    # Regression: switching a fresh file to WAL can fail with "database is locked" without
+    # SQLite calling the busy handler; CI saw it with two processes. Threads race the same way.
+    errors: list[BaseException] = []
+    for round_ in range(60):
+        url = f"sqlite:///{tmp_path / f'{round_}.db'}"
+        barrier = threading.Barrier(8)
+
+        def open_it(url: str = url, barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            try:
+                db.connect(url).dispose()
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=open_it) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert errors == []

@@ -14,7 +14,8 @@ driver" in SQLAlchemy's SQLite dialect documentation.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from lmforge.errors import LmforgeError
 from lmforge.home import lmforge_home
 from lmforge.registry.migrations import migrate
 
+_LOCK_WAIT_S = 5.0
 _PRAGMAS = (
     "PRAGMA busy_timeout=5000",  # first, so that switching to WAL waits for other processes
     "PRAGMA journal_mode=WAL",
@@ -92,9 +94,29 @@ def _on_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     try:
         for pragma in _PRAGMAS:
-            cursor.execute(pragma).fetchall()
+            _retry_locked(lambda: cursor.execute(pragma).fetchall())  # noqa: B023 (called now)
     finally:
         cursor.close()
+
+
+def _retry_locked(run: Callable[[], object], *, seconds: float = _LOCK_WAIT_S) -> None:
+    """Run RUN, retrying while SQLite says the database is locked, for up to SECONDS.
+
+    Switching a fresh file to WAL while other processes open it can fail with SQLITE_BUSY
+    without SQLite calling the busy handler (the busy timeout does not cover it), so the
+    connection setup waits here instead.
+    """
+    deadline = time.monotonic() + seconds
+    delay = 0.001
+    while True:
+        try:
+            run()
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
 
 
 def _on_begin(conn: Connection) -> None:
