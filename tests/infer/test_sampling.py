@@ -13,6 +13,7 @@ from lmforge.infer.sampling import (
     TokenHistory,
     apply_penalties,
     filter_logits,
+    make_generator,
     sample,
 )
 
@@ -66,7 +67,7 @@ def test_good_values_are_accepted():  # type: ignore[no-untyped-def]
     )
     assert not p.greedy
     assert SamplingParams().greedy
-    assert SamplingParams().make_generator() is None
+    assert make_generator(SamplingParams()) is None
 
 
 def random_logits(rows: int = 4, vocab: int = 50, seed: int = 0) -> torch.Tensor:
@@ -139,7 +140,7 @@ def test_min_p_matches_reference(min_p):  # type: ignore[no-untyped-def]
 
 def draws(params: SamplingParams, n: int = 50) -> list[int]:
     logits = torch.zeros(1, 20)  # uniform: every draw is up to the generator
-    gen = params.make_generator()
+    gen = make_generator(params)
     return [int(sample(logits, params, gen)) for _ in range(n)]
 
 
@@ -158,7 +159,7 @@ def test_sampled_frequencies_match_probabilities(top_k, want):  # type: ignore[n
     n = 20_000
     logits = torch.tensor([0.1, 0.2, 0.3, 0.4]).log().expand(n, 4)
     params = SamplingParams(temperature=1.0, top_k=top_k, seed=7)
-    ids = sample(logits, params, params.make_generator())
+    ids = sample(logits, params, make_generator(params))
     freq = torch.bincount(ids, minlength=4).double() / n
     assert freq.tolist() == pytest.approx(want, abs=0.02)
 

@@ -14,7 +14,13 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.infer.sampling import SamplingParams, TokenHistory, apply_penalties, sample
+from lmforge.infer.sampling import (
+    SamplingParams,
+    TokenHistory,
+    apply_penalties,
+    make_generator,
+    sample,
+)
 from lmforge.model import lstm
 from lmforge.model.kv_cache import KVCache
 from lmforge.model.lstm import LSTMLanguageModel
@@ -65,7 +71,7 @@ def generate_ids(
     if context is not None:
         budget = min(budget, context - len(prompt_ids))
     stop_ids = set() if params.ignore_eos else set(params.stop_token_ids)
-    generator = params.make_generator()
+    generator = make_generator(params)
     # prefill and decode_step enter inference mode themselves: holding it across `yield`
     # would leak the mode into the caller's code between tokens.
     prompt = torch.tensor([list(prompt_ids)])

@@ -316,10 +316,13 @@ def sdpa_attention(
             k = k.repeat_interleave(n_rep, dim=1)
             v = v.repeat_interleave(n_rep, dim=1)
         return causal_bmm_attention(q, k, v, scale)
-    if n_rep > 1 and q.shape[2] == 1 and mask is None:
-        # Decode: let SDPA share each K/V head between its query heads instead of copying the
-        # cache n_rep times (measured: 20 µs vs 47 µs per layer at 90 cached tokens).
-        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+    if n_rep > 1 and not q.requires_grad:
+        # Inference: let SDPA share each K/V head between its query heads instead of copying
+        # the cache n_rep times (decode, 90 cached tokens: 20 µs vs 47 µs per layer; batched
+        # decode with per-row masks, 16 rows × 500 tokens: 0.6 ms vs 13 ms).
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=True
+        )
     if n_rep > 1:
         k = k.repeat_interleave(n_rep, dim=1)
         v = v.repeat_interleave(n_rep, dim=1)

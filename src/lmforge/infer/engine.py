@@ -1,0 +1,293 @@
+"""`Engine` (synchronous: `step()` = schedule → run → update) and `AsyncEngine`, the
+`EngineClient` the server talks to.
+
+`AsyncEngine` runs the engine loop in one background thread (torch releases the GIL while it
+computes, so the event loop keeps serving HTTP). Requests and aborts cross into that thread
+through a lock-protected inbox, taken at the start of every step: an abort takes effect
+within one step. Outputs come back to each request's `asyncio.Queue` via
+`loop.call_soon_threadsafe`. Other work on the model (embeddings) runs in the same thread
+between steps, so the model is only ever used by one thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from lmforge.errors import LmforgeError
+from lmforge.infer.generate import check_prompt
+from lmforge.infer.params import SamplingParams
+from lmforge.infer.request import Request, RequestOutput
+from lmforge.infer.runner import ModelRunner
+from lmforge.infer.scheduler import Scheduler, SchedulerConfig
+from lmforge.model.transformer import Transformer
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prompt_tokens: int = 0  # computed in prefill chunks (recomputes included)
+    generated_tokens: int = 0
+    preemptions: int = 0
+
+
+class Engine:
+    """Continuous batching over one model, token ids in and out."""
+
+    def __init__(self, model: Transformer, config: SchedulerConfig | None = None) -> None:
+        config = config or SchedulerConfig(max_model_len=min(model.config.max_seq_len, 2048))
+        if config.max_model_len > model.config.max_seq_len:
+            raise LmforgeError(
+                f"max_model_len {config.max_model_len} exceeds the model's context "
+                f"{model.config.max_seq_len}"
+            )
+        self.config = config
+        self.model = model
+        self.scheduler = Scheduler(config)
+        self.runner = ModelRunner(model, config.max_batch, config.max_model_len)
+        self.requests: dict[str, Request] = {}
+        self.stats = EngineStats()
+        self._emitted: dict[str, int] = {}  # request id → output tokens already sent
+        self._started: set[str] = set()  # request ids with an output sent
+        self._ids = itertools.count()
+
+    def add_request(
+        self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None
+    ) -> Request:
+        """Queue a request; raises `LmforgeError` for a bad prompt and `QueueFullError` (a
+        subclass) when the queue is full."""
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise LmforgeError(f"request id {request_id!r} is already in use")
+        check_prompt(prompt_ids, self.config.max_model_len, self.model.config.vocab_size)
+        request = Request(request_id, list(prompt_ids), params)
+        self.scheduler.add(request)
+        self.requests[request_id] = request
+        self._emitted[request_id] = 0
+        return request
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now; its final output (finish_reason "abort"), or None if unknown."""
+        request = self.scheduler.abort(request_id)
+        if request is None:
+            return None
+        return self._output(request)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        if scheduled.empty:
+            return []
+        sampled, prompt_logprobs = self.runner.run(scheduled)
+        touched = self.scheduler.update(scheduled, sampled, prompt_logprobs)
+        self.stats.steps += 1
+        self.stats.prompt_tokens += sum(c.length for c in scheduled.prefills)
+        self.stats.generated_tokens += len(sampled)
+        self.stats.preemptions += len(scheduled.preempted)
+        return [self._output(r) for r in touched if r.finished or self._has_news(r)]
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+    ) -> list[Request]:
+        """Run PROMPTS to the end (all queued at once); the finished requests, in order."""
+        each = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        requests = [self.add_request(p, sp) for p, sp in zip(prompts, each, strict=True)]
+        while self.has_work:
+            self.step()
+        return requests
+
+    # -- outputs ------------------------------------------------------------------------------
+
+    def _has_news(self, request: Request) -> bool:
+        return len(request.output_ids) > self._emitted[request.request_id]
+
+    def _output(self, request: Request) -> RequestOutput:
+        rid = request.request_id
+        sent = self._emitted[rid]
+        first = rid not in self._started
+        self._started.add(rid)
+        if request.output_ids and request.first_token_at is None:
+            request.first_token_at = time.monotonic()
+        out = RequestOutput(
+            request_id=rid,
+            new_token_ids=request.output_ids[sent:],
+            new_logprobs=request.logprobs[sent:] if request.params.logprobs else [],
+            finish_reason=request.status.finish_reason,
+            num_prompt_tokens=len(request.prompt_ids),
+            num_output_tokens=len(request.output_ids),
+            prompt_logprobs=request.prompt_logprobs if first else None,
+        )
+        self._emitted[rid] = len(request.output_ids)
+        if request.finished:
+            self.runner.release(rid)
+            del self._emitted[rid]
+            del self.requests[rid]
+            self._started.discard(rid)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Async
+
+
+class EngineClient(Protocol):
+    """What the server needs from an engine."""
+
+    def generate(
+        self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        """Outputs for one request as they come; the last has a finish_reason. Closing the
+        iterator early aborts the request."""
+        ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    async def embed(self, inputs: list[list[int]]) -> list[list[float]]: ...
+
+
+class AsyncEngine:
+    """`EngineClient` over an `Engine` driven by a background thread."""
+
+    def __init__(self, engine: Engine, *, name: str = "engine") -> None:
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._inbox: list[tuple[Request | None, Any]] = []
+        self._aborts: list[str] = []
+        self._calls: list[tuple[Callable[[], Any], Future[Any]]] = []
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = {}
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    # -- EngineClient -------------------------------------------------------------------------
+
+    async def generate(
+        self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        # Added in this thread's call into the engine thread: errors (bad prompt, full queue)
+        # raise here, before the first output.
+        await self._call(lambda: self._add(prompt_ids, params, request_id, loop, queue))
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self._abort_soon(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self._abort_soon(request_id)
+
+    async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        return await self._call(lambda: self.engine.runner.embed(inputs))
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        """Run FN in the engine thread between steps (it may use the model)."""
+        return await self._call(fn)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.engine.requests)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout)
+
+    # -- engine thread ------------------------------------------------------------------------
+
+    def _add(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: str,
+        loop: asyncio.AbstractEventLoop,
+        queue: asyncio.Queue[Any],
+    ) -> None:
+        self.engine.add_request(prompt_ids, params, request_id)
+        self._queues[request_id] = (loop, queue)
+
+    def _abort_soon(self, request_id: str) -> None:
+        with self._wake:
+            self._aborts.append(request_id)
+            self._wake.notify()
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        future: Future[T] = Future()
+        with self._wake:
+            if self._stopping:
+                raise LmforgeError("the engine is shutting down")
+            self._calls.append((fn, future))
+            self._wake.notify()
+        return await asyncio.wrap_future(future)
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._stopping or self._calls or self._aborts or self.engine.has_work):
+                    self._wake.wait()
+                if self._stopping:
+                    self._fail_all(LmforgeError("the engine was shut down"))
+                    return
+                calls, self._calls = self._calls, []
+                aborts, self._aborts = self._aborts, []
+            for fn, future in calls:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except BaseException as e:  # delivered to the awaiting caller
+                        future.set_exception(e)
+            for request_id in aborts:
+                output = self.engine.abort(request_id)
+                if output is not None:
+                    self._deliver(output)
+            if not self.engine.has_work:
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # a bug or a model failure: fail the requests, keep serving
+                log.exception("engine step failed")
+                self._fail_all(e)
+                continue
+            for output in outputs:
+                self._deliver(output)
+
+    def _deliver(self, output: RequestOutput) -> None:
+        target = self._queues.get(output.request_id)
+        if target is None:
+            return
+        if output.finished:
+            del self._queues[output.request_id]
+        loop, queue = target
+        loop.call_soon_threadsafe(queue.put_nowait, output)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for request_id in list(self.engine.requests):
+            self.engine.abort(request_id)
+        for loop, queue in self._queues.values():
+            loop.call_soon_threadsafe(queue.put_nowait, error)
+        self._queues.clear()
