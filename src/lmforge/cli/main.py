@@ -18,7 +18,7 @@ try:  # typer >= 0.20 vendors its own copy of click
 except ImportError:  # pragma: no cover - older typer uses click itself
     import click.exceptions as click_exc  # type: ignore[no-redef]
 
-from lmforge.cli import data, demo, generate, models, train
+from lmforge.cli import data, demo, generate, models, serve, train
 from lmforge.errors import LmforgeError
 
 app = typer.Typer(
@@ -30,6 +30,7 @@ app = typer.Typer(
         "  lmforge train --data shakespeare --model nanogpt-shakespeare-cpu --name shakes\n\n"
         "  lmforge generate 'The capital of France is'\n\n"
         "  lmforge chat\n\n"
+        "  lmforge serve --port 8000\n\n"
         "  lmforge models list\n\n"
         "  lmforge demo"
     ),
@@ -41,6 +42,7 @@ app = typer.Typer(
 )
 generate.register(app)
 train.register(app)
+serve.register(app)
 app.add_typer(data.app, name="data")
 app.add_typer(models.app, name="models")
 demo.register(app)

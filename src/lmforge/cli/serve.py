@@ -1,0 +1,120 @@
+"""`lmforge serve`: the OpenAI-compatible HTTP server on uvicorn.
+
+SIGTERM (or Ctrl-C) drains: `/ready` turns 503 at once, no new connection is accepted, the
+requests in flight (streams included) run to their end, then the process exits 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from lmforge.builtin import DEFAULT_MODEL
+
+err = Console(stderr=True, highlight=False)
+
+EXAMPLES = """[bold]Examples[/bold]
+
+  lmforge serve                                   # the built-in model on 127.0.0.1:8000
+
+  lmforge serve shakes smollm2-135m-instruct --port 8080 --max-batch 8
+
+  curl localhost:8000/v1/completions -H 'content-type: application/json' \\
+    -d '{"model": "smollm2-135m-instruct", "prompt": "Once upon a time", "max_tokens": 32}'
+
+  # any OpenAI client: base_url="http://127.0.0.1:8000/v1", api_key="unused"
+"""
+
+
+def serve_command(
+    models: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Models to serve (registry names, directories, .gguf files or built-in names); "
+            f"default {DEFAULT_MODEL}. Requests choose one by their `model` field.",
+            show_default=False,
+        ),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to bind (0.0.0.0 exposes it).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_batch: Annotated[
+        int, typer.Option("--max-batch", help="Sequences decoded together (KV cache rows).")
+    ] = 16,
+    max_queue: Annotated[
+        int, typer.Option("--max-queue", help="Waiting requests at most; more get 503.")
+    ] = 64,
+    max_model_len: Annotated[
+        int | None,
+        typer.Option(
+            "--max-model-len", help="Prompt + completion tokens per request [model context ≤ 2048]."
+        ),
+    ] = None,
+    max_batched_tokens: Annotated[
+        int, typer.Option("--max-batched-tokens", help="Tokens computed per engine step.")
+    ] = 512,
+    dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "float32",
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
+    max_body: Annotated[
+        int, typer.Option("--max-body-bytes", help="Largest request body accepted.")
+    ] = 2 * 1024 * 1024,
+) -> None:
+    """Serve models over an OpenAI-compatible HTTP API with continuous batching."""
+    import torch
+    import uvicorn
+
+    from lmforge.errors import LmforgeError
+    from lmforge.serve.app import ServerSettings, create_app
+
+    if not 0 < port < 65536:
+        raise LmforgeError(f"--port must be in 1..65535, got {port}")
+    if threads is not None:
+        if threads < 1:
+            raise LmforgeError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    settings = ServerSettings(
+        models=list(models or [""]),
+        max_batch=max_batch,
+        max_queue=max_queue,
+        max_model_len=max_model_len,
+        max_batched_tokens=max_batched_tokens,
+        dtype=dtype,
+        max_body_bytes=max_body,
+    )
+    app = create_app(settings)
+    state = app.state.server
+    logging.getLogger("lmforge").setLevel(logging.INFO)
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: object) -> None:
+            state.draining = True  # /ready says 503 from now on
+            super().handle_exit(sig, frame)  # type: ignore[arg-type]
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # uvicorn re-raises SIGTERM after its graceful shutdown, so the process would end
+            # "killed by SIGTERM"; a drained server has done its job and exits 0.
+            with super().capture_signals():
+                yield
+                self._captured_signals.clear()
+
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="info",
+        h11_max_incomplete_event_size=64 * 1024,  # request line + headers at most
+        timeout_graceful_shutdown=None,
+    )
+    err.print(f"lmforge serve: http://{host}:{port}/v1 (models load in the background)")
+    DrainingServer(config).run()
+    if state.load_error:
+        raise LmforgeError(state.load_error)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve", epilog=EXAMPLES)(serve_command)

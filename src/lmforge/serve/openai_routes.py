@@ -1,0 +1,652 @@
+"""The OpenAI-compatible routes: completions, chat completions, embeddings, models, and the
+tokenizer routes lm-evaluation-harness probes (/tokenize, /detokenize, /tokenizer_info).
+
+Text in, text out here; the engine sees token ids only. Each choice (`n` per prompt) is its own
+engine request; all of a request's choices run at once so they batch. Stop strings are found
+in the decoded text (`TextStream`), which then closes the choice's output stream: closing it
+aborts the engine request. A client that disconnects cancels the streaming response (or is
+noticed between outputs when not streaming), which aborts its requests within one step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import math
+import struct
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from lmforge.errors import LmforgeError
+from lmforge.infer.params import SamplingParams
+from lmforge.infer.request import RequestOutput, TokenLogprob
+from lmforge.infer.scheduler import QueueFullError
+from lmforge.serve.app import ServedModel, ServerState
+from lmforge.serve.errors import OpenAIError, bad_request
+from lmforge.serve.protocol import (
+    MAX_N,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    TokenizeRequest,
+)
+from lmforge.tokenizer.chat import validate_messages
+from lmforge.tokenizer.stream import TextStream
+
+router = APIRouter()
+
+
+def _state(request: Request) -> ServerState:
+    state: ServerState = request.app.state.server
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# One choice: an engine request, its text and logprobs
+
+
+@dataclass
+class Piece:
+    """New output of one choice: text, the tokens behind it, and their logprobs."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob]
+    finish_reason: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+
+
+@dataclass
+class Choice:
+    index: int
+    prompt_ids: list[int]
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    finish_reason: str = "length"
+
+
+async def _run_choice(
+    served: ServedModel,
+    choice: Choice,
+    params: SamplingParams,
+    request_id: str,
+    emit: asyncio.Queue[Piece | BaseException] | None,
+    http: Request,
+) -> None:
+    """Generate CHOICE to the end, filling it in; with EMIT, also send each new piece."""
+    stream = TextStream(served.tokenizer, params.stop)
+    outputs = served.engine.generate(choice.prompt_ids, params, request_id)
+    try:
+        async for out in outputs:
+            if emit is None and await http.is_disconnected():
+                return  # closing `outputs` (below) aborts the engine request
+            piece = _take(choice, stream, out)
+            if emit is not None and (piece.text or piece.finish_reason or piece.prompt_logprobs):
+                await emit.put(piece)
+            if piece.finish_reason:
+                return
+    finally:
+        await outputs.aclose()  # type: ignore[attr-defined]
+
+
+def _take(choice: Choice, stream: TextStream, out: RequestOutput) -> Piece:
+    piece = Piece(choice.index, "", [], [])
+    if out.prompt_logprobs is not None:
+        choice.prompt_logprobs = piece.prompt_logprobs = out.prompt_logprobs
+    for i, tid in enumerate(out.new_token_ids):
+        if stream.stopped:
+            break
+        piece.token_ids.append(tid)
+        if out.new_logprobs:
+            piece.logprobs.append(out.new_logprobs[i])
+        is_stop_token = out.finish_reason == "stop" and i == len(out.new_token_ids) - 1
+        if not is_stop_token:  # a stop token counts as generated but is not shown
+            piece.text += stream.push(tid)
+    if stream.stopped:
+        piece.finish_reason = "stop"
+    elif out.finished:
+        piece.text += stream.finish()
+        piece.finish_reason = "stop" if out.finish_reason == "stop" else "length"
+    choice.text += piece.text
+    choice.token_ids += piece.token_ids
+    choice.logprobs += piece.logprobs
+    if piece.finish_reason:
+        choice.finish_reason = piece.finish_reason
+    return piece
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests → sampling params
+
+
+def _sampling(
+    body: CompletionRequest | ChatCompletionRequest,
+    served: ServedModel,
+    prompt_lens: Sequence[int],
+    max_tokens: int | None,
+    *,
+    logprobs: bool,
+    top_logprobs: int,
+    echo: bool = False,
+) -> SamplingParams:
+    if not 1 <= body.n <= MAX_N:
+        raise bad_request(f"n must be between 1 and {MAX_N}, got {body.n}", "n")
+    longest = max(prompt_lens)
+    room = served.max_model_len - longest
+    if max_tokens is None:
+        max_tokens = room
+    if max_tokens < 0:
+        raise bad_request(f"max_tokens must be >= 0, got {max_tokens}", "max_tokens")
+    if longest + max_tokens > served.max_model_len:
+        raise bad_request(
+            f"this model's maximum context length is {served.max_model_len} tokens; the prompt "
+            f"has {longest} and max_tokens asks for {max_tokens} more",
+            "max_tokens",
+        )
+    if max_tokens == 0 and not echo:
+        raise bad_request("max_tokens 0 is only meaningful with echo", "max_tokens")
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > 16:
+        raise bad_request(f"stop: at most 16 strings, got {len(stop)}", "stop")
+    temperature = 1.0 if body.temperature is None else body.temperature
+    if isinstance(temperature, float) and math.isnan(temperature):
+        raise bad_request("temperature must be a number in [0, 2], got NaN", "temperature")
+    if not 0 <= temperature <= 2:
+        raise bad_request(f"temperature must be in [0, 2], got {temperature}", "temperature")
+    stop_ids = list(body.stop_token_ids or [])
+    if not body.ignore_eos:
+        stop_ids += served.stop_token_ids
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=body.top_k,
+        min_p=body.min_p,
+        seed=body.seed,
+        stop=stop,
+        stop_token_ids=stop_ids,
+        ignore_eos=body.ignore_eos,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty,
+        n=body.n,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        echo=echo,
+    )
+
+
+def _check_ids(ids: list[int], served: ServedModel, param: str) -> list[int]:
+    if not ids:
+        raise bad_request("the prompt is empty", param)
+    vocab = served.engine.engine.model.config.vocab_size
+    if any(t >= vocab for t in ids):
+        raise bad_request(f"token ids must be in 0..{vocab - 1}", param)
+    if len(ids) >= served.max_model_len:
+        raise bad_request(
+            f"this model's maximum context length is {served.max_model_len} tokens; the prompt "
+            f"has {len(ids)}",
+            param,
+        )
+    return ids
+
+
+def _seeded(params: SamplingParams, i: int) -> SamplingParams:
+    """Choice I's params: with a seed, each choice draws from its own seed + I."""
+    if params.seed is None or i == 0:
+        return params
+    return SamplingParams(**{**params.__dict__, "seed": (params.seed + i) % 2**63})
+
+
+# ---------------------------------------------------------------------------------------------
+# Running choices, plain or streamed
+
+
+async def _run_all(
+    served: ServedModel,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    http: Request,
+    emit: asyncio.Queue[Piece | BaseException] | None = None,
+) -> list[Choice]:
+    base = uuid.uuid4().hex
+    choices: list[Choice] = []
+    jobs = []
+    for ids in prompts:
+        for i in range(params.n):
+            choice = Choice(len(choices), ids)
+            choices.append(choice)
+            request_id = f"{base}-{choice.index}"
+            jobs.append(_run_choice(served, choice, _seeded(params, i), request_id, emit, http))
+    tasks = [asyncio.ensure_future(job) for job in jobs]
+    try:
+        await asyncio.gather(*tasks)
+    except QueueFullError as e:
+        raise OpenAIError(503, str(e), headers={"Retry-After": "1"}) from e
+    finally:
+        for task in tasks:
+            task.cancel()
+    return choices
+
+
+def _sse(data: Any) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _stream(
+    served: ServedModel,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    http: Request,
+    chunk: Any,  # (Piece) -> dict: the route's chunk shape
+    first_chunks: list[dict[str, Any]],
+    usage_chunk: Any,  # (list[Choice]) -> dict | None
+) -> StreamingResponse:
+    queue: asyncio.Queue[Piece | BaseException] = asyncio.Queue()
+    runner = asyncio.ensure_future(_run_all(served, prompts, params, http, queue))
+    # Wait for the first piece (or an error) so that errors such as a full queue get a
+    # proper status code instead of a broken stream.
+    first = await _next_piece(queue, runner)
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            for c in first_chunks:
+                yield _sse(c)
+            piece = first
+            while piece is not None:
+                yield _sse(chunk(piece))
+                piece = await _next_piece(queue, runner)
+            if (extra := usage_chunk(runner.result())) is not None:
+                yield _sse(extra)
+            yield "data: [DONE]\n\n"
+        finally:
+            runner.cancel()
+
+    return StreamingResponse(body(), media_type="text/event-stream")
+
+
+async def _next_piece(
+    queue: asyncio.Queue[Piece | BaseException], runner: asyncio.Future[list[Choice]]
+) -> Piece | None:
+    """The next piece, or None when every choice is done; re-raises a choice's error."""
+    while True:
+        if not queue.empty():
+            item = queue.get_nowait()
+            if isinstance(item, BaseException):
+                raise item
+            return item
+        if runner.done():
+            runner.result()  # raises the error, if any
+            return None
+        getter: asyncio.Future[Any] = asyncio.ensure_future(queue.get())
+        waiting: set[asyncio.Future[Any]] = {getter, runner}
+        done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if getter in done:
+            item = getter.result()
+            if isinstance(item, BaseException):
+                raise item
+            return item
+        getter.cancel()
+
+
+def _usage(prompts: list[list[int]], choices: list[Choice]) -> dict[str, int]:
+    prompt = sum(len(p) for p in prompts)
+    completion = sum(len(c.token_ids) for c in choices)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# /v1/completions
+
+
+def _to_ids(
+    raw: str | list[str] | list[int] | list[list[int]], served: ServedModel
+) -> list[list[int]]:
+    """A prompt or input as OpenAI allows it — text, texts, token ids, lists of token ids —
+    as lists of token ids."""
+    if isinstance(raw, str):
+        return [served.tokenizer.encode(raw)]
+    out: list[list[int]] = []
+    flat: list[int] = []
+    for item in raw:
+        if isinstance(item, str):
+            out.append(served.tokenizer.encode(item))
+        elif isinstance(item, int):
+            flat.append(item)
+        else:
+            out.append(list(item))
+    if flat and out:
+        raise bad_request("mix of token ids and texts or lists", "prompt")
+    return [flat] if flat else out
+
+
+def _completion_prompts(body: CompletionRequest, served: ServedModel) -> list[list[int]]:
+    ids = _to_ids(body.prompt, served)
+    if not ids:
+        raise bad_request("prompt is empty", "prompt")
+    return [_check_ids(p, served, "prompt") for p in ids]
+
+
+def _completion_logprobs(
+    served: ServedModel,
+    token_ids: list[int],
+    logprobs: list[TokenLogprob | None],
+    offset: int,
+    top: int,
+) -> dict[str, Any]:
+    tok = served.tokenizer
+    tokens = [tok.decode([t], skip_special_tokens=False) for t in token_ids]
+    offsets = []
+    for text in tokens:
+        offsets.append(offset)
+        offset += len(text)
+    top_lists: list[dict[str, float] | None] = []
+    for lp in logprobs:
+        if lp is None:
+            top_lists.append(None)
+        else:
+            alts: dict[str, float] = {}
+            for t, v in lp.top[:top]:  # most likely first: a token text keeps its best value
+                alts.setdefault(tok.decode([t], skip_special_tokens=False), v)
+            top_lists.append(alts)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [None if lp is None else lp.logprob for lp in logprobs],
+        "top_logprobs": top_lists,
+        "text_offset": offsets,
+    }
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, http: Request) -> Any:
+    served = _state(http).model(body.model)
+    if body.suffix:
+        raise bad_request("suffix is not supported", "suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise bad_request("best_of other than n is not supported", "best_of")
+    if body.logprobs is not None and not 0 <= body.logprobs <= 20:
+        raise bad_request("logprobs must be between 0 and 20", "logprobs")
+    prompts = _completion_prompts(body, served)
+    want_logprobs = body.logprobs is not None
+    top = body.logprobs or 0
+    params = _sampling(
+        body,
+        served,
+        [len(p) for p in prompts],
+        body.max_tokens,
+        logprobs=want_logprobs,
+        top_logprobs=top,
+        echo=body.echo and want_logprobs,
+    )
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    head = {"id": rid, "object": "text_completion", "created": created, "model": served.name}
+
+    def logprobs_of(choice_prompt: list[int], choice: Choice) -> Any:
+        if not want_logprobs:
+            return None
+        ids = list(choice.token_ids)
+        lps: list[TokenLogprob | None] = list(choice.logprobs)
+        if body.echo:
+            ids = choice_prompt + ids
+            lps = list(choice.prompt_logprobs or [None] * len(choice_prompt)) + lps
+        return _completion_logprobs(served, ids, lps, 0, top)
+
+    def prompt_text(ids: list[int]) -> str:
+        return served.tokenizer.decode(ids, skip_special_tokens=False)
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        choice_prompts = [p for p in prompts for _ in range(body.n)]
+
+        def chunk(piece: Piece) -> dict[str, Any]:
+            text = piece.text
+            lp = None
+            if piece.prompt_logprobs is not None and body.echo:
+                text = prompt_text(choice_prompts[piece.index]) + text
+            if want_logprobs:
+                ids = list(piece.token_ids)
+                lps: list[TokenLogprob | None] = list(piece.logprobs)
+                if piece.prompt_logprobs is not None and body.echo:
+                    ids = choice_prompts[piece.index] + ids
+                    lps = list(piece.prompt_logprobs) + lps
+                lp = _completion_logprobs(served, ids, lps, 0, top)
+            c = {
+                "index": piece.index,
+                "text": text,
+                "logprobs": lp,
+                "finish_reason": piece.finish_reason,
+            }
+            return {**head, "choices": [c]}
+
+        def usage_chunk(choices: list[Choice]) -> dict[str, Any] | None:
+            if not include_usage:
+                return None
+            return {**head, "choices": [], "usage": _usage(prompts, choices)}
+
+        return await _stream(served, prompts, params, http, chunk, [], usage_chunk)
+
+    choices = await _run_all(served, prompts, params, http)
+    data = []
+    for choice in choices:
+        text = (prompt_text(choice.prompt_ids) if body.echo else "") + choice.text
+        data.append(
+            {
+                "index": choice.index,
+                "text": text,
+                "logprobs": logprobs_of(choice.prompt_ids, choice),
+                "finish_reason": choice.finish_reason,
+            }
+        )
+    return {**head, "choices": data, "usage": _usage(prompts, choices)}
+
+
+# ---------------------------------------------------------------------------------------------
+# /v1/chat/completions
+
+
+def _chat_logprobs(served: ServedModel, choice_ids: list[int], lps: list[TokenLogprob]) -> Any:
+    tok = served.tokenizer
+
+    def entry(tid: int, value: float) -> dict[str, Any]:
+        text = tok.decode([tid], skip_special_tokens=False)
+        return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
+
+    return {
+        "content": [
+            {**entry(t, lp.logprob), "top_logprobs": [entry(a, v) for a, v in lp.top]}
+            for t, lp in zip(choice_ids, lps, strict=False)
+        ]
+    }
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, http: Request) -> Any:
+    served = _state(http).model(body.model)
+    if not body.messages:
+        raise bad_request("messages must not be empty", "messages")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+    messages = [m.model_dump(exclude_none=True) for m in body.messages]
+    try:
+        ids = served.tokenizer.encode_chat(validate_messages(messages), add_generation_prompt=True)
+    except LmforgeError as e:
+        raise bad_request(str(e), "messages") from e
+    prompts = [_check_ids(ids, served, "messages")]
+    max_tokens = (
+        body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    )
+    if max_tokens == 0:
+        raise bad_request("max_tokens must be at least 1", "max_tokens")
+    params = _sampling(
+        body,
+        served,
+        [len(ids)],
+        max_tokens,
+        logprobs=body.logprobs,
+        top_logprobs=body.top_logprobs or 0,
+    )
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    head = {"id": rid, "object": "chat.completion", "created": created, "model": served.name}
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        chunk_head = {**head, "object": "chat.completion.chunk"}
+        firsts = [
+            {
+                **chunk_head,
+                "choices": [
+                    {
+                        "index": i,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                ],
+            }
+            for i in range(body.n)
+        ]
+
+        def chunk(piece: Piece) -> dict[str, Any]:
+            delta = {"content": piece.text} if piece.text else {}
+            lp = _chat_logprobs(served, piece.token_ids, piece.logprobs) if body.logprobs else None
+            c = {
+                "index": piece.index,
+                "delta": delta,
+                "logprobs": lp,
+                "finish_reason": piece.finish_reason,
+            }
+            return {**chunk_head, "choices": [c]}
+
+        def usage_chunk(choices: list[Choice]) -> dict[str, Any] | None:
+            if not include_usage:
+                return None
+            return {**chunk_head, "choices": [], "usage": _usage(prompts, choices)}
+
+        return await _stream(served, prompts, params, http, chunk, firsts, usage_chunk)
+
+    choices = await _run_all(served, prompts, params, http)
+    data = [
+        {
+            "index": c.index,
+            "message": {"role": "assistant", "content": c.text},
+            "logprobs": _chat_logprobs(served, c.token_ids, c.logprobs) if body.logprobs else None,
+            "finish_reason": c.finish_reason,
+        }
+        for c in choices
+    ]
+    return {**head, "choices": data, "usage": _usage(prompts, choices)}
+
+
+# ---------------------------------------------------------------------------------------------
+# /v1/embeddings, /v1/models
+
+
+@router.post("/v1/embeddings")
+async def embeddings(body: EmbeddingRequest, http: Request) -> Any:
+    served = _state(http).model(body.model)
+    inputs = _to_ids(body.input, served)
+    if not inputs or len(inputs) > 256:
+        raise bad_request("input must hold 1 to 256 items", "input")
+    inputs = [_check_ids(ids, served, "input") for ids in inputs]
+    if body.dimensions is not None:
+        raise bad_request("dimensions is not supported", "dimensions")
+    vectors = await served.engine.embed(inputs)
+    data = []
+    for i, vec in enumerate(vectors):
+        value: Any = vec
+        if body.encoding_format == "base64":
+            value = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    tokens = sum(len(ids) for ids in inputs)
+    return {
+        "object": "list",
+        "data": data,
+        "model": served.name,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+
+
+@router.get("/v1/models")
+async def list_models(http: Request) -> Any:
+    state = _state(http)
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": m.name,
+                "object": "model",
+                "created": m.created,
+                "owned_by": "lmforge",
+                "max_model_len": m.max_model_len,
+            }
+            for m in state.models.values()
+        ],
+    }
+
+
+@router.get("/v1/models/{name:path}")
+async def get_model(name: str, http: Request) -> Any:
+    m = _state(http).model(name)
+    return {"id": m.name, "object": "model", "created": m.created, "owned_by": "lmforge"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer routes (vLLM's shapes)
+
+
+def _pick(http: Request, name: str | None) -> ServedModel:
+    state = _state(http)
+    if name is None and state.ready and len(state.models) == 1:
+        return next(iter(state.models.values()))
+    if name is None:
+        raise bad_request("model is required when the server has several", "model")
+    return state.model(name)
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, http: Request) -> Any:
+    served = _pick(http, body.model)
+    tokens = served.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+    return {"tokens": tokens, "count": len(tokens), "max_model_len": served.max_model_len}
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, http: Request) -> Any:
+    served = _pick(http, body.model)
+    vocab = served.engine.engine.model.config.vocab_size
+    if any(t >= vocab for t in body.tokens):
+        raise bad_request(f"token ids must be in 0..{vocab - 1}", "tokens")
+    return {"prompt": served.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info(http: Request, model: str | None = None) -> Any:
+    served = _pick(http, model)
+    tok = served.tokenizer
+    config = tok.config_dict()
+    return {
+        "tokenizer_class": config.get("tokenizer_class", "PreTrainedTokenizerFast"),
+        "eos_token": tok.eos_token,
+        "bos_token": tok.bos_token,
+        "pad_token": tok.pad_token,
+        "eos_token_id": tok.eos_id,
+        "bos_token_id": tok.bos_id,
+        "vocab_size": tok.vocab_size,
+        "model_max_length": served.max_model_len,
+        "chat_template": config.get("chat_template"),
+    }
