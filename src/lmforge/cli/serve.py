@@ -51,7 +51,9 @@ def serve_command(
     max_model_len: Annotated[
         int | None,
         typer.Option(
-            "--max-model-len", help="Prompt + completion tokens per request [model context ≤ 2048]."
+            "--max-model-len",
+            help="Prompt + completion tokens per request (default: the model's context, "
+            "at most 2048).",
         ),
     ] = None,
     max_batched_tokens: Annotated[
@@ -68,6 +70,7 @@ def serve_command(
     import uvicorn
 
     from lmforge.errors import LmforgeError
+    from lmforge.resolve import resolve
     from lmforge.serve.app import ServerSettings, create_app
 
     if not 0 < port < 65536:
@@ -76,6 +79,9 @@ def serve_command(
         if threads < 1:
             raise LmforgeError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
+    for spec in models or []:
+        resolve(spec)  # an unknown model is a one-line error now, not a failed background load
+    _check_port(host, port)
     settings = ServerSettings(
         models=list(models or [""]),
         max_batch=max_batch,
@@ -107,13 +113,34 @@ def serve_command(
         host=host,
         port=port,
         log_level="info",
+        http="h11",  # its header cap below applies; httptools has none to set
         h11_max_incomplete_event_size=64 * 1024,  # request line + headers at most
         timeout_graceful_shutdown=None,
     )
+    server = DrainingServer(config)
+    state.on_load_error = lambda: setattr(server, "should_exit", True)
     err.print(f"lmforge serve: http://{host}:{port}/v1 (models load in the background)")
-    DrainingServer(config).run()
+    server.run()
     if state.load_error:
         raise LmforgeError(state.load_error)
+
+
+def _check_port(host: str, port: int) -> None:
+    import socket
+
+    from lmforge.errors import LmforgeError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise LmforgeError(f"--host {host}: {e}") from e
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise LmforgeError(f"cannot listen on {host}:{port}: {e.strerror}") from e
 
 
 def register(app: typer.Typer) -> None:

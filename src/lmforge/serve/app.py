@@ -12,7 +12,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +83,7 @@ class ServerState:
         self.models: dict[str, ServedModel] = {}
         self.loaded = threading.Event()
         self.load_error: str | None = None
+        self.on_load_error: Callable[[], None] | None = None  # e.g. stop the server
         self.draining = False
 
     @property
@@ -119,6 +120,8 @@ class ServerState:
         except Exception as e:
             self.load_error = str(e)
             log.error("cannot load the models: %s", e)
+            if self.on_load_error is not None:
+                self.on_load_error()
         finally:
             self.loaded.set()
 
