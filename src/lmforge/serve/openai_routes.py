@@ -142,6 +142,13 @@ def _sampling(
 ) -> SamplingParams:
     if not 1 <= body.n <= MAX_N:
         raise bad_request(f"n must be between 1 and {MAX_N}, got {body.n}", "n")
+    queue = served.engine.engine.config.max_queue  # more choices would 503 on every retry
+    if len(prompt_lens) * body.n > queue:
+        raise bad_request(
+            f"{len(prompt_lens)} prompt(s) × n {body.n} is over the {queue} requests this "
+            "server queues at once",
+            "prompt" if len(prompt_lens) > 1 else "n",
+        )
     longest = max(prompt_lens)
     room = served.max_model_len - longest
     if max_tokens is None:

@@ -58,10 +58,17 @@ class CompletionRequest(_Sampling):
     best_of: int | None = None
 
 
+class ContentPart(_Request):
+    """One part of a message's content ({"type": "text", "text": …}; other parts pass through)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    text: str | None = None
+
+
 class ChatMessage(_Request):
     model_config = ConfigDict(strict=True, extra="allow")
     role: str
-    content: str | list[dict[str, object]] | None = None
+    content: str | list[ContentPart] | None = None
 
 
 class ChatCompletionRequest(_Sampling):
