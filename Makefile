@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint format bench bench-data bench-train clean
+.PHONY: setup demo test lint format bench bench-data bench-train bench-serve bench-lm-eval clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,11 @@ bench-data: $(STAMP)
 # Training vs nanoGPT's CPU shakespeare-char run (needs ../shared/data and a nanoGPT mirror).
 bench-train: $(STAMP)
 	$(PY) bench/train.py --rounds 2
+
+# lm-evaluation-harness is installed for this bench only.
+bench-lm-eval: $(STAMP)
+	$(VENV)/bin/pip install -q 'lm-eval[api]'
+	$(PY) bench/lm_eval_server.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info
