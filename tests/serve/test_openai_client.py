@@ -270,3 +270,29 @@ def test_sigterm_drains_streams_then_exits_zero(
             httpx.get(f"{server.url}/health", timeout=2)
     finally:
         stop_server(server)
+
+
+def test_echo_without_logprobs_returns_the_prompt_text(
+    client: openai.OpenAI, tiny_server: Server, local: LoadedModel
+) -> None:
+    prompt = "Hello world"
+    plain = client.completions.create(
+        model=tiny_server.model, prompt=prompt, max_tokens=3, temperature=0, echo=True
+    )
+    assert plain.choices[0].text.startswith(prompt) and plain.choices[0].logprobs is None
+    only = client.completions.create(
+        model=tiny_server.model, prompt=prompt, max_tokens=0, echo=True
+    )
+    assert only.choices[0].text == local.tokenizer.decode(local.tokenizer.encode(prompt))
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model=tiny_server.model,
+            prompt=prompt,
+            max_tokens=3,
+            temperature=0,
+            echo=True,
+            stream=True,
+        )
+    )
+    assert streamed == plain.choices[0].text

@@ -398,7 +398,7 @@ async def completions(body: CompletionRequest, http: Request) -> Any:
         body.max_tokens,
         logprobs=want_logprobs,
         top_logprobs=top,
-        echo=body.echo and want_logprobs,
+        echo=body.echo,  # prompt logprobs also mark the first streamed piece (echoed text)
     )
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "object": "text_completion", "created": created, "model": served.name}
