@@ -153,3 +153,17 @@ def test_abort_frees_the_slot_and_the_cache(tiny_model: Transformer) -> None:
     assert b.output_ids == _single(tiny_model, [4, 5, 6], SamplingParams(max_tokens=5))
     assert engine.scheduler.cache_used == 0 and engine.scheduler.free_slots == [0, 1]
     assert engine.abort("no-such-request") is None
+
+
+def test_prompt_logprobs_of_requests_prefilled_together(tiny_model: Transformer) -> None:
+    # Admitted in one step, their first chunks run as one padded batch.
+    prompts = [[*p, 1, 2] for p in _prompts(4, tiny_model.config.vocab_size, seed=7)]
+    engine = Engine(tiny_model, SchedulerConfig(max_batch=4, max_model_len=64))
+    requests = engine.generate(prompts, SamplingParams(max_tokens=0, echo=True))
+    for request, prompt in zip(requests, prompts, strict=True):
+        with torch.inference_mode():
+            ref = tiny_model(torch.tensor([prompt]))[0].float().log_softmax(-1)
+        want = [ref[i - 1, prompt[i]].item() for i in range(1, len(prompt))]
+        assert request.prompt_logprobs is not None
+        got = [lp.logprob for lp in request.prompt_logprobs[1:] if lp is not None]
+        assert got == pytest.approx(want, abs=1e-4)

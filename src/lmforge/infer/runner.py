@@ -7,7 +7,8 @@ request) and passes it to `Transformer.forward`. A step is:
   feeds its last sampled token at its own position (per-row positions, masked attention);
   rows in that range that do not decode get a harmless dummy token (see
   `SchedulerOutput.parked`). Running it before the prefills keeps that true.
-- one forward per prefill chunk, on that request's cache row.
+- the first chunks of newly admitted requests as one right-padded batch (through a scratch
+  cache, copied to their rows), and any other prefill chunk in a forward of its own on its row.
 
 Then, for each chunk that reaches its request's last token, the next token is chosen: greedy
 rows by one argmax over the batch, the others one by one with their penalties and their own
@@ -59,8 +60,12 @@ class ModelRunner:
         if step.decodes:
             logits = self._decode(step)
             to_sample.extend((c.request, logits[c.request.slot or 0]) for c in step.decodes)
-        for chunk in step.prefills:
-            last, lps = self._prefill(chunk)
+        fresh = [c for c in step.prefills if c.start == 0]
+        if len(fresh) < 2:
+            fresh = []
+        rest = [c for c in step.prefills if c not in fresh]
+        results = (self._prefill_fresh(fresh) if fresh else []) + [self._prefill(c) for c in rest]
+        for chunk, (last, lps) in zip(fresh + rest, results, strict=True):
             if lps:
                 prompt_logprobs[chunk.request.request_id] = lps
             if last is not None:
@@ -95,6 +100,32 @@ class ModelRunner:
         samples = chunk.samples and request.params.max_tokens > 0
         last = self.model.lm_head(hidden[-1:])[0].float() if samples else None
         return last, self._prompt_logprobs(request, start, hidden)
+
+    def _prefill_fresh(
+        self, chunks: list[Chunk]
+    ) -> list[tuple[torch.Tensor | None, list[TokenLogprob]]]:
+        """Several first chunks (start 0) as one right-padded batch: one pass over the weights
+        instead of one per request. Their keys and values go to a scratch cache and are then
+        copied to each request's row; padding comes after every real token, so the causal mask
+        keeps it out of their attention."""
+        longest = max(c.length for c in chunks)
+        ids = torch.zeros(len(chunks), longest, dtype=torch.long)
+        for i, c in enumerate(chunks):
+            ids[i, : c.length] = torch.tensor(c.request.tokens(0, c.length))
+        scratch = KVCache.allocate(
+            self.model.config, len(chunks), longest, dtype=self.cache.k.dtype
+        )
+        hidden = self.model.hidden_states(ids, None, scratch)  # [P, T, C]
+        out = []
+        for i, c in enumerate(chunks):
+            slot = c.request.slot or 0
+            self.cache.k[:, slot, :, : c.length] = scratch.k[:, i, :, : c.length]
+            self.cache.v[:, slot, :, : c.length] = scratch.v[:, i, :, : c.length]
+            rows = hidden[i, : c.length]
+            samples = c.samples and c.request.params.max_tokens > 0
+            last = self.model.lm_head(rows[-1:])[0].float() if samples else None
+            out.append((last, self._prompt_logprobs(c.request, 0, rows)))
+        return out
 
     def _prompt_logprobs(
         self, request: Request, start: int, hidden: torch.Tensor
