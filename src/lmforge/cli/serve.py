@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -117,6 +118,11 @@ def serve_command(
         h11_max_incomplete_event_size=64 * 1024,  # request line + headers at most
         timeout_graceful_shutdown=None,
     )
+    # The engine thread takes the GIL back between torch ops hundreds of times per step; with
+    # the default 5 ms switch interval it waits behind the event loop's Python work each time.
+    # Measured, 16 streaming clients on the built-in model: 120 → 161 tokens/s, time per
+    # output token p50 121 → 88 ms (the in-process step is 90 ms).
+    sys.setswitchinterval(0.0005)
     server = DrainingServer(config)
     state.on_load_error = lambda: setattr(server, "should_exit", True)
     err.print(f"lmforge serve: http://{host}:{port}/v1 (models load in the background)")
