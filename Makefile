@@ -45,6 +45,12 @@ bench-data: $(STAMP)
 bench-train: $(STAMP)
 	$(PY) bench/train.py --rounds 2
 
+# Serving vs llama.cpp: llama-cpp-python (compiled from source, ~15 min once) is installed for
+# this bench only; pass BENCH_SERVE_ARGS="--llama-server-bin PATH" to add llama.cpp's C++ server.
+bench-serve: $(STAMP)
+	$(VENV)/bin/pip install -q 'llama-cpp-python[server]'
+	$(PY) bench/serve.py $(BENCH_SERVE_ARGS)
+
 # lm-evaluation-harness is installed for this bench only.
 bench-lm-eval: $(STAMP)
 	$(VENV)/bin/pip install -q 'lm-eval[api]'
