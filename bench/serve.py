@@ -49,9 +49,11 @@ own C++ server, which PyPI does not ship (build it from the llama-cpp-python sdi
 vendor/llama.cpp: `cmake -B build -DLLAMA_CURL=OFF && cmake --build build --target
 llama-server`), run with `--parallel` = the most clients and continuous batching when
 --llama-server-bin names it or it is on PATH; lmforge: `lmforge serve --port P --threads T`
-(--lmforge-serve-args for more options).
+(fp32, exact) and lmforge-bf16 (the same with `--dtype bfloat16`); --lmforge-serve-args for
+more options.
 
-Prints tables and the lmforge / llama.cpp (/ transformers) ratios; writes
+Prints tables, the lmforge / llama.cpp (/ transformers) ratios and, for the servers, the
+16-client / 1-client throughput ratio (target ≥ 4×); writes
 bench/results/serve.json (--out).
 """
 
@@ -80,7 +82,7 @@ from typing import Any
 MODEL = "smollm2-135m-instruct"
 PROMPT = "The capital of France is"
 PART_A_ENGINES = ["llama.cpp", "llama.cpp-f32", "transformers", "lmforge", "lmforge-bf16"]
-PART_B_ENGINES = ["llama.cpp", "lmforge"]
+PART_B_ENGINES = ["llama.cpp", "lmforge", "lmforge-bf16"]
 PART_B_OPTIONAL = ["llama.cpp-f32", "llama-server"]
 # Part B prompts: plain text, a few dozen tokens each; clients take them in turn.
 PROMPTS = [
@@ -392,6 +394,8 @@ def server_command(engine: str, port: int, args: argparse.Namespace, slots: int)
             cmd += ["--interrupt_requests", "False"]
         return cmd + shlex.split(args.llama_cpp_server_args)
     cmd = [*lmforge_command(), "serve", "--port", str(port)]
+    if engine == "lmforge-bf16":
+        cmd += ["--dtype", "bfloat16"]
     serve_help = subprocess.run([*cmd, "--help"], capture_output=True, text=True).stdout
     if "--threads" in serve_help:  # else OMP_NUM_THREADS alone sets torch's threads
         cmd += ["--threads", str(args.threads)]
@@ -636,17 +640,30 @@ def part_b(args: argparse.Namespace, engines: list[str]) -> dict:
             )
     ok = {e: r for e, r in results.items() if "failed" not in r}
     ratios = {}
-    for anchor in ("llama.cpp", "llama-server"):
-        if "lmforge" in ok and anchor in ok:
+    for ours in ("lmforge", "lmforge-bf16"):
+        if ours not in ok:
+            continue
+        tps = {n: ok[ours][str(n)]["output_tokens_per_s"] for n in levels}
+        if 1 in tps and tps[1] > 0:
+            scaling = {str(n): v / tps[1] for n, v in tps.items()}
+            ratios[f"{ours} N clients / 1 client"] = scaling
+            top = max(levels)
+            verdict = "met" if scaling[str(top)] >= 4 else "MISSED"
+            print(
+                f"\n{ours}: {top} clients / 1 client = {scaling[str(top)]:.2f}× "
+                f"(target ≥ 4×: {verdict})"
+            )
+        for anchor in ("llama.cpp", "llama-server"):
+            if anchor not in ok:
+                continue
             ratio = {
-                str(n): ok["lmforge"][str(n)]["output_tokens_per_s"]
-                / ok[anchor][str(n)]["output_tokens_per_s"]
+                str(n): tps[n] / ok[anchor][str(n)]["output_tokens_per_s"]
                 for n in levels
                 if ok[anchor][str(n)]["output_tokens_per_s"] > 0
             }
-            ratios[f"lmforge/{anchor} output_tokens_per_s"] = ratio
+            ratios[f"{ours}/{anchor} output_tokens_per_s"] = ratio
             print(
-                f"\nlmforge / {anchor} aggregate output tokens/s: "
+                f"{ours} / {anchor} aggregate output tokens/s: "
                 + ", ".join(f"{n} clients {v:.2f}×" for n, v in ratio.items())
             )
     if ratios:

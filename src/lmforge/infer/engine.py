@@ -181,11 +181,12 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
-        # Added in this thread's call into the engine thread: errors (bad prompt, full queue)
-        # raise here, before the first output.
-        await self._call(lambda: self._add(prompt_ids, params, request_id, loop, queue))
         finished = False
         try:
+            # Added by a call into the engine thread: errors (bad prompt, full queue) raise
+            # here, before the first output. Cancelled while waiting, the request may still be
+            # added: the abort below then removes it.
+            await self._call(lambda: self._add(prompt_ids, params, request_id, loop, queue))
             while True:
                 item = await queue.get()
                 if isinstance(item, BaseException):

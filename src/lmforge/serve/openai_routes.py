@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import math
 import struct
 import time
@@ -29,7 +30,7 @@ from lmforge.infer.params import SamplingParams
 from lmforge.infer.request import RequestOutput, TokenLogprob
 from lmforge.infer.scheduler import QueueFullError
 from lmforge.serve.app import ServedModel, ServerState
-from lmforge.serve.errors import OpenAIError, bad_request
+from lmforge.serve.errors import OpenAIError, bad_request, error_body
 from lmforge.serve.protocol import (
     MAX_N,
     ChatCompletionRequest,
@@ -40,6 +41,8 @@ from lmforge.serve.protocol import (
 )
 from lmforge.tokenizer.chat import validate_messages
 from lmforge.tokenizer.stream import TextStream
+
+log = logging.getLogger(__name__)
 
 router = APIRouter()
 
@@ -276,9 +279,13 @@ async def _stream(
                 piece = await _next_piece(queue, runner)
             if (extra := usage_chunk(runner.result())) is not None:
                 yield _sse(extra)
-            yield "data: [DONE]\n\n"
+        except Exception as e:  # headers are sent: report in the stream, as OpenAI does
+            log.exception("stream failed")
+            message = e.message if isinstance(e, OpenAIError) else "internal server error"
+            yield _sse(error_body(message, "server_error"))
         finally:
             runner.cancel()
+        yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream")
 
