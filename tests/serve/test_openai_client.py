@@ -17,9 +17,12 @@ import pytest
 import torch
 from served import Server, make_model_dir, start_server, stop_server, tiny_server
 
+from conftest import tiny_config
 from lmforge.infer.generate import generate_ids
 from lmforge.infer.params import SamplingParams
-from lmforge.model.checkpoint import LoadedModel, load_model
+from lmforge.model.checkpoint import LoadedModel, load_model, save_model
+from lmforge.model.transformer import Transformer
+from lmforge.serve.app import ServerSettings, create_app
 
 
 @pytest.fixture(scope="module")
@@ -296,3 +299,53 @@ def test_echo_without_logprobs_returns_the_prompt_text(
         )
     )
     assert streamed == plain.choices[0].text
+
+
+def test_two_models_in_one_server_are_chosen_by_name(tmp_path: Path, tiny_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    llama = make_model_dir(tmp_path, tiny_tokenizer)
+    torch.manual_seed(1)
+    gpt2 = save_model(
+        Transformer(tiny_config("gpt2")).eval(), tiny_tokenizer, tmp_path / "tiny-gpt2"
+    )
+    server = start_server(llama, tmp_path / "home", str(gpt2))
+    try:
+        c = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+        assert sorted(m.id for m in c.models.list().data) == ["tiny-gpt2", "tiny-llama"]
+        texts = {}
+        for name, directory in (("tiny-llama", llama), ("tiny-gpt2", gpt2)):
+            r = c.completions.create(model=name, prompt=[5, 6, 7], max_tokens=8, temperature=0)
+            assert r.model == name
+            ref = load_model(directory)
+            ids = _reference(ref, [5, 6, 7], 8)
+            texts[name] = r.choices[0].text
+            assert texts[name] == ref.tokenizer.decode(ids)
+        assert texts["tiny-llama"] != texts["tiny-gpt2"]
+    finally:
+        stop_server(server)
+
+
+def test_ready_is_503_until_the_models_are_loaded(tmp_path: Path) -> None:
+    # The app without its lifespan: nothing has been loaded.
+    app = create_app(ServerSettings(models=[str(tmp_path)]))
+
+    async def probe() -> tuple[httpx.Response, httpx.Response, httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            body = {"model": "m", "prompt": "hi"}
+            return (
+                await http.get("/health"),
+                await http.get("/ready"),
+                await http.post("/v1/completions", json=body),
+            )
+
+    health, ready, completion = asyncio.run(probe())
+    assert health.status_code == 200
+    assert ready.status_code == 503 and ready.headers["retry-after"] == "1"
+    assert "loading" in ready.json()["error"]["message"]
+    assert completion.status_code == 503 and completion.json()["error"]["type"]
+
+
+def test_oversized_headers_are_refused(tiny_server: Server) -> None:
+    r = httpx.get(f"{tiny_server.url}/v1/models", headers={"x-big": "a" * 100_000})
+    assert r.status_code == 431 and r.json()["error"]["message"]
+    assert httpx.get(f"{tiny_server.url}/health").status_code == 200

@@ -114,8 +114,8 @@ def serve_command(
         host=host,
         port=port,
         log_level="info",
-        http="h11",  # its header cap below applies; httptools has none to set
-        h11_max_incomplete_event_size=64 * 1024,  # request line + headers at most
+        http="h11",
+        h11_max_incomplete_event_size=64 * 1024,  # headers still arriving; SizeLimits caps the rest
         timeout_graceful_shutdown=None,
     )
     # The engine thread takes the GIL back between torch ops hundreds of times per step; with

@@ -164,16 +164,28 @@ def load_served(spec: str | None, settings: ServerSettings) -> ServedModel:
     )
 
 
-class BodyLimit:
-    """ASGI middleware: read the whole request body up to LIMIT bytes, 413 beyond, then replay
-    it to the app (so no route ever parses an oversized body)."""
+MAX_HEADER_BYTES = 32 * 1024
+"""Request headers (names and values) at most; more is 431."""
+
+
+class SizeLimits:
+    """ASGI middleware: 431 for headers over MAX_HEADER_BYTES; read the whole request body up to
+    LIMIT bytes, 413 beyond, then replay it to the app (so no route parses an oversized body)."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
         self.limit = limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        header_bytes = sum(len(k) + len(v) for k, v in scope.get("headers", []))
+        if header_bytes > MAX_HEADER_BYTES:
+            too_long = f"the request headers are over {MAX_HEADER_BYTES} bytes"
+            await error_response(OpenAIError(431, too_long))(scope, receive, send)
+            return
+        if scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
         too_big = OpenAIError(413, f"the request body is over {self.limit} bytes", param=None)
@@ -280,5 +292,5 @@ def create_app(settings: ServerSettings, *, state: ServerState | None = None) ->
         return Response(render_metrics(state), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(openai_routes.router)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(SizeLimits, limit=settings.max_body_bytes)
     return app
