@@ -1,36 +1,29 @@
 """The OpenAI-compatible routes: completions, chat completions, embeddings, models, and the
 tokenizer routes lm-evaluation-harness probes (/tokenize, /detokenize, /tokenizer_info).
 
-Text in, text out here; the engine sees token ids only. Each choice (`n` per prompt) is its own
-engine request; all of a request's choices run at once so they batch. Stop strings are found
-in the decoded text (`TextStream`), which then closes the choice's output stream: closing it
-aborts the engine request. A client that disconnects cancels the streaming response (or is
-noticed between outputs when not streaming), which aborts its requests within one step.
+Here: OpenAI's request shapes → token ids and `SamplingParams` (with the checks that name the
+parameter), and the results → OpenAI's response and chunk shapes. Running the choices and
+streaming them is `choices.py`'s job; the engine sees token ids only.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import json
-import logging
 import math
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
 from lmforge.errors import LmforgeError
 from lmforge.infer.params import SamplingParams
-from lmforge.infer.request import RequestOutput, TokenLogprob
-from lmforge.infer.scheduler import QueueFullError
+from lmforge.infer.request import TokenLogprob
 from lmforge.serve.app import ServedModel, ServerState
-from lmforge.serve.errors import OpenAIError, bad_request, error_body
+from lmforge.serve.choices import Choice, Piece, run_all, stream_response, usage
+from lmforge.serve.errors import bad_request
 from lmforge.serve.protocol import (
     MAX_N,
     ChatCompletionRequest,
@@ -40,9 +33,6 @@ from lmforge.serve.protocol import (
     TokenizeRequest,
 )
 from lmforge.tokenizer.chat import validate_messages
-from lmforge.tokenizer.stream import TextStream
-
-log = logging.getLogger(__name__)
 
 router = APIRouter()
 
@@ -50,83 +40,6 @@ router = APIRouter()
 def _state(request: Request) -> ServerState:
     state: ServerState = request.app.state.server
     return state
-
-
-# ---------------------------------------------------------------------------------------------
-# One choice: an engine request, its text and logprobs
-
-
-@dataclass
-class Piece:
-    """New output of one choice: text, the tokens behind it, and their logprobs."""
-
-    index: int
-    text: str
-    token_ids: list[int]
-    logprobs: list[TokenLogprob]
-    finish_reason: str | None = None
-    prompt_logprobs: list[TokenLogprob | None] | None = None
-
-
-@dataclass
-class Choice:
-    index: int
-    prompt_ids: list[int]
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    prompt_logprobs: list[TokenLogprob | None] | None = None
-    finish_reason: str = "length"
-
-
-async def _run_choice(
-    served: ServedModel,
-    choice: Choice,
-    params: SamplingParams,
-    request_id: str,
-    emit: asyncio.Queue[Piece | BaseException] | None,
-    http: Request,
-) -> None:
-    """Generate CHOICE to the end, filling it in; with EMIT, also send each new piece."""
-    stream = TextStream(served.tokenizer, params.stop)
-    outputs = served.engine.generate(choice.prompt_ids, params, request_id)
-    try:
-        async for out in outputs:
-            if emit is None and await http.is_disconnected():
-                return  # closing `outputs` (below) aborts the engine request
-            piece = _take(choice, stream, out)
-            if emit is not None and (piece.text or piece.finish_reason or piece.prompt_logprobs):
-                await emit.put(piece)
-            if piece.finish_reason:
-                return
-    finally:
-        await outputs.aclose()  # type: ignore[attr-defined]
-
-
-def _take(choice: Choice, stream: TextStream, out: RequestOutput) -> Piece:
-    piece = Piece(choice.index, "", [], [])
-    if out.prompt_logprobs is not None:
-        choice.prompt_logprobs = piece.prompt_logprobs = out.prompt_logprobs
-    for i, tid in enumerate(out.new_token_ids):
-        if stream.stopped:
-            break
-        piece.token_ids.append(tid)
-        if out.new_logprobs:
-            piece.logprobs.append(out.new_logprobs[i])
-        is_stop_token = out.finish_reason == "stop" and i == len(out.new_token_ids) - 1
-        if not is_stop_token:  # a stop token counts as generated but is not shown
-            piece.text += stream.push(tid)
-    if stream.stopped:
-        piece.finish_reason = "stop"
-    elif out.finished:
-        piece.text += stream.finish()
-        piece.finish_reason = "stop" if out.finish_reason == "stop" else "length"
-    choice.text += piece.text
-    choice.token_ids += piece.token_ids
-    choice.logprobs += piece.logprobs
-    if piece.finish_reason:
-        choice.finish_reason = piece.finish_reason
-    return piece
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,118 +123,6 @@ def _check_ids(ids: list[int], served: ServedModel, param: str) -> list[int]:
             param,
         )
     return ids
-
-
-def _seeded(params: SamplingParams, i: int) -> SamplingParams:
-    """Choice I's params: with a seed, each choice draws from its own seed + I."""
-    if params.seed is None or i == 0:
-        return params
-    return SamplingParams(**{**params.__dict__, "seed": (params.seed + i) % 2**63})
-
-
-# ---------------------------------------------------------------------------------------------
-# Running choices, plain or streamed
-
-
-async def _run_all(
-    served: ServedModel,
-    prompts: list[list[int]],
-    params: SamplingParams,
-    http: Request,
-    emit: asyncio.Queue[Piece | BaseException] | None = None,
-) -> list[Choice]:
-    base = uuid.uuid4().hex
-    choices: list[Choice] = []
-    jobs = []
-    for ids in prompts:
-        for i in range(params.n):
-            choice = Choice(len(choices), ids)
-            choices.append(choice)
-            request_id = f"{base}-{choice.index}"
-            jobs.append(_run_choice(served, choice, _seeded(params, i), request_id, emit, http))
-    tasks = [asyncio.ensure_future(job) for job in jobs]
-    try:
-        await asyncio.gather(*tasks)
-    except QueueFullError as e:
-        raise OpenAIError(503, str(e), headers={"Retry-After": "1"}) from e
-    finally:
-        for task in tasks:
-            task.cancel()
-    return choices
-
-
-def _sse(data: Any) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-
-async def _stream(
-    served: ServedModel,
-    prompts: list[list[int]],
-    params: SamplingParams,
-    http: Request,
-    chunk: Any,  # (Piece) -> dict: the route's chunk shape
-    first_chunks: list[dict[str, Any]],
-    usage_chunk: Any,  # (list[Choice]) -> dict | None
-) -> StreamingResponse:
-    queue: asyncio.Queue[Piece | BaseException] = asyncio.Queue()
-    runner = asyncio.ensure_future(_run_all(served, prompts, params, http, queue))
-    # Wait for the first piece (or an error) so that errors such as a full queue get a
-    # proper status code instead of a broken stream.
-    first = await _next_piece(queue, runner)
-
-    async def body() -> AsyncIterator[str]:
-        try:
-            for c in first_chunks:
-                yield _sse(c)
-            piece = first
-            while piece is not None:
-                yield _sse(chunk(piece))
-                piece = await _next_piece(queue, runner)
-            if (extra := usage_chunk(runner.result())) is not None:
-                yield _sse(extra)
-        except Exception as e:  # headers are sent: report in the stream, as OpenAI does
-            log.exception("stream failed")
-            message = e.message if isinstance(e, OpenAIError) else "internal server error"
-            yield _sse(error_body(message, "server_error"))
-        finally:
-            runner.cancel()
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(body(), media_type="text/event-stream")
-
-
-async def _next_piece(
-    queue: asyncio.Queue[Piece | BaseException], runner: asyncio.Future[list[Choice]]
-) -> Piece | None:
-    """The next piece, or None when every choice is done; re-raises a choice's error."""
-    while True:
-        if not queue.empty():
-            item = queue.get_nowait()
-            if isinstance(item, BaseException):
-                raise item
-            return item
-        if runner.done():
-            runner.result()  # raises the error, if any
-            return None
-        getter: asyncio.Future[Any] = asyncio.ensure_future(queue.get())
-        waiting: set[asyncio.Future[Any]] = {getter, runner}
-        done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-        if getter in done:
-            item = getter.result()
-            if isinstance(item, BaseException):
-                raise item
-            return item
-        getter.cancel()
-
-
-def _usage(prompts: list[list[int]], choices: list[Choice]) -> dict[str, int]:
-    prompt = sum(len(p) for p in prompts)
-    completion = sum(len(c.token_ids) for c in choices)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,11 +251,11 @@ async def completions(body: CompletionRequest, http: Request) -> Any:
         def usage_chunk(choices: list[Choice]) -> dict[str, Any] | None:
             if not include_usage:
                 return None
-            return {**head, "choices": [], "usage": _usage(prompts, choices)}
+            return {**head, "choices": [], "usage": usage(prompts, choices)}
 
-        return await _stream(served, prompts, params, http, chunk, [], usage_chunk)
+        return await stream_response(served, prompts, params, http, chunk, [], usage_chunk)
 
-    choices = await _run_all(served, prompts, params, http)
+    choices = await run_all(served, prompts, params, http)
     data = []
     for choice in choices:
         text = (prompt_text(choice.prompt_ids) if body.echo else "") + choice.text
@@ -466,7 +267,7 @@ async def completions(body: CompletionRequest, http: Request) -> Any:
                 "finish_reason": choice.finish_reason,
             }
         )
-    return {**head, "choices": data, "usage": _usage(prompts, choices)}
+    return {**head, "choices": data, "usage": usage(prompts, choices)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -549,11 +350,11 @@ async def chat_completions(body: ChatCompletionRequest, http: Request) -> Any:
         def usage_chunk(choices: list[Choice]) -> dict[str, Any] | None:
             if not include_usage:
                 return None
-            return {**chunk_head, "choices": [], "usage": _usage(prompts, choices)}
+            return {**chunk_head, "choices": [], "usage": usage(prompts, choices)}
 
-        return await _stream(served, prompts, params, http, chunk, firsts, usage_chunk)
+        return await stream_response(served, prompts, params, http, chunk, firsts, usage_chunk)
 
-    choices = await _run_all(served, prompts, params, http)
+    choices = await run_all(served, prompts, params, http)
     data = [
         {
             "index": c.index,
@@ -563,7 +364,7 @@ async def chat_completions(body: ChatCompletionRequest, http: Request) -> Any:
         }
         for c in choices
     ]
-    return {**head, "choices": data, "usage": _usage(prompts, choices)}
+    return {**head, "choices": data, "usage": usage(prompts, choices)}
 
 
 # ---------------------------------------------------------------------------------------------
