@@ -349,3 +349,20 @@ def test_oversized_headers_are_refused(tiny_server: Server) -> None:
     r = httpx.get(f"{tiny_server.url}/v1/models", headers={"x-big": "a" * 100_000})
     assert r.status_code == 431 and r.json()["error"]["message"]
     assert httpx.get(f"{tiny_server.url}/health").status_code == 200
+
+
+def test_ignore_eos_still_honours_stop_token_ids(
+    client: openai.OpenAI, tiny_server: Server, local: LoadedModel
+) -> None:
+    # Regression: ignore_eos used to switch off every stop id, the caller's too.
+    greedy = SamplingParams(max_tokens=12, ignore_eos=True)
+    stop_at = [s.token_id for s in generate_ids(local.model, [9, 8, 7], greedy)][4]
+    r = client.completions.create(
+        model=tiny_server.model,
+        prompt=[9, 8, 7],
+        max_tokens=12,
+        temperature=0,
+        extra_body={"ignore_eos": True, "stop_token_ids": [stop_at]},
+    )
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage is not None and r.usage.completion_tokens <= 5

@@ -98,8 +98,7 @@ def _sampling(
         min_p=body.min_p,
         seed=body.seed,
         stop=stop,
-        stop_token_ids=stop_ids,
-        ignore_eos=body.ignore_eos,
+        stop_token_ids=stop_ids,  # the model's EOS ids only without ignore_eos (vLLM's meaning)
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
         repetition_penalty=body.repetition_penalty,
