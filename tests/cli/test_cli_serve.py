@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -44,3 +45,34 @@ def test_a_port_in_use_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
         port = busy.getsockname()[1]
         proc = _serve(["--port", str(port)], capsys)
     assert_one_line_error(proc, "cannot listen", str(port))
+
+
+def test_an_lstm_model_is_refused_with_one_line(
+    tmp_path: Path,
+    tiny_tokenizer,
+    capsys: pytest.CaptureFixture[str],  # type: ignore[no-untyped-def]
+) -> None:
+    from lmforge.model.checkpoint import save_model
+    from lmforge.model.lstm import LSTMConfig, LSTMLanguageModel
+
+    model = LSTMLanguageModel(LSTMConfig(vocab_size=384, d_model=16, n_layer=1)).eval()
+    directory = save_model(model, tiny_tokenizer, tmp_path / "lstm")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # The server starts, the background load fails, the server stops and says why.
+    assert_one_line_error(_serve([str(directory), "--port", str(port)], capsys), "LSTM")
+
+
+def test_a_model_that_fails_to_load_stops_the_server(
+    tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tiny_model_dir / "model.safetensors").write_bytes(b"not safetensors")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = _serve([str(tiny_model_dir), "--port", str(port)], capsys)
+    # The server started (its log lines come first), the background load failed, it stopped.
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "model.safetensors" in last, proc.stderr

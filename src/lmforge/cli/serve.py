@@ -71,8 +71,7 @@ def serve_command(
     import uvicorn
 
     from lmforge.errors import LmforgeError
-    from lmforge.resolve import resolve
-    from lmforge.serve.app import ServerSettings, create_app
+    from lmforge.serve.app import ServerSettings, check_servable, create_app
 
     if not 0 < port < 65536:
         raise LmforgeError(f"--port must be in 1..65535, got {port}")
@@ -81,7 +80,7 @@ def serve_command(
             raise LmforgeError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     for spec in models or []:
-        resolve(spec)  # an unknown model is a one-line error now, not a failed background load
+        check_servable(spec)  # an unknown model or an LSTM fails now, not in the background
     _check_port(host, port)
     settings = ServerSettings(
         models=list(models or [""]),

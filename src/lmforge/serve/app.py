@@ -9,6 +9,7 @@ requests pick one by the `model` field. Request bodies are capped (413) before a
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -31,7 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from lmforge.errors import LmforgeError
 from lmforge.infer.engine import AsyncEngine, Engine
 from lmforge.infer.scheduler import SchedulerConfig
-from lmforge.model.checkpoint import load_model
+from lmforge.model.checkpoint import LSTM_ARCHITECTURE, load_model
 from lmforge.model.transformer import Transformer, optimize_weight_layout
 from lmforge.resolve import resolve
 from lmforge.serve.errors import OpenAIError, error_response, install_error_handlers
@@ -128,6 +129,19 @@ class ServerState:
     def shutdown(self) -> None:
         for served in self.models.values():
             served.engine.shutdown()
+
+
+def check_servable(spec: str | None, *, home: Path | None = None) -> None:
+    """Refuse at once what `load_served` would refuse after loading: an unknown model, an LSTM."""
+    ref = resolve(spec, home=home)
+    config = ref.path / "config.json"
+    if ref.path.is_dir() and config.is_file():
+        try:
+            architectures = json.loads(config.read_text()).get("architectures") or []
+        except (OSError, ValueError, AttributeError):
+            return  # the load will say what is wrong with it
+        if LSTM_ARCHITECTURE in architectures:
+            raise LmforgeError(f"{ref.name}: only Transformer models can be served (not an LSTM)")
 
 
 def load_served(spec: str | None, settings: ServerSettings) -> ServedModel:
