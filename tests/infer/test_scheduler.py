@@ -701,6 +701,9 @@ def test_illegal_transitions_cover_the_examples() -> None:
         ({"max_queue": 0}, "max_queue"),
         ({"max_queue": -3}, "max_queue"),
         ({"max_batch": 2.5}, "max_batch"),
+        ({"max_batch": True}, "max_batch"),
+        ({"cache_tokens": 4096.5}, "cache_tokens"),
+        ({"cache_tokens": "4096"}, "cache_tokens"),
     ],
 )
 def test_config_validation(kwargs: dict[str, Any], message: str) -> None:

@@ -53,8 +53,10 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_model_len", "max_batched_tokens", "max_queue"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise LmforgeError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.cache_tokens is not None and not _is_int(self.cache_tokens):
+            raise LmforgeError(f"cache_tokens must be an integer, got {self.cache_tokens!r}")
         if self.max_batched_tokens < self.max_batch:
             raise LmforgeError(
                 f"max_batched_tokens ({self.max_batched_tokens}) must be at least max_batch "
@@ -71,6 +73,10 @@ class SchedulerConfig:
         if self.cache_tokens is not None:
             return self.cache_tokens
         return self.max_batch * self.max_model_len
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
