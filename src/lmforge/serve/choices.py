@@ -11,6 +11,7 @@ requests within one engine step.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import uuid
@@ -49,6 +50,8 @@ class Piece:
 
 @dataclass
 class Choice:
+    """One choice as it grows: its text, tokens and logprobs so far."""
+
     index: int
     prompt_ids: list[int]
     text: str = ""
@@ -83,6 +86,7 @@ async def run_choice(
 
 
 def take(choice: Choice, stream: TextStream, out: RequestOutput) -> Piece:
+    """Add an engine output to CHOICE through its text STREAM; return what is new."""
     piece = Piece(choice.index, "", [], [])
     if out.prompt_logprobs is not None:
         choice.prompt_logprobs = piece.prompt_logprobs = out.prompt_logprobs
@@ -112,7 +116,7 @@ def seeded(params: SamplingParams, i: int) -> SamplingParams:
     """Choice I's params: with a seed, each choice draws from its own seed + I."""
     if params.seed is None or i == 0:
         return params
-    return SamplingParams(**{**params.__dict__, "seed": (params.seed + i) % 2**63})
+    return dataclasses.replace(params, seed=(params.seed + i) % 2**63)
 
 
 # ---------------------------------------------------------------------------------------------
