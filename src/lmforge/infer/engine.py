@@ -15,7 +15,6 @@ import asyncio
 import itertools
 import logging
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -70,7 +69,8 @@ class Engine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise LmforgeError(f"request id {request_id!r} is already in use")
-        check_prompt(prompt_ids, self.config.max_model_len, self.model.config.vocab_size)
+        # The length against max_model_len is the scheduler's check.
+        check_prompt(prompt_ids, None, self.model.config.vocab_size)
         request = Request(request_id, list(prompt_ids), params)
         self.scheduler.add(request)
         self.requests[request_id] = request
@@ -120,8 +120,6 @@ class Engine:
         sent = self._emitted[rid]
         first = rid not in self._started
         self._started.add(rid)
-        if request.output_ids and request.first_token_at is None:
-            request.first_token_at = time.monotonic()
         out = RequestOutput(
             request_id=rid,
             new_token_ids=request.output_ids[sent:],

@@ -77,7 +77,6 @@ class Request:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    arrival: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
@@ -89,7 +88,6 @@ class Request:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     """With `params.echo`: one per prompt token, the first None (nothing predicts it)."""
     num_preemptions: int = 0
-    first_token_at: float | None = None
     finished_at: float | None = None
 
     def __post_init__(self) -> None:
