@@ -161,10 +161,11 @@ async def stream_response(
     http: Request,
     chunk: Callable[[Piece], dict[str, Any]],
     first_chunks: list[dict[str, Any]],
-    usage_chunk: Callable[[list[Choice]], dict[str, Any] | None],
+    usage_head: dict[str, Any] | None,
 ) -> StreamingResponse:
-    """An SSE response: FIRST_CHUNKS, then CHUNK(piece) for each piece of output, then
-    USAGE_CHUNK(choices) if it gives one, then `[DONE]`."""
+    """An SSE response: FIRST_CHUNKS, then CHUNK(piece) for each piece of output, then —
+    with a USAGE_HEAD (`stream_options.include_usage`) — one chunk of it with empty
+    `choices` and the usage, then `[DONE]`."""
     queue: asyncio.Queue[Piece | BaseException] = asyncio.Queue()
     runner = asyncio.ensure_future(run_all(served, prompts, params, http, queue))
     # Wait for the first piece (or an error) so that errors such as a full queue get a
@@ -179,8 +180,8 @@ async def stream_response(
             while piece is not None:
                 yield sse(chunk(piece))
                 piece = await next_piece(queue, runner)
-            if (extra := usage_chunk(runner.result())) is not None:
-                yield sse(extra)
+            if usage_head is not None:
+                yield sse({**usage_head, "choices": [], "usage": usage(prompts, runner.result())})
         except Exception as e:  # headers are sent: report in the stream, as OpenAI does
             log.exception("stream failed")
             message = e.message if isinstance(e, OpenAIError) else "internal server error"

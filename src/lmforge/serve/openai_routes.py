@@ -19,6 +19,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from lmforge.errors import LmforgeError
+from lmforge.infer.generate import check_prompt
 from lmforge.infer.params import SamplingParams
 from lmforge.infer.request import TokenLogprob
 from lmforge.serve.app import ServedModel, ServerState
@@ -109,18 +110,16 @@ def _sampling(
     )
 
 
+def _include_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
 def _check_ids(ids: list[int], served: ServedModel, param: str) -> list[int]:
-    if not ids:
-        raise bad_request("the prompt is empty", param)
-    vocab = served.engine.engine.model.config.vocab_size
-    if any(t >= vocab for t in ids):
-        raise bad_request(f"token ids must be in 0..{vocab - 1}", param)
-    if len(ids) >= served.max_model_len:
-        raise bad_request(
-            f"this model's maximum context length is {served.max_model_len} tokens; the prompt "
-            f"has {len(ids)}",
-            param,
-        )
+    """IDS as a prompt the model can take (`check_prompt`), else a 400 naming PARAM."""
+    try:
+        check_prompt(ids, served.max_model_len, served.engine.engine.model.config.vocab_size)
+    except LmforgeError as e:
+        raise bad_request(str(e), param) from e
     return ids
 
 
@@ -224,7 +223,6 @@ async def completions(body: CompletionRequest, http: Request) -> Any:
         return served.tokenizer.decode(ids, skip_special_tokens=False)
 
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
         choice_prompts = [p for p in prompts for _ in range(body.n)]
 
         def chunk(piece: Piece) -> dict[str, Any]:
@@ -247,12 +245,8 @@ async def completions(body: CompletionRequest, http: Request) -> Any:
             }
             return {**head, "choices": [c]}
 
-        def usage_chunk(choices: list[Choice]) -> dict[str, Any] | None:
-            if not include_usage:
-                return None
-            return {**head, "choices": [], "usage": usage(prompts, choices)}
-
-        return await stream_response(served, prompts, params, http, chunk, [], usage_chunk)
+        usage_head = head if _include_usage(body) else None
+        return await stream_response(served, prompts, params, http, chunk, [], usage_head)
 
     choices = await run_all(served, prompts, params, http)
     data = []
@@ -318,7 +312,6 @@ async def chat_completions(body: ChatCompletionRequest, http: Request) -> Any:
     head = {"id": rid, "object": "chat.completion", "created": created, "model": served.name}
 
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunk_head = {**head, "object": "chat.completion.chunk"}
         firsts = [
             {
@@ -346,12 +339,8 @@ async def chat_completions(body: ChatCompletionRequest, http: Request) -> Any:
             }
             return {**chunk_head, "choices": [c]}
 
-        def usage_chunk(choices: list[Choice]) -> dict[str, Any] | None:
-            if not include_usage:
-                return None
-            return {**chunk_head, "choices": [], "usage": usage(prompts, choices)}
-
-        return await stream_response(served, prompts, params, http, chunk, firsts, usage_chunk)
+        usage_head = chunk_head if _include_usage(body) else None
+        return await stream_response(served, prompts, params, http, chunk, firsts, usage_head)
 
     choices = await run_all(served, prompts, params, http)
     data = [
