@@ -88,18 +88,14 @@ class ModelRunner:
         return self.model(ids, positions, cache)[:, -1].float()  # [rows, V]
 
     def _prefill(self, chunk: Chunk) -> tuple[torch.Tensor | None, list[TokenLogprob]]:
-        """Run CHUNK on its cache row; return the logits that sample (if it samples) and the
-        prompt logprobs it newly covers (echo requests)."""
+        """Run CHUNK on its cache row; its `_chunk_outputs`."""
         request = chunk.request
         slot = request.slot or 0
         start, stop = chunk.start, chunk.start + chunk.length
         ids = torch.tensor([request.tokens(start, stop)])
         positions = torch.arange(start, stop)
         cache = KVCache(self.cache.k[:, slot : slot + 1], self.cache.v[:, slot : slot + 1])
-        hidden = self.model.hidden_states(ids, positions, cache)[0]  # [T, C]
-        samples = chunk.samples and request.params.max_tokens > 0
-        last = self.model.lm_head(hidden[-1:])[0].float() if samples else None
-        return last, self._prompt_logprobs(request, start, hidden)
+        return self._chunk_outputs(chunk, self.model.hidden_states(ids, positions, cache)[0])
 
     def _prefill_fresh(
         self, chunks: list[Chunk]
@@ -121,11 +117,18 @@ class ModelRunner:
             slot = c.request.slot or 0
             self.cache.k[:, slot, :, : c.length] = scratch.k[:, i, :, : c.length]
             self.cache.v[:, slot, :, : c.length] = scratch.v[:, i, :, : c.length]
-            rows = hidden[i, : c.length]
-            samples = c.samples and c.request.params.max_tokens > 0
-            last = self.model.lm_head(rows[-1:])[0].float() if samples else None
-            out.append((last, self._prompt_logprobs(c.request, 0, rows)))
+            out.append(self._chunk_outputs(c, hidden[i, : c.length]))
         return out
+
+    def _chunk_outputs(
+        self, chunk: Chunk, hidden: torch.Tensor
+    ) -> tuple[torch.Tensor | None, list[TokenLogprob]]:
+        """From the final hidden states [T, C] of CHUNK's tokens: the logits that pick the next
+        token (None unless the chunk samples) and the prompt logprobs it newly covers."""
+        request = chunk.request
+        samples = chunk.samples and request.params.max_tokens > 0
+        last = self.model.lm_head(hidden[-1:])[0].float() if samples else None
+        return last, self._prompt_logprobs(request, chunk.start, hidden)
 
     def _prompt_logprobs(
         self, request: Request, start: int, hidden: torch.Tensor
