@@ -41,11 +41,20 @@ class EngineStats:
     preemptions: int = 0
 
 
+DEFAULT_MAX_MODEL_LEN = 2048
+"""Tokens per request when not given: the model's context, up to this (the KV cache has
+`max_batch` rows of it)."""
+
+
+def default_max_model_len(model: Transformer) -> int:
+    return min(model.config.max_seq_len, DEFAULT_MAX_MODEL_LEN)
+
+
 class Engine:
     """Continuous batching over one model, token ids in and out."""
 
     def __init__(self, model: Transformer, config: SchedulerConfig | None = None) -> None:
-        config = config or SchedulerConfig(max_model_len=min(model.config.max_seq_len, 2048))
+        config = config or SchedulerConfig(max_model_len=default_max_model_len(model))
         if config.max_model_len > model.config.max_seq_len:
             raise LmforgeError(
                 f"max_model_len {config.max_model_len} exceeds the model's context "

@@ -30,7 +30,7 @@ from prometheus_client import (
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmforge.errors import LmforgeError
-from lmforge.infer.engine import AsyncEngine, Engine
+from lmforge.infer.engine import AsyncEngine, Engine, default_max_model_len
 from lmforge.infer.scheduler import SchedulerConfig
 from lmforge.model.checkpoint import LSTM_ARCHITECTURE, load_model
 from lmforge.model.transformer import Transformer, optimize_weight_layout
@@ -155,7 +155,7 @@ def load_served(spec: str | None, settings: ServerSettings) -> ServedModel:
         raise LmforgeError(f"{ref.name}: only Transformer models can be served (not an LSTM)")
     optimize_weight_layout(model)
     context = model.config.max_seq_len
-    max_len = settings.max_model_len or min(context, 2048)
+    max_len = settings.max_model_len or default_max_model_len(model)
     if max_len > context:
         raise LmforgeError(f"max_model_len {max_len} exceeds {ref.name}'s context {context}")
     config = SchedulerConfig(
