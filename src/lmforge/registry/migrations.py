@@ -73,6 +73,142 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        3,
+        "keys, limits, usage ledger, prices, audit log, moderation",
+        (
+            # API keys: only sha256 + a short prefix of the key are stored. The limiter's state
+            # (requests and tokens in the current one-minute window, spend in the budget
+            # period, open reservations) lives on the key's row, so one conditional UPDATE can
+            # check and take it atomically, whichever process runs it.
+            """
+            CREATE TABLE api_keys (
+                id INTEGER PRIMARY KEY,
+                name TEXT NOT NULL UNIQUE,
+                prefix TEXT NOT NULL,
+                key_hash TEXT NOT NULL UNIQUE,
+                models TEXT NULL,
+                rpm INTEGER NULL CHECK (rpm IS NULL OR rpm >= 0),
+                tpm INTEGER NULL CHECK (tpm IS NULL OR tpm >= 0),
+                budget_nusd INTEGER NULL CHECK (budget_nusd IS NULL OR budget_nusd >= 0),
+                budget_period TEXT NOT NULL DEFAULT 'total'
+                    CHECK (budget_period IN ('month', 'total')),
+                expires_at TEXT NULL,
+                admin INTEGER NOT NULL DEFAULT 0,
+                created_at TEXT NOT NULL,
+                updated_at TEXT NOT NULL,
+                revoked_at TEXT NULL,
+                req_window REAL NOT NULL DEFAULT 0,
+                req_used INTEGER NOT NULL DEFAULT 0,
+                tok_window REAL NOT NULL DEFAULT 0,
+                tok_used INTEGER NOT NULL DEFAULT 0,
+                spend_period TEXT NOT NULL DEFAULT '',
+                spent_nusd INTEGER NOT NULL DEFAULT 0,
+                reserved_nusd INTEGER NOT NULL DEFAULT 0 CHECK (reserved_nusd >= 0)
+            )
+            """,
+            "CREATE INDEX api_keys_prefix ON api_keys (prefix)",
+            # What an admitted request holds until it is settled (or its reservation expires).
+            """
+            CREATE TABLE reservations (
+                request_id TEXT PRIMARY KEY,
+                key_id INTEGER NOT NULL REFERENCES api_keys (id),
+                tokens INTEGER NOT NULL,
+                cost_nusd INTEGER NOT NULL,
+                tok_window REAL NOT NULL,
+                expires REAL NOT NULL
+            )
+            """,
+            # The usage ledger: one row per request, append-only (the triggers refuse changes).
+            """
+            CREATE TABLE usage (
+                id INTEGER PRIMARY KEY,
+                request_id TEXT NOT NULL UNIQUE,
+                key_id INTEGER NULL REFERENCES api_keys (id),
+                endpoint TEXT NOT NULL,
+                model TEXT NULL,
+                model_version TEXT NULL,
+                prompt_tokens INTEGER NOT NULL DEFAULT 0,
+                completion_tokens INTEGER NOT NULL DEFAULT 0,
+                ttft_ms REAL NULL,
+                latency_ms REAL NOT NULL,
+                status TEXT NOT NULL,
+                http_status INTEGER NOT NULL,
+                cost_nusd INTEGER NOT NULL DEFAULT 0,
+                price_input INTEGER NULL,
+                price_output INTEGER NULL,
+                created_at TEXT NOT NULL
+            )
+            """,
+            "CREATE INDEX usage_created ON usage (created_at)",
+            "CREATE INDEX usage_key_created ON usage (key_id, created_at)",
+            """
+            CREATE TRIGGER usage_no_update BEFORE UPDATE ON usage
+            BEGIN SELECT RAISE(ABORT, 'the usage ledger is append-only'); END
+            """,
+            """
+            CREATE TRIGGER usage_no_delete BEFORE DELETE ON usage
+            BEGIN SELECT RAISE(ABORT, 'the usage ledger is append-only'); END
+            """,
+            # Prices per million tokens in micro-USD; every change is a new row (the newest rules).
+            """
+            CREATE TABLE prices (
+                id INTEGER PRIMARY KEY,
+                model TEXT NOT NULL,
+                input_musd INTEGER NOT NULL CHECK (input_musd >= 0),
+                output_musd INTEGER NOT NULL CHECK (output_musd >= 0),
+                created_at TEXT NOT NULL
+            )
+            """,
+            "CREATE INDEX prices_model ON prices (model, id)",
+            """
+            CREATE TABLE audit_log (
+                id INTEGER PRIMARY KEY,
+                at TEXT NOT NULL,
+                actor TEXT NOT NULL,
+                action TEXT NOT NULL,
+                target TEXT NULL,
+                details TEXT NULL
+            )
+            """,
+            """
+            CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit_log
+            BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END
+            """,
+            """
+            CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit_log
+            BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END
+            """,
+            # Moderation: rule sets are versioned; a change writes version N+1 in full (its
+            # rules, possibly none), so a verdict can name the exact rules it was made under.
+            """
+            CREATE TABLE moderation_rulesets (
+                version INTEGER PRIMARY KEY,
+                actor TEXT NOT NULL,
+                created_at TEXT NOT NULL
+            )
+            """,
+            """
+            CREATE TABLE moderation_rules (
+                id INTEGER PRIMARY KEY,
+                version INTEGER NOT NULL REFERENCES moderation_rulesets (version),
+                category TEXT NOT NULL,
+                kind TEXT NOT NULL CHECK (kind IN ('word', 'regex')),
+                pattern TEXT NOT NULL,
+                created_at TEXT NOT NULL
+            )
+            """,
+            "CREATE INDEX moderation_rules_version ON moderation_rules (version)",
+            """
+            CREATE TABLE moderation_policies (
+                scope TEXT PRIMARY KEY,
+                input TEXT NOT NULL CHECK (input IN ('off', 'flag', 'block')),
+                output TEXT NOT NULL CHECK (output IN ('off', 'flag', 'block')),
+                updated_at TEXT NOT NULL
+            )
+            """,
+        ),
+    ),
 )
 
 _CREATE_SCHEMA_MIGRATIONS = """

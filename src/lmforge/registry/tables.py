@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import Column, Integer, MetaData, Table, Text, UniqueConstraint
+from sqlalchemy import REAL, Column, ForeignKey, Integer, MetaData, Table, Text, UniqueConstraint
 
 metadata = MetaData()
 
@@ -52,6 +52,119 @@ datasets = Table(
     Column("created_at", Text, nullable=False),
     Column("updated_at", Text, nullable=False),  # a re-prepare with --overwrite moves this
     UniqueConstraint("name"),
+)
+
+# -- migration 3: keys, limits, the usage ledger, prices, audit log, moderation -----------------
+# Money is integers: prices in micro-USD per million tokens, costs and budgets in nano-USD.
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("prefix", Text, nullable=False),  # the key's first characters, to show and look up
+    Column("key_hash", Text, nullable=False),  # sha256 of the whole key, lowercase hex
+    Column("models", Text, nullable=True),  # JSON list of model names; NULL: every model
+    Column("rpm", Integer, nullable=True),  # requests per minute; NULL: no limit
+    Column("tpm", Integer, nullable=True),  # tokens per minute
+    Column("budget_nusd", Integer, nullable=True),
+    Column("budget_period", Text, nullable=False),  # "month" | "total"
+    Column("expires_at", Text, nullable=True),
+    Column("admin", Integer, nullable=False),
+    Column("created_at", Text, nullable=False),
+    Column("updated_at", Text, nullable=False),
+    Column("revoked_at", Text, nullable=True),
+    Column("req_window", REAL, nullable=False),  # unix time the requests window started
+    Column("req_used", Integer, nullable=False),
+    Column("tok_window", REAL, nullable=False),
+    Column("tok_used", Integer, nullable=False),  # reserved at admission, settled after
+    Column("spend_period", Text, nullable=False),  # "2026-11" or "total"
+    Column("spent_nusd", Integer, nullable=False),  # settled spend in spend_period
+    Column("reserved_nusd", Integer, nullable=False),  # held by requests in flight
+    UniqueConstraint("name"),
+    UniqueConstraint("key_hash"),
+)
+
+reservations = Table(
+    "reservations",
+    metadata,
+    Column("request_id", Text, primary_key=True),
+    Column("key_id", Integer, ForeignKey("api_keys.id"), nullable=False),
+    Column("tokens", Integer, nullable=False),
+    Column("cost_nusd", Integer, nullable=False),
+    Column("tok_window", REAL, nullable=False),  # the tokens window the tokens were taken from
+    Column("expires", REAL, nullable=False),  # unix time after which a sweep releases it
+)
+
+usage = Table(
+    "usage",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("request_id", Text, nullable=False),
+    Column("key_id", Integer, ForeignKey("api_keys.id"), nullable=True),
+    Column("endpoint", Text, nullable=False),
+    Column("model", Text, nullable=True),
+    Column("model_version", Text, nullable=True),  # "name@3", or "name@sha256:<12 hex>"
+    Column("prompt_tokens", Integer, nullable=False),
+    Column("completion_tokens", Integer, nullable=False),
+    Column("ttft_ms", REAL, nullable=True),
+    Column("latency_ms", REAL, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("http_status", Integer, nullable=False),
+    Column("cost_nusd", Integer, nullable=False),
+    Column("price_input", Integer, nullable=True),  # micro-USD per million tokens, as billed
+    Column("price_output", Integer, nullable=True),
+    Column("created_at", Text, nullable=False),
+    UniqueConstraint("request_id"),
+)
+
+prices = Table(
+    "prices",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("model", Text, nullable=False),
+    Column("input_musd", Integer, nullable=False),
+    Column("output_musd", Integer, nullable=False),
+    Column("created_at", Text, nullable=False),
+)
+
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("at", Text, nullable=False),
+    Column("actor", Text, nullable=False),  # "cli:<user>" or "key:<name>"
+    Column("action", Text, nullable=False),  # "key.create", "price.set", …
+    Column("target", Text, nullable=True),
+    Column("details", Text, nullable=True),  # JSON
+)
+
+moderation_rulesets = Table(
+    "moderation_rulesets",
+    metadata,
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("actor", Text, nullable=False),
+    Column("created_at", Text, nullable=False),
+)
+
+moderation_rules = Table(
+    "moderation_rules",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("version", Integer, ForeignKey("moderation_rulesets.version"), nullable=False),
+    Column("category", Text, nullable=False),
+    Column("kind", Text, nullable=False),  # "word" | "regex"
+    Column("pattern", Text, nullable=False),
+    Column("created_at", Text, nullable=False),
+)
+
+moderation_policies = Table(
+    "moderation_policies",
+    metadata,
+    Column("scope", Text, primary_key=True),  # "default", "key:<name>" or "model:<name>"
+    Column("input", Text, nullable=False),  # "off" | "flag" | "block"
+    Column("output", Text, nullable=False),
+    Column("updated_at", Text, nullable=False),
 )
 
 
