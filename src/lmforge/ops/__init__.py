@@ -1,0 +1,1 @@
+"""Operating the service: pricing arithmetic, billing, lineage and economics (torch-free)."""
