@@ -23,14 +23,39 @@ class Server:
     model: str  # the served model's name
     model_dir: Path
     process: subprocess.Popen[str]
+    key: str  # an admin key
+    home: Path
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+    def client(self, **kwargs: object) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers=self.headers, **kwargs)  # type: ignore[arg-type]
 
     def metric(self, name: str) -> float:
-        """The value of Prometheus metric lmforge_NAME for the served model."""
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        for line in text.splitlines():
-            if line.startswith(f"lmforge_{name}") and not line.startswith("#"):
-                return float(line.rsplit(" ", 1)[1])
-        raise AssertionError(f"no metric lmforge_{name} in:\n{text}")
+        """The value of Prometheus metric lmforge:NAME (summed over its label sets)."""
+        text = httpx.get(f"{self.url}/metrics", headers=self.headers, timeout=10).text
+        values = [
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith((f"lmforge:{name} ", f"lmforge:{name}{{"))
+        ]
+        if not values:
+            raise AssertionError(f"no metric lmforge:{name} in:\n{text}")
+        return sum(values)
+
+
+def create_key(home: Path, name: str, **limits: object) -> str:
+    """A new key in HOME's registry (as `lmforge keys create` makes it)."""
+    from lmforge.ops.accounts import create_key as create
+    from lmforge.registry.db import connect
+
+    engine = connect(home=home)
+    try:
+        return create(engine, actor="test", name=name, **limits)[1]  # type: ignore[arg-type]
+    finally:
+        engine.dispose()
 
 
 def free_port() -> int:
@@ -50,7 +75,10 @@ def make_model_dir(root: Path, tokenizer) -> Path:  # type: ignore[no-untyped-de
     return save_model(model, tokenizer, root / TINY_NAME)
 
 
-def start_server(model_dir: Path, home: Path, *extra: str) -> Server:
+def start_server(model_dir: Path, home: Path, *extra: str, key: str | None = None) -> Server:
+    """`lmforge serve MODEL_DIR` with HOME as $LMFORGE_HOME; KEY (default: a new admin key)
+    is the key `Server.headers` and `Server.metric` use."""
+    key = key or create_key(home, f"admin-{free_port()}", admin=True)
     port = free_port()
     process = subprocess.Popen(
         [*LMFORGE, "serve", str(model_dir), "--port", str(port), "--threads", "1", *extra],
@@ -70,7 +98,7 @@ def start_server(model_dir: Path, home: Path, *extra: str) -> Server:
             pass
         assert time.monotonic() < deadline, "the server did not become ready"
         time.sleep(0.1)
-    return Server(url, model_dir.stem, model_dir, process)
+    return Server(url, model_dir.stem, model_dir, process, key, home)
 
 
 def stop_server(server: Server) -> None:

@@ -86,7 +86,7 @@ def assert_serving(client: httpx.Client) -> None:
 
 @pytest.fixture(scope="module")
 def client(tiny_server: Server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=tiny_server.url, timeout=60) as c:
+    with tiny_server.client(timeout=60) as c:
         yield c
 
 
@@ -382,17 +382,17 @@ def test_hundred_over_context_requests_then_a_normal_one(
         assert_error(post(client, CMPL, completion(prompt=prompt)), 400, "prompt")
     assert_serving(client)
     # Nothing was left behind in the engine by the refused requests.
-    assert tiny_server.metric("requests_waiting") == 0
-    assert tiny_server.metric("requests_running") == 0
+    assert tiny_server.metric("num_requests_waiting") == 0
+    assert tiny_server.metric("num_requests_running") == 0
 
 
 # ---------------------------------------------------------------------------------------------
 # A bounded queue: 503 with Retry-After, never a hang or a 500
 
 
-async def _burst(url: str, count: int) -> list[httpx.Response]:
+async def _burst(server: Server, count: int) -> list[httpx.Response]:
     long = {"max_tokens": 100, "ignore_eos": True, "temperature": 0}
-    async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+    async with httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=120) as c:
         jobs = []
         for i in range(count):
             path, body = (CMPL, completion(**long)) if i % 2 else (CHAT, chat(**long))
@@ -412,7 +412,7 @@ def test_full_queue_is_503_with_retry_after(tmp_path: Path, tiny_tokenizer) -> N
         "1",
     )
     try:
-        responses = asyncio.run(_burst(server.url, 8))
+        responses = asyncio.run(_burst(server, 8))
         refused = [r for r in responses if r.status_code == 503]
         accepted = [r for r in responses if r.status_code == 200]
         assert refused, [r.status_code for r in responses]
@@ -426,12 +426,12 @@ def test_full_queue_is_503_with_retry_after(tmp_path: Path, tiny_tokenizer) -> N
                 assert r.text.rstrip().endswith("data: [DONE]"), r.text[-200:]
             else:
                 assert r.json()["usage"]["completion_tokens"] == 100, r.text
-        with httpx.Client(base_url=server.url, timeout=60) as c:
+        with server.client(timeout=60) as c:
             assert_serving(c)
             # Two choices never fit a queue of one: 400, not a 503 to retry forever.
             assert_error(post(c, CMPL, completion(n=2)), 400, "n")
             assert_serving(c)
-        assert server.metric("requests_waiting") == 0
-        assert server.metric("requests_running") == 0
+        assert server.metric("num_requests_waiting") == 0
+        assert server.metric("num_requests_running") == 0
     finally:
         stop_server(server)

@@ -33,7 +33,7 @@ def local(tiny_server: Server) -> LoadedModel:
 
 @pytest.fixture(scope="module")
 def client(tiny_server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{tiny_server.url}/v1", api_key="unused", max_retries=0)
+    return openai.OpenAI(base_url=f"{tiny_server.url}/v1", api_key=tiny_server.key, max_retries=0)
 
 
 def _reference(local: LoadedModel, prompt_ids: list[int], max_tokens: int) -> list[int]:
@@ -159,7 +159,7 @@ def test_async_clients_in_parallel_get_single_sequence_results(
     prompts = [f"prompt number {i} " * (1 + i % 4) for i in range(8)]
 
     async def run() -> list[str]:
-        aclient = openai.AsyncOpenAI(base_url=f"{tiny_server.url}/v1", api_key="x")
+        aclient = openai.AsyncOpenAI(base_url=f"{tiny_server.url}/v1", api_key=tiny_server.key)
         calls = [
             aclient.completions.create(
                 model=tiny_server.model, prompt=p, max_tokens=10 + i, temperature=0
@@ -187,6 +187,7 @@ def test_embeddings(client: openai.OpenAI, tiny_server: Server) -> None:
     assert again.data[0].embedding == pytest.approx(vectors[0], abs=1e-5)
     raw = httpx.post(
         f"{tiny_server.url}/v1/embeddings",
+        headers=tiny_server.headers,
         json={"model": tiny_server.model, "input": "hello world", "encoding_format": "base64"},
     ).json()
     decoded = struct.unpack("<32f", base64.b64decode(raw["data"][0]["embedding"]))
@@ -202,12 +203,14 @@ def test_models_and_tokenizer_routes(
     assert [m.id for m in client.models.list().data] == [tiny_server.model]
     text = "Hello, world"
     tokens = httpx.post(
-        f"{tiny_server.url}/tokenize", json={"prompt": text, "add_special_tokens": False}
+        f"{tiny_server.url}/tokenize",
+        json={"prompt": text, "add_special_tokens": False},
+        headers=tiny_server.headers,
     ).json()["tokens"]
     assert tokens == local.tokenizer.encode(text, add_special_tokens=False)
-    back = httpx.post(f"{tiny_server.url}/detokenize", json={"tokens": tokens}).json()
+    back = httpx.post(f"{tiny_server.url}/detokenize", json={"tokens": tokens}, headers=tiny_server.headers).json()
     assert back["prompt"] == text
-    info = httpx.get(f"{tiny_server.url}/tokenizer_info").json()
+    info = httpx.get(f"{tiny_server.url}/tokenizer_info", headers=tiny_server.headers).json()
     assert info["eos_token"] == local.tokenizer.eos_token
 
 
@@ -219,8 +222,8 @@ def test_a_disconnected_stream_stops_generating(tiny_server: Server) -> None:
         "ignore_eos": True,
         "stream": True,
     }
-    before = tiny_server.metric("generated_tokens_total")
-    with httpx.stream("POST", f"{tiny_server.url}/v1/completions", json=body) as r:
+    before = tiny_server.metric("engine_generation_tokens_total")
+    with httpx.stream("POST", f"{tiny_server.url}/v1/completions", json=body, headers=tiny_server.headers) as r:
         lines = r.iter_lines()
         got = 0
         for line in lines:
@@ -228,12 +231,12 @@ def test_a_disconnected_stream_stops_generating(tiny_server: Server) -> None:
             if got == 3:
                 break  # leave with the stream open: closing the connection disconnects
     deadline = time.monotonic() + 5
-    while tiny_server.metric("requests_running") > 0:
+    while tiny_server.metric("num_requests_running") > 0:
         assert time.monotonic() < deadline, "the request kept running after the disconnect"
         time.sleep(0.05)
-    stopped_at = tiny_server.metric("generated_tokens_total")
+    stopped_at = tiny_server.metric("engine_generation_tokens_total")
     time.sleep(0.5)
-    assert tiny_server.metric("generated_tokens_total") == stopped_at
+    assert tiny_server.metric("engine_generation_tokens_total") == stopped_at
     assert stopped_at - before < 100  # it did not run to max_tokens
 
 
@@ -254,7 +257,9 @@ def test_sigterm_drains_streams_then_exits_zero(
         events: list[str] = []
 
         def read() -> None:
-            with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
+            with httpx.stream(
+                "POST", f"{server.url}/v1/completions", json=body, timeout=60, headers=server.headers
+            ) as r:
                 for line in r.iter_lines():
                     if line.startswith("data: "):
                         events.append(line[6:])
@@ -309,7 +314,7 @@ def test_two_models_in_one_server_are_chosen_by_name(tmp_path: Path, tiny_tokeni
     )
     server = start_server(llama, tmp_path / "home", str(gpt2))
     try:
-        c = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+        c = openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.key, max_retries=0)
         assert sorted(m.id for m in c.models.list().data) == ["tiny-gpt2", "tiny-llama"]
         texts = {}
         for name, directory in (("tiny-llama", llama), ("tiny-gpt2", gpt2)):
@@ -326,7 +331,7 @@ def test_two_models_in_one_server_are_chosen_by_name(tmp_path: Path, tiny_tokeni
 
 def test_ready_is_503_until_the_models_are_loaded(tmp_path: Path) -> None:
     # The app without its lifespan: nothing has been loaded.
-    app = create_app(ServerSettings(models=[str(tmp_path)]))
+    app = create_app(ServerSettings(models=[str(tmp_path)], auth=False))
 
     async def probe() -> tuple[httpx.Response, httpx.Response, httpx.Response]:
         transport = httpx.ASGITransport(app=app)

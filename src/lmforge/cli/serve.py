@@ -25,10 +25,14 @@ EXAMPLES = """[bold]Examples[/bold]
 
   lmforge serve shakes smollm2-135m-instruct --port 8080 --max-batch 8
 
-  curl localhost:8000/v1/completions -H 'content-type: application/json' \\
+  curl localhost:8000/v1/completions -H "Authorization: Bearer $KEY" \\
+    -H 'content-type: application/json' \\
     -d '{"model": "smollm2-135m-instruct", "prompt": "Once upon a time", "max_tokens": 32}'
 
-  # any OpenAI client: base_url="http://127.0.0.1:8000/v1", api_key="unused"
+  # every route but /health and /ready needs a key: lmforge keys create --name me
+  # any OpenAI client: base_url="http://127.0.0.1:8000/v1", api_key="lmf-…"
+
+  lmforge serve shakes --workers 4                # limits hold across the 4 processes
 """
 
 
@@ -65,6 +69,20 @@ def serve_command(
     max_body: Annotated[
         int, typer.Option("--max-body-bytes", help="Largest request body accepted.")
     ] = 2 * 1024 * 1024,
+    workers: Annotated[
+        int,
+        typer.Option(
+            help="uvicorn worker processes, each with its own copy of the models; keys, limits "
+            "and budgets hold across them (they live in the registry database)."
+        ),
+    ] = 1,
+    no_auth: Annotated[
+        bool,
+        typer.Option(
+            "--no-auth",
+            help="Serve without API keys (no limits, still metered); only on a loopback --host.",
+        ),
+    ] = False,
 ) -> None:
     """Serve models over an OpenAI-compatible HTTP API with continuous batching."""
     import torch
@@ -81,6 +99,10 @@ def serve_command(
         torch.set_num_threads(threads)
     for spec in models or []:
         check_servable(spec)  # an unknown model or an LSTM fails now, not in the background
+    if workers < 1:
+        raise LmforgeError(f"--workers must be >= 1, got {workers}")
+    if no_auth and not _is_loopback(host):
+        raise LmforgeError(f"--no-auth is only allowed on a loopback --host, not {host}")
     _check_port(host, port)
     settings = ServerSettings(
         models=list(models or [""]),
@@ -90,7 +112,13 @@ def serve_command(
         max_batched_tokens=max_batched_tokens,
         dtype=dtype,
         max_body_bytes=max_body,
+        auth=not no_auth,
     )
+    if not no_auth:
+        _hint_if_no_keys()
+    if workers > 1:
+        _run_workers(settings, host, port, workers, threads)
+        return
     app = create_app(settings)
     state = app.state.server
     logging.getLogger("lmforge").setLevel(logging.INFO)
@@ -128,6 +156,51 @@ def serve_command(
     server.run()
     if state.load_error:
         raise LmforgeError(state.load_error)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _hint_if_no_keys() -> None:
+    from lmforge.registry.db import read_existing
+    from lmforge.registry.keys import list_keys
+
+    with read_existing() as conn:
+        if conn is None or not list_keys(conn, include_revoked=False):
+            err.print(
+                "lmforge serve: no API key exists yet; every request will get 401. "
+                "Create one: lmforge keys create --name me"
+            )
+
+
+def _run_workers(settings: object, host: str, port: int, workers: int, threads: int | None) -> None:
+    import os
+
+    import uvicorn
+
+    from lmforge.serve.app import SETTINGS_ENV, ServerSettings, settings_to_env
+
+    assert isinstance(settings, ServerSettings)
+    os.environ[SETTINGS_ENV] = settings_to_env(settings, threads)
+    err.print(f"lmforge serve: http://{host}:{port}/v1 with {workers} workers")
+    uvicorn.run(
+        "lmforge.serve.app:app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="info",
+        http="h11",
+        h11_max_incomplete_event_size=64 * 1024,
+    )
 
 
 def _check_port(host: str, port: int) -> None:

@@ -9,14 +9,17 @@ requests pick one by the `model` field. Request bodies are capped (413) before a
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
@@ -27,13 +30,16 @@ from prometheus_client import (
     Gauge,
     generate_latest,
 )
+from sqlalchemy import Engine as SqlEngine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmforge.errors import LmforgeError
 from lmforge.infer.engine import AsyncEngine, Engine, default_max_model_len
 from lmforge.infer.scheduler import SchedulerConfig
-from lmforge.model.checkpoint import LSTM_ARCHITECTURE, load_model
+from lmforge.model.checkpoint import LSTM_ARCHITECTURE, WEIGHTS_FILE, file_sha256, load_model
 from lmforge.model.transformer import Transformer, optimize_weight_layout
+from lmforge.registry.db import connect
+from lmforge.registry.keys import release_expired
 from lmforge.resolve import resolve
 from lmforge.serve.errors import OpenAIError, error_response, install_error_handlers
 from lmforge.tokenizer import Tokenizer
@@ -54,6 +60,11 @@ class ServerSettings:
     dtype: str = "float32"
     max_body_bytes: int = 2 * 1024 * 1024
     home: Path | None = None
+    auth: bool = True
+    """Require API keys (deny by default); False only for local experiments on loopback."""
+    reservation_ttl_s: float = 3600.0
+    """A request's token and budget reservation is released after this long if it never
+    settles (its server was killed)."""
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -74,6 +85,7 @@ class ServedModel:
     stop_token_ids: list[int]
     created: int
     path: Path
+    version: str  # "name@3" for a registry model, else "name@sha256:<12 hex of the weights>"
 
 
 class ServerState:
@@ -86,6 +98,8 @@ class ServerState:
         self.load_error: str | None = None
         self.on_load_error: Callable[[], None] | None = None  # e.g. stop the server
         self.draining = False
+        self.registry: SqlEngine = connect(home=settings.home)
+        self.metering_metrics: Any = None  # serve.metering's counters, made on first use
 
     @property
     def ready(self) -> bool:
@@ -129,6 +143,14 @@ class ServerState:
     def shutdown(self) -> None:
         for served in self.models.values():
             served.engine.shutdown()
+        self.registry.dispose()
+
+    def release_expired(self) -> None:
+        """Free the reservations of requests that never settled (a killed server's)."""
+        with self.registry.begin() as conn:
+            released = release_expired(conn, now=time.time())
+        if released:
+            log.warning("released %d expired reservation(s)", released)
 
 
 def check_servable(spec: str | None, *, home: Path | None = None) -> None:
@@ -165,7 +187,14 @@ def load_served(spec: str | None, settings: ServerSettings) -> ServedModel:
         max_queue=settings.max_queue,
     )
     # A directory or file given by path is served under its base name ("runs/x/model" → "model").
-    name = ref.path.stem if ref.kind == "path" else ref.name
+    # A registry model is served under its name (prices and key limits use it), whichever
+    # version was asked for; the ledger records the exact version.
+    name = ref.path.stem if ref.kind == "path" else ref.name.split("@")[0]
+    if ref.kind == "registry" and ref.version is not None:
+        version = f"{name}@{ref.version}"
+    else:
+        weights = ref.path / WEIGHTS_FILE if ref.path.is_dir() else ref.path
+        version = f"{name}@sha256:{file_sha256(weights)[:12]}"
     engine = AsyncEngine(Engine(model, config), name=f"engine-{name}")
     return ServedModel(
         name=name,
@@ -175,6 +204,7 @@ def load_served(spec: str | None, settings: ServerSettings) -> ServedModel:
         stop_token_ids=loaded.stop_token_ids(),
         created=int(time.time()),
         path=ref.path,
+        version=version,
     )
 
 
@@ -233,40 +263,60 @@ class SizeLimits:
 
 
 def render_metrics(state: ServerState) -> bytes:
-    """Prometheus text for the engines: requests running and waiting, tokens, preemptions."""
+    """Prometheus text, vLLM-style names: the engines' gauges and counters per model, and the
+    billed requests, tokens, cost and latencies (`serve.metering`); no per-key labels."""
     registry = CollectorRegistry()
     gauges = {
-        name: Gauge(f"lmforge_{name}", text, ["model"], registry=registry)
+        name: Gauge(f"lmforge:{name}", text, ["model_name"], registry=registry)
         for name, text in (
-            ("requests_running", "Requests holding a KV cache slot"),
-            ("requests_waiting", "Requests queued (preempted ones included)"),
-            ("kv_cache_tokens", "KV cache tokens held by running requests"),
+            ("num_requests_running", "Requests holding a KV cache slot"),
+            ("num_requests_waiting", "Requests queued (preempted ones included)"),
+            ("kv_cache_usage_tokens", "KV cache tokens held by running requests"),
         )
     }
     counters = {
-        name: Counter(f"lmforge_{name}", text, ["model"], registry=registry)
+        name: Counter(f"lmforge:{name}", text, ["model_name"], registry=registry)
         for name, text in (
-            ("generated_tokens", "Tokens generated"),
-            ("prompt_tokens", "Prompt tokens computed (recomputes included)"),
-            ("preemptions", "Requests preempted because the KV cache was full"),
+            ("engine_generation_tokens", "Tokens generated by the engine"),
+            ("engine_prompt_tokens", "Prompt tokens computed (recomputes included)"),
+            ("num_preemptions", "Requests preempted because the KV cache was full"),
             ("engine_steps", "Engine steps run"),
         )
     }
     for name, served in list(state.models.items()):
         engine = served.engine.engine
         scheduler, stats = engine.scheduler, engine.stats
-        gauges["requests_running"].labels(name).set(len(scheduler.running))
-        gauges["requests_waiting"].labels(name).set(len(scheduler.waiting))
-        gauges["kv_cache_tokens"].labels(name).set(scheduler.cache_used)
-        counters["generated_tokens"].labels(name).inc(stats.generated_tokens)
-        counters["prompt_tokens"].labels(name).inc(stats.prompt_tokens)
-        counters["preemptions"].labels(name).inc(stats.preemptions)
+        gauges["num_requests_running"].labels(name).set(len(scheduler.running))
+        gauges["num_requests_waiting"].labels(name).set(len(scheduler.waiting))
+        gauges["kv_cache_usage_tokens"].labels(name).set(scheduler.cache_used)
+        counters["engine_generation_tokens"].labels(name).inc(stats.generated_tokens)
+        counters["engine_prompt_tokens"].labels(name).inc(stats.prompt_tokens)
+        counters["num_preemptions"].labels(name).inc(stats.preemptions)
         counters["engine_steps"].labels(name).inc(stats.steps)
-    return generate_latest(registry)
+    text = generate_latest(registry)
+    if state.metering_metrics is not None:
+        text += generate_latest(state.metering_metrics.registry)
+    return text
+
+
+_SWEEP_S = 60.0
+
+
+async def _sweep_reservations(state: ServerState) -> None:
+    while True:
+        try:
+            await asyncio.to_thread(state.release_expired)
+        except Exception:  # a busy database now is no reason to stop sweeping later
+            log.exception("cannot release expired reservations")
+        await asyncio.sleep(_SWEEP_S)
 
 
 def create_app(settings: ServerSettings, *, state: ServerState | None = None) -> FastAPI:
-    from lmforge.serve import openai_routes
+    from fastapi import Depends
+
+    from lmforge.serve import admin_routes, openai_routes
+    from lmforge.serve.auth import authenticate, require_admin
+    from lmforge.serve.context import RequestContext
 
     state = state or ServerState(settings)
 
@@ -274,9 +324,11 @@ def create_app(settings: ServerSettings, *, state: ServerState | None = None) ->
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         loader = threading.Thread(target=state.load, name="model-loader", daemon=True)
         loader.start()
+        sweeper = asyncio.ensure_future(_sweep_reservations(state))
         try:
             yield
         finally:
+            sweeper.cancel()
             state.draining = True
             await asyncio.to_thread(loader.join)
             state.shutdown()
@@ -301,10 +353,39 @@ def create_app(settings: ServerSettings, *, state: ServerState | None = None) ->
             message = "the models are loading"
         return error_response(OpenAIError(503, message, headers={"Retry-After": "1"}))
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[Depends(require_admin)])
     async def metrics() -> Response:
         return Response(render_metrics(state), media_type=CONTENT_TYPE_LATEST)
 
-    app.include_router(openai_routes.router)
+    # Deny by default: every router below needs a key; /health and /ready above do not.
+    app.include_router(openai_routes.router, dependencies=[Depends(authenticate)])
+    app.include_router(admin_routes.router, dependencies=[Depends(require_admin)])
     app.add_middleware(SizeLimits, limit=settings.max_body_bytes)
+    app.add_middleware(RequestContext)  # outermost: 413s and 431s get a request id too
     return app
+
+
+SETTINGS_ENV = "LMFORGE_SERVE_SETTINGS"
+"""`lmforge serve --workers N` passes the settings to each uvicorn worker in this variable."""
+
+
+def settings_to_env(settings: ServerSettings, threads: int | None) -> str:
+    values = dataclasses.asdict(settings)
+    values["home"] = None if settings.home is None else str(settings.home)
+    return json.dumps({**values, "threads": threads})
+
+
+def app_from_env() -> FastAPI:
+    """The app of one uvicorn worker process (uvicorn's `factory=True`), from SETTINGS_ENV."""
+    import sys
+
+    import torch
+
+    values = json.loads(os.environ[SETTINGS_ENV])
+    threads = values.pop("threads", None)
+    if threads:
+        torch.set_num_threads(threads)
+    sys.setswitchinterval(0.0005)  # see cli/serve.py
+    home = values.pop("home", None)
+    settings = ServerSettings(**values, home=None if home is None else Path(home))
+    return create_app(settings)

@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from lmforge.infer.request import RequestOutput, TokenLogprob
 from lmforge.infer.scheduler import QueueFullError
 from lmforge.serve.app import ServedModel
 from lmforge.serve.errors import OpenAIError, error_body
+from lmforge.serve.metering import Meter
 from lmforge.tokenizer.stream import TextStream
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,9 @@ class Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None
     finish_reason: str = "length"
+    finished: bool = False  # False: cut short (the client went away, or an error)
+    first_token_at: float | None = None  # time.perf_counter()
+    last_token_at: float | None = None
 
 
 async def run_choice(
@@ -77,6 +82,10 @@ async def run_choice(
             if emit is None and await http.is_disconnected():
                 return  # closing `outputs` (below) aborts the engine request
             piece = take(choice, stream, out)
+            if piece.token_ids:
+                choice.last_token_at = time.perf_counter()
+                if choice.first_token_at is None:
+                    choice.first_token_at = choice.last_token_at
             if emit is not None and (piece.text or piece.finish_reason or piece.prompt_logprobs):
                 await emit.put(piece)
             if piece.finish_reason:
@@ -109,6 +118,7 @@ def take(choice: Choice, stream: TextStream, out: RequestOutput) -> Piece:
     choice.logprobs += piece.logprobs
     if piece.finish_reason:
         choice.finish_reason = piece.finish_reason
+        choice.finished = True
     return piece
 
 
@@ -129,7 +139,10 @@ async def run_all(
     params: SamplingParams,
     http: Request,
     emit: asyncio.Queue[Piece | BaseException] | None = None,
+    meter: Meter | None = None,
 ) -> list[Choice]:
+    """Run every choice (`n` per prompt) at once; with a METER, settle the request's bill
+    when they end, however they end (before the result or the error reaches the caller)."""
     base = uuid.uuid4().hex
     choices: list[Choice] = []
     jobs = []
@@ -140,14 +153,46 @@ async def run_all(
             request_id = f"{base}-{choice.index}"
             jobs.append(run_choice(served, choice, seeded(params, i), request_id, emit, http))
     tasks = [asyncio.ensure_future(job) for job in jobs]
+    status, http_status = "error", 500
     try:
         await asyncio.gather(*tasks)
+        status, http_status = "ok", 200
     except QueueFullError as e:
+        http_status = 503
         raise OpenAIError(503, str(e), headers={"Retry-After": "1"}) from e
+    except asyncio.CancelledError:
+        status, http_status = "cancelled", 499  # the client went away mid-stream
+        raise
     finally:
         for task in tasks:
             task.cancel()
+        if meter is not None:
+            if status == "ok" and not all(c.finished for c in choices):
+                status, http_status = "cancelled", 499
+            await settle(meter, prompts, choices, status, http_status)
     return choices
+
+
+async def settle(
+    meter: Meter, prompts: list[list[int]], choices: list[Choice], status: str, http_status: int
+) -> None:
+    """Bill what CHOICES generated, with their time to first token and per output token."""
+    counts = usage(prompts, choices)
+    firsts = [c.first_token_at for c in choices if c.first_token_at is not None]
+    ttft = min(firsts) - meter.started if firsts else None
+    tpot = None
+    longest = max(choices, key=lambda c: len(c.token_ids), default=None)
+    if longest is not None and len(longest.token_ids) > 1:
+        assert longest.first_token_at is not None and longest.last_token_at is not None
+        tpot = (longest.last_token_at - longest.first_token_at) / (len(longest.token_ids) - 1)
+    await meter.asettle(
+        status=status,
+        http_status=http_status,
+        prompt_tokens=counts["prompt_tokens"],
+        completion_tokens=counts["completion_tokens"],
+        ttft_s=ttft,
+        tpot_s=tpot,
+    )
 
 
 def sse(data: Any) -> str:
@@ -162,12 +207,13 @@ async def stream_response(
     chunk: Callable[[Piece], dict[str, Any]],
     first_chunks: list[dict[str, Any]],
     usage_head: dict[str, Any] | None,
+    meter: Meter | None = None,
 ) -> StreamingResponse:
     """An SSE response: FIRST_CHUNKS, then CHUNK(piece) for each piece of output, then —
     with a USAGE_HEAD (`stream_options.include_usage`) — one chunk of it with empty
     `choices` and the usage, then `[DONE]`."""
     queue: asyncio.Queue[Piece | BaseException] = asyncio.Queue()
-    runner = asyncio.ensure_future(run_all(served, prompts, params, http, queue))
+    runner = asyncio.ensure_future(run_all(served, prompts, params, http, queue, meter))
     # Wait for the first piece (or an error) so that errors such as a full queue get a
     # proper status code instead of a broken stream.
     first = await next_piece(queue, runner)

@@ -22,8 +22,10 @@ from lmforge.infer.generate import check_prompt
 from lmforge.infer.params import SamplingParams
 from lmforge.infer.request import TokenLogprob
 from lmforge.serve.app import ServedModel, ServerState
+from lmforge.serve.auth import allowed_model, current_key
 from lmforge.serve.choices import Choice, Piece, run_all, stream_response, usage
 from lmforge.serve.errors import bad_request
+from lmforge.serve.metering import Meter, admit
 from lmforge.serve.protocol import (
     MAX_N,
     ChatCompletionRequest,
@@ -107,6 +109,20 @@ def _sampling(
     )
 
 
+async def _admit(
+    http: Request,
+    served: ServedModel,
+    endpoint: str,
+    prompts: list[list[int]],
+    params: SamplingParams,
+) -> Meter:
+    """Admit a generation: it reserves its prompts and up to max_tokens per choice."""
+    prompt_tokens = sum(len(p) for p in prompts)
+    return await admit(
+        http, served, endpoint, prompt_tokens, len(prompts) * params.n * params.max_tokens
+    )
+
+
 def _include_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
@@ -184,7 +200,7 @@ def _completion_logprobs(
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, http: Request) -> Any:
-    served = _state(http).model(body.model)
+    served = allowed_model(http, body.model)
     if body.suffix:
         raise bad_request("suffix is not supported", "suffix")
     if body.best_of is not None and body.best_of != body.n:
@@ -203,6 +219,7 @@ async def completions(body: CompletionRequest, http: Request) -> Any:
         top_logprobs=top,
         echo=body.echo,  # prompt logprobs also mark the first streamed piece (echoed text)
     )
+    meter = await _admit(http, served, "/v1/completions", prompts, params)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "object": "text_completion", "created": created, "model": served.name}
 
@@ -243,9 +260,9 @@ async def completions(body: CompletionRequest, http: Request) -> Any:
             return {**head, "choices": [c]}
 
         usage_head = head if _include_usage(body) else None
-        return await stream_response(served, prompts, params, http, chunk, [], usage_head)
+        return await stream_response(served, prompts, params, http, chunk, [], usage_head, meter)
 
-    choices = await run_all(served, prompts, params, http)
+    choices = await run_all(served, prompts, params, http, meter=meter)
     data = []
     for choice in choices:
         text = (prompt_text(choice.prompt_ids) if body.echo else "") + choice.text
@@ -281,7 +298,7 @@ def _chat_logprobs(served: ServedModel, choice_ids: list[int], lps: list[TokenLo
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, http: Request) -> Any:
-    served = _state(http).model(body.model)
+    served = allowed_model(http, body.model)
     if not body.messages:
         raise bad_request("messages must not be empty", "messages")
     if body.top_logprobs is not None and not body.logprobs:
@@ -305,6 +322,7 @@ async def chat_completions(body: ChatCompletionRequest, http: Request) -> Any:
         logprobs=body.logprobs,
         top_logprobs=body.top_logprobs or 0,
     )
+    meter = await _admit(http, served, "/v1/chat/completions", prompts, params)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "object": "chat.completion", "created": created, "model": served.name}
 
@@ -337,9 +355,11 @@ async def chat_completions(body: ChatCompletionRequest, http: Request) -> Any:
             return {**chunk_head, "choices": [c]}
 
         usage_head = chunk_head if _include_usage(body) else None
-        return await stream_response(served, prompts, params, http, chunk, firsts, usage_head)
+        return await stream_response(
+            served, prompts, params, http, chunk, firsts, usage_head, meter
+        )
 
-    choices = await run_all(served, prompts, params, http)
+    choices = await run_all(served, prompts, params, http, meter=meter)
     data = [
         {
             "index": c.index,
@@ -358,21 +378,27 @@ async def chat_completions(body: ChatCompletionRequest, http: Request) -> Any:
 
 @router.post("/v1/embeddings")
 async def embeddings(body: EmbeddingRequest, http: Request) -> Any:
-    served = _state(http).model(body.model)
+    served = allowed_model(http, body.model)
     inputs = _to_ids(body.input, served)
     if not inputs or len(inputs) > 256:
         raise bad_request("input must hold 1 to 256 items", "input")
     inputs = [_check_ids(ids, served, "input") for ids in inputs]
     if body.dimensions is not None:
         raise bad_request("dimensions is not supported", "dimensions")
-    vectors = await served.engine.embed(inputs)
+    tokens = sum(len(ids) for ids in inputs)
+    meter = await admit(http, served, "/v1/embeddings", tokens, 0)
+    try:
+        vectors = await served.engine.embed(inputs)
+    except BaseException:
+        await meter.asettle(status="error", http_status=500)
+        raise
+    await meter.asettle(status="ok", http_status=200, prompt_tokens=tokens)
     data = []
     for i, vec in enumerate(vectors):
         value: Any = vec
         if body.encoding_format == "base64":
             value = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
         data.append({"object": "embedding", "index": i, "embedding": value})
-    tokens = sum(len(ids) for ids in inputs)
     return {
         "object": "list",
         "data": data,
@@ -384,6 +410,7 @@ async def embeddings(body: EmbeddingRequest, http: Request) -> Any:
 @router.get("/v1/models")
 async def list_models(http: Request) -> Any:
     state = _state(http)
+    key = current_key(http)
     return {
         "object": "list",
         "data": [
@@ -395,13 +422,14 @@ async def list_models(http: Request) -> Any:
                 "max_model_len": m.max_model_len,
             }
             for m in state.models.values()
+            if key is None or key.allows(m.name)
         ],
     }
 
 
 @router.get("/v1/models/{name:path}")
 async def get_model(name: str, http: Request) -> Any:
-    m = _state(http).model(name)
+    m = allowed_model(http, name)
     return {"id": m.name, "object": "model", "created": m.created, "owned_by": "lmforge"}
 
 
@@ -412,10 +440,10 @@ async def get_model(name: str, http: Request) -> Any:
 def _pick(http: Request, name: str | None) -> ServedModel:
     state = _state(http)
     if name is None and state.ready and len(state.models) == 1:
-        return next(iter(state.models.values()))
+        name = next(iter(state.models))
     if name is None:
         raise bad_request("model is required when the server has several", "model")
-    return state.model(name)
+    return allowed_model(http, name)
 
 
 @router.post("/tokenize")

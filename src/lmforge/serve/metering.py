@@ -1,0 +1,301 @@
+"""Admission, limits and metering of the model-calling routes; the billing-side Prometheus metrics.
+
+A metered request goes: `admit` (after its body is checked, before any model work) → work →
+`Meter.settle`. `admit` reserves prompt + max_tokens tokens and their cost against the caller's
+key in one conditional UPDATE (`registry.keys.admit`) and sets the `x-ratelimit-*` headers; a
+refusal is a 429 — `rate_limit_exceeded` with `Retry-After`, or `insufficient_quota` with
+`x-should-retry: false` for budgets — and a ledger row. `settle` appends the request's one
+ledger row and gives the reservation back in the same transaction, then counts the request in
+the metrics, so the metrics, the ledger and the invoices agree.
+
+What is billed: prompt tokens (once per request, whatever `n`) and the tokens generated, at the
+model's price in force at admission. A request cancelled midway (the client went away) pays for
+what was generated; a request that failed on the server's side (queue full, error) pays nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from lmforge.ops.pricing import cost_nusd, format_usd
+from lmforge.registry import keys as key_sql
+from lmforge.registry.keys import Admitted, KeyRecord, budget_period_of
+from lmforge.registry.ledger import PriceRecord, get_price, record_usage
+from lmforge.serve.app import ServedModel, ServerState
+from lmforge.serve.auth import current_key
+from lmforge.serve.context import add_headers, request_id
+from lmforge.serve.errors import OpenAIError
+
+log = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+
+
+class MeteringMetrics:
+    """Counters of what was billed (vLLM-style names, no per-key labels), one set per process."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "lmforge:requests", "Requests by final status", ["status"], registry=r
+        )
+        self.prompt_tokens = Counter("lmforge:prompt_tokens", "Prompt tokens billed", registry=r)
+        self.generation_tokens = Counter(
+            "lmforge:generation_tokens", "Generated tokens billed", registry=r
+        )
+        self.cost = Counter("lmforge:cost_nanousd", "Cost billed, in nano-USD", registry=r)
+        self.ttft = Histogram(
+            "lmforge:time_to_first_token_seconds",
+            "Time to first token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "lmforge:time_per_output_token_seconds",
+            "Time per output token after the first",
+            buckets=_TPOT_BUCKETS,
+            registry=r,
+        )
+        self.latency = Histogram(
+            "lmforge:e2e_request_latency_seconds",
+            "Request latency, admission to settlement",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+
+
+def metrics_of(state: ServerState) -> MeteringMetrics:
+    metrics = getattr(state, "metering_metrics", None)
+    if metrics is None:
+        metrics = MeteringMetrics()
+        state.metering_metrics = metrics
+    return metrics
+
+
+@dataclass
+class Meter:
+    """One request's bill in the making."""
+
+    state: ServerState
+    request_id: str
+    key: KeyRecord | None
+    endpoint: str
+    model: str | None
+    model_version: str | None
+    price: PriceRecord | None
+    admitted: bool = False
+    started: float = field(default_factory=time.perf_counter)
+    settled: bool = False
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> int:
+        if self.price is None:
+            return 0
+        return cost_nusd(
+            prompt_tokens, completion_tokens, self.price.input_musd, self.price.output_musd
+        )
+
+    def settle(
+        self,
+        *,
+        status: str,
+        http_status: int,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        ttft_s: float | None = None,
+        tpot_s: float | None = None,
+    ) -> None:
+        """Append the ledger row (once) and release the reservation; blocking (a thread)."""
+        if self.settled:
+            return
+        self.settled = True
+        latency_s = time.perf_counter() - self.started
+        billed = status in ("ok", "cancelled")
+        cost = self.cost(prompt_tokens, completion_tokens) if billed else 0
+        if not billed:
+            prompt_tokens = completion_tokens = 0
+        with self.state.registry.begin() as conn:
+            new = record_usage(
+                conn,
+                request_id=self.request_id,
+                key_id=None if self.key is None else self.key.id,
+                endpoint=self.endpoint,
+                model=self.model,
+                model_version=self.model_version,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                ttft_ms=None if ttft_s is None else ttft_s * 1000,
+                latency_ms=latency_s * 1000,
+                status=status,
+                http_status=http_status,
+                cost_nusd=cost,
+                price_input=None if self.price is None else self.price.input_musd,
+                price_output=None if self.price is None else self.price.output_musd,
+            )
+            if new and self.admitted and self.key is not None:
+                key_sql.settle(
+                    conn,
+                    request_id=self.request_id,
+                    key_id=self.key.id,
+                    tokens=prompt_tokens + completion_tokens,
+                    cost_nusd=cost,
+                )
+        if not new:
+            log.warning("request %s was already in the ledger", self.request_id)
+            return
+        metrics = metrics_of(self.state)
+        metrics.requests.labels(status).inc()
+        metrics.prompt_tokens.inc(prompt_tokens)
+        metrics.generation_tokens.inc(completion_tokens)
+        metrics.cost.inc(cost)
+        metrics.latency.observe(latency_s)
+        if ttft_s is not None:
+            metrics.ttft.observe(ttft_s)
+        if tpot_s is not None:
+            metrics.tpot.observe(tpot_s)
+
+    async def asettle(self, **kwargs: object) -> None:
+        """`settle` in a worker thread, carried to its end even if the caller is cancelled."""
+        await asyncio.shield(asyncio.to_thread(lambda: self.settle(**kwargs)))  # type: ignore[arg-type]
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's reset format: "20ms", "1.5s", "6m0s"."""
+    seconds = max(0.0, seconds)
+    if seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms"
+    if seconds < 60:
+        return f"{round(seconds, 3):g}s"
+    minutes, rest = divmod(seconds, 60)
+    return f"{int(minutes)}m{round(rest):d}s"
+
+
+def _limit_headers(key: KeyRecord, admitted: Admitted | None, now: float) -> dict[str, str]:
+    """x-ratelimit-* for KEY's limited dimensions, from ADMITTED (or the key's row)."""
+    source: KeyRecord | Admitted = admitted if admitted is not None else key
+    headers: dict[str, str] = {}
+    if key.rpm is not None:
+        live = now < source.req_window + key_sql.WINDOW_S
+        used = source.req_used if live else 0
+        reset = source.req_window + key_sql.WINDOW_S - now if live else 0.0
+        headers["x-ratelimit-limit-requests"] = str(key.rpm)
+        headers["x-ratelimit-remaining-requests"] = str(max(0, key.rpm - used))
+        headers["x-ratelimit-reset-requests"] = _duration(reset)
+    if key.tpm is not None:
+        live = now < source.tok_window + key_sql.WINDOW_S
+        used = source.tok_used if live else 0
+        reset = source.tok_window + key_sql.WINDOW_S - now if live else 0.0
+        headers["x-ratelimit-limit-tokens"] = str(key.tpm)
+        headers["x-ratelimit-remaining-tokens"] = str(max(0, key.tpm - used))
+        headers["x-ratelimit-reset-tokens"] = _duration(reset)
+    return headers
+
+
+def _model_version(served: ServedModel | None) -> str | None:
+    return None if served is None else served.version
+
+
+async def admit(
+    http: Request,
+    served: ServedModel | None,
+    endpoint: str,
+    prompt_tokens: int,
+    max_completion_tokens: int,
+) -> Meter:
+    """Admit this request under the caller's limits, or raise the 429 (after metering it)."""
+    state: ServerState = http.app.state.server
+    key = current_key(http)
+    model = None if served is None else served.name
+    rid = request_id(http)
+
+    def run() -> tuple[Meter, OpenAIError | None]:
+        price = None
+        if model is not None:
+            with state.registry.connect() as conn:
+                price = get_price(conn, model=model)
+        meter = Meter(state, rid, key, endpoint, model, _model_version(served), price)
+        if key is None:
+            return meter, None
+        tokens = prompt_tokens + max_completion_tokens
+        reserve = meter.cost(prompt_tokens, max_completion_tokens)
+        now = time.time()
+        with state.registry.begin() as conn:
+            admitted = key_sql.admit(
+                conn,
+                key=key,
+                request_id=rid,
+                now=now,
+                tokens=tokens,
+                cost_nusd=reserve,
+                ttl_s=state.settings.reservation_ttl_s,
+            )
+        if admitted is not None:
+            meter.admitted = True
+            add_headers(http, _limit_headers(key, admitted, now))
+            return meter, None
+        with state.registry.connect() as conn:
+            fresh = key_sql.get_key_by_id(conn, key_id=key.id) or key
+        refusal = _refusal(fresh, tokens, reserve, now)
+        add_headers(http, _limit_headers(fresh, None, now))
+        status = "quota_exceeded" if refusal.code == "insufficient_quota" else "rate_limited"
+        if refusal.status == 401:
+            status = "unauthorized"
+        meter.settle(status=status, http_status=refusal.status)
+        return meter, refusal
+
+    meter, refusal = await asyncio.to_thread(run)
+    if refusal is not None:
+        raise refusal
+    return meter
+
+
+def _refusal(key: KeyRecord, tokens: int, cost: int, now: float) -> OpenAIError:
+    """Why `admit` refused KEY (read after the fact, so only the message can be stale)."""
+    if key.revoked_at is not None:
+        return OpenAIError(
+            401, f"The API key {key.prefix}… has been revoked.", code="invalid_api_key"
+        )
+    no_retry = {"x-should-retry": "false"}
+    if key.budget_nusd is not None:
+        period = budget_period_of(key.budget_period, now)
+        if key.spent_in(period) + key.reserved_nusd + cost > key.budget_nusd:
+            where = "this month" if key.budget_period == "month" else "in total"
+            return OpenAIError(
+                429,
+                f"You exceeded your budget: {format_usd(key.spent_in(period))} spent and "
+                f"{format_usd(key.reserved_nusd)} held by requests in flight {where}, of "
+                f"{format_usd(key.budget_nusd)}; this request may cost up to {format_usd(cost)}.",
+                code="insufficient_quota",
+                type_="insufficient_quota",
+                headers=no_retry,
+            )
+    if key.tpm is not None and tokens > key.tpm:
+        return OpenAIError(
+            429,
+            f"Request too large: it may use {tokens} tokens (prompt + max_tokens) and this key "
+            f"allows {key.tpm} tokens per minute; lower max_tokens.",
+            code="rate_limit_exceeded",
+            headers=no_retry,
+        )
+    waits = []
+    req_reset, tok_reset = key.req_window + key_sql.WINDOW_S, key.tok_window + key_sql.WINDOW_S
+    if key.rpm is not None and now < req_reset and key.req_used + 1 > key.rpm:
+        waits.append(("requests", key.rpm, req_reset - now))
+    if key.tpm is not None and now < tok_reset and key.tok_used + tokens > key.tpm:
+        waits.append(("tokens", key.tpm, tok_reset - now))
+    what, limit, wait = max(waits, key=lambda w: w[2]) if waits else ("requests", key.rpm, 1.0)
+    return OpenAIError(
+        429,
+        f"Rate limit reached for {what} per minute: limit {limit}. "
+        f"Please try again in {_duration(wait)}.",
+        code="rate_limit_exceeded",
+        headers={"Retry-After": str(max(1, math.ceil(wait)))},
+    )
