@@ -32,7 +32,8 @@ def save_tiny(tokenizer, directory: Path, lineage: dict) -> Path:  # type: ignor
 @pytest.fixture
 def eco(tiny_tokenizer, tmp_path: Path, lmforge_home: Path) -> str:  # type: ignore[no-untyped-def]
     """eco@2, trained here 120 s × 2 processes from eco-base@1 (60 s × 1), itself trained from
-    the built-in model; a price; ledger rows of eco@2 and of others that must not count."""
+    the built-in model; a price; ledger rows of eco@2 and of others (eco@1 among them, served
+    under the same name) that must not count."""
     base = save_tiny(
         tiny_tokenizer, tmp_path / "base",
         {"run_id": "r-base", "wall_seconds": 60.0, "world_size": 1,
@@ -49,8 +50,8 @@ def eco(tiny_tokenizer, tmp_path: Path, lmforge_home: Path) -> str:  # type: ign
         repo.register_model(conn, name="eco", path=top, sha256="3" * 64)
         ledger.set_price(conn, model="eco", input_musd=1, output_musd=2)
         ledger.set_price(conn, model="eco", input_musd=100_000, output_musd=400_000)
-        rows = [("eco@2", "eco@2", c, n) for c, n in zip(COSTS, COMPLETIONS, strict=True)]
-        rows += [("eco@1", "eco@1", 999_999, 5), ("other", "other@1", 55_555, 7)]
+        rows = [("eco", "eco@2", c, n) for c, n in zip(COSTS, COMPLETIONS, strict=True)]
+        rows += [("eco", "eco@1", 999_999, 5), ("other", "other@1", 55_555, 7)]
         for i, (model, version, cost, completion) in enumerate(rows):
             ledger.record_usage(
                 conn, request_id=f"req-{i:032x}", key_id=None, endpoint="/v1/completions",
@@ -84,9 +85,11 @@ def test_the_arithmetic_by_hand(eco: str, lmforge_home: Path) -> None:
     assert r.revenue_nusd == sum(COSTS)
     engine = connect(home=lmforge_home)
     with engine.connect() as conn:
-        (totals,) = ledger.usage_totals(conn, model="eco@2")
+        (totals,) = ledger.usage_totals(conn, model="eco")  # eco@1's row included
+        mine = [u for u in ledger.list_usage(conn) if u.model_version == "eco@2"]
     engine.dispose()
-    assert r.revenue_nusd == totals.cost_nusd and r.prompt_tokens == totals.prompt_tokens
+    assert r.revenue_nusd == sum(u.cost_nusd for u in mine) == totals.cost_nusd - 999_999
+    assert r.prompt_tokens == sum(u.prompt_tokens for u in mine) == 10 + 11 + 12
     serving = math.ceil(sum(COMPLETIONS) * hourly / 3600 / 100 * 10**9)
     assert r.serving_cost_nusd == serving == 277_778
     assert r.gross_margin == pytest.approx((sum(COSTS) - serving) / sum(COSTS))

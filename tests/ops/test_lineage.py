@@ -52,7 +52,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     yield home
 
 
-def record(home: Path, request_id: str, version: str, *, model: str = "words2@1") -> None:
+def record(home: Path, request_id: str, version: str, *, model: str = "words2") -> None:
     engine = connect(home=home)
     try:
         with engine.begin() as conn:
@@ -204,7 +204,7 @@ def test_missing_artifacts_are_marked_not_fatal(
     assert dataset.missing is not None and "manifest.json is gone" in dataset.missing
 
     assert model_lineage("gone").missing == f"registered at {tmp_path / 'x'}, now gone"
-    record(lmforge_home, "req-" + "d4" * 16, "m@9", model="m@9")
+    record(lmforge_home, "req-" + "d4" * 16, "m@9", model="m")
     (child,) = request_lineage("req-" + "d4" * 16).children
     assert child.missing == "the registry has no model m@9"
 

@@ -25,6 +25,7 @@ class Server:
     process: subprocess.Popen[str]
     key: str  # an admin key
     home: Path
+    log_path: Path  # the server's stdout and stderr
 
     @property
     def headers(self) -> dict[str, str]:
@@ -80,17 +81,20 @@ def start_server(model_dir: Path, home: Path, *extra: str, key: str | None = Non
     is the key `Server.headers` and `Server.metric` use."""
     key = key or create_key(home, f"admin-{free_port()}", admin=True)
     port = free_port()
-    process = subprocess.Popen(
-        [*LMFORGE, "serve", str(model_dir), "--port", str(port), "--threads", "1", *extra],
-        env=run_env(home),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    log_path = home / "logs" / f"serve-{port}.log"  # a file: a pipe nobody reads fills up
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen(
+            [*LMFORGE, "serve", str(model_dir), "--port", str(port), "--threads", "1", *extra],
+            env=run_env(home),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
-        assert process.poll() is None, process.communicate()[0]
+        assert process.poll() is None, log_path.read_text()
         try:
             if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
                 break
@@ -98,7 +102,7 @@ def start_server(model_dir: Path, home: Path, *extra: str, key: str | None = Non
             pass
         assert time.monotonic() < deadline, "the server did not become ready"
         time.sleep(0.1)
-    return Server(url, model_dir.stem, model_dir, process, key, home)
+    return Server(url, model_dir.stem, model_dir, process, key, home, log_path)
 
 
 def stop_server(server: Server) -> None:

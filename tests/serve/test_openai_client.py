@@ -208,7 +208,9 @@ def test_models_and_tokenizer_routes(
         headers=tiny_server.headers,
     ).json()["tokens"]
     assert tokens == local.tokenizer.encode(text, add_special_tokens=False)
-    back = httpx.post(f"{tiny_server.url}/detokenize", json={"tokens": tokens}, headers=tiny_server.headers).json()
+    back = httpx.post(
+        f"{tiny_server.url}/detokenize", json={"tokens": tokens}, headers=tiny_server.headers
+    ).json()
     assert back["prompt"] == text
     info = httpx.get(f"{tiny_server.url}/tokenizer_info", headers=tiny_server.headers).json()
     assert info["eos_token"] == local.tokenizer.eos_token
@@ -223,7 +225,9 @@ def test_a_disconnected_stream_stops_generating(tiny_server: Server) -> None:
         "stream": True,
     }
     before = tiny_server.metric("engine_generation_tokens_total")
-    with httpx.stream("POST", f"{tiny_server.url}/v1/completions", json=body, headers=tiny_server.headers) as r:
+    with httpx.stream(
+        "POST", f"{tiny_server.url}/v1/completions", json=body, headers=tiny_server.headers
+    ) as r:
         lines = r.iter_lines()
         got = 0
         for line in lines:
@@ -258,7 +262,11 @@ def test_sigterm_drains_streams_then_exits_zero(
 
         def read() -> None:
             with httpx.stream(
-                "POST", f"{server.url}/v1/completions", json=body, timeout=60, headers=server.headers
+                "POST",
+                f"{server.url}/v1/completions",
+                json=body,
+                timeout=60,
+                headers=server.headers,
             ) as r:
                 for line in r.iter_lines():
                     if line.startswith("data: "):

@@ -170,13 +170,10 @@ def training_shares(
 
 
 def _ledger_rows(conn: Any, facts: ModelFacts) -> list[ledger.UsageRecord]:
-    """The ledger rows this exact model version served (under its served or bare name)."""
-    rows = []
-    for served in dict.fromkeys((facts.served_name, facts.name)):
-        rows += [
-            r for r in ledger.list_usage(conn, model=served) if r.model_version == facts.version
-        ]
-    return rows
+    """The ledger rows this exact model version served (the ledger's `model` is the served
+    name, shared by all versions; `model_version` tells them apart)."""
+    rows = ledger.list_usage(conn, model=facts.name)
+    return [r for r in rows if r.model_version == facts.version]
 
 
 def _model_path(facts: ModelFacts) -> Path:

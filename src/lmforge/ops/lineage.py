@@ -82,17 +82,13 @@ class ModelFacts:
 
     @property
     def name(self) -> str:
-        """The name prices are keyed by and the server serves under (without a version)."""
+        """The name the server serves it under and records in the ledger's `model`, and that
+        prices are keyed by: no version, a directory's base name (`serve.app.load_served`)."""
         if self.registry is not None:
             return self.registry.name
         if self.kind == "path" and self.path is not None:
             return self.path.stem
         return self.label
-
-    @property
-    def served_name(self) -> str:
-        """The `model` a server records in the ledger (`serve.app.load_served`)."""
-        return self.label if self.kind != "path" else self.name
 
     @property
     def weights_sha256(self) -> str | None:
@@ -106,7 +102,7 @@ class ModelFacts:
         """The ledger's `model_version` for it: "name@3" or "name@sha256:<12 hex>"."""
         if self.registry is not None:
             return self.registry.ref
-        return f"{self.served_name}@sha256:{(self.weights_sha256 or '?' * 12)[:12]}"
+        return f"{self.name}@sha256:{(self.weights_sha256 or '?' * 12)[:12]}"
 
 
 # -- finding models ----------------------------------------------------------------------------

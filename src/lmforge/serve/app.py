@@ -314,9 +314,10 @@ async def _sweep_reservations(state: ServerState) -> None:
 def create_app(settings: ServerSettings, *, state: ServerState | None = None) -> FastAPI:
     from fastapi import Depends
 
-    from lmforge.serve import admin_routes, openai_routes
+    from lmforge.serve import admin_routes, moderation, openai_routes
     from lmforge.serve.auth import authenticate, require_admin
     from lmforge.serve.context import RequestContext
+    from lmforge.serve.metering import metered
 
     state = state or ServerState(settings)
 
@@ -335,6 +336,7 @@ def create_app(settings: ServerSettings, *, state: ServerState | None = None) ->
 
     app = FastAPI(title="lmforge", version="0.1.0", lifespan=lifespan)
     app.state.server = state
+    app.state.moderation = moderation.ModerationService(state.registry)
     install_error_handlers(app)
 
     @app.get("/health")
@@ -360,6 +362,7 @@ def create_app(settings: ServerSettings, *, state: ServerState | None = None) ->
     # Deny by default: every router below needs a key; /health and /ready above do not.
     app.include_router(openai_routes.router, dependencies=[Depends(authenticate)])
     app.include_router(admin_routes.router, dependencies=[Depends(require_admin)])
+    app.include_router(moderation.router, dependencies=[Depends(authenticate), Depends(metered)])
     app.add_middleware(SizeLimits, limit=settings.max_body_bytes)
     app.add_middleware(RequestContext)  # outermost: 413s and 431s get a request id too
     return app

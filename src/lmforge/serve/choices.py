@@ -27,6 +27,7 @@ from lmforge.infer.params import SamplingParams
 from lmforge.infer.request import RequestOutput, TokenLogprob
 from lmforge.infer.scheduler import QueueFullError
 from lmforge.serve.app import ServedModel
+from lmforge.serve.content_policy import OutputFilter
 from lmforge.serve.errors import OpenAIError, error_body
 from lmforge.serve.metering import Meter
 from lmforge.tokenizer.stream import TextStream
@@ -208,6 +209,7 @@ async def stream_response(
     first_chunks: list[dict[str, Any]],
     usage_head: dict[str, Any] | None,
     meter: Meter | None = None,
+    output_filter: OutputFilter | None = None,
 ) -> StreamingResponse:
     """An SSE response: FIRST_CHUNKS, then CHUNK(piece) for each piece of output, then —
     with a USAGE_HEAD (`stream_options.include_usage`) — one chunk of it with empty
@@ -222,11 +224,19 @@ async def stream_response(
         try:
             for c in first_chunks:
                 yield sse(c)
-            piece = first
+            piece, filtered = first, False
             while piece is not None:
+                if output_filter is not None and await output_filter.blocks(
+                    piece.index, piece.text
+                ):
+                    # Withheld: the stream ends here; `finally` cancels the rest, and what was
+                    # generated is billed.
+                    yield sse(chunk(Piece(piece.index, "", [], [], "content_filter")))
+                    filtered = True
+                    break
                 yield sse(chunk(piece))
                 piece = await next_piece(queue, runner)
-            if usage_head is not None:
+            if usage_head is not None and not filtered:
                 yield sse({**usage_head, "choices": [], "usage": usage(prompts, runner.result())})
         except Exception as e:  # headers are sent: report in the stream, as OpenAI does
             log.exception("stream failed")

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -299,3 +300,18 @@ def _refusal(key: KeyRecord, tokens: int, cost: int, now: float) -> OpenAIError:
         code="rate_limit_exceeded",
         headers={"Retry-After": str(max(1, math.ceil(wait)))},
     )
+
+
+async def metered(http: Request) -> AsyncIterator[None]:
+    """A route dependency that meters a request with no model work (e.g. /v1/moderations):
+    it counts against the key's requests per minute and gets its ledger row."""
+    meter = await admit(http, None, http.url.path, 0, 0)
+    try:
+        yield
+    except OpenAIError as e:
+        await meter.asettle(status="invalid" if e.status < 500 else "error", http_status=e.status)
+        raise
+    except Exception:
+        await meter.asettle(status="error", http_status=500)
+        raise
+    await meter.asettle(status="ok", http_status=200)

@@ -24,6 +24,7 @@ from lmforge.infer.request import TokenLogprob
 from lmforge.serve.app import ServedModel, ServerState
 from lmforge.serve.auth import allowed_model, current_key
 from lmforge.serve.choices import Choice, Piece, run_all, stream_response, usage
+from lmforge.serve.content_policy import OutputFilter, check_input
 from lmforge.serve.errors import bad_request
 from lmforge.serve.metering import Meter, admit
 from lmforge.serve.protocol import (
@@ -220,6 +221,8 @@ async def completions(body: CompletionRequest, http: Request) -> Any:
         echo=body.echo,  # prompt logprobs also mark the first streamed piece (echoed text)
     )
     meter = await _admit(http, served, "/v1/completions", prompts, params)
+    await check_input(http, meter, served, prompts, "prompt")
+    output_filter = await OutputFilter.of(http, served)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "object": "text_completion", "created": created, "model": served.name}
 
@@ -260,9 +263,12 @@ async def completions(body: CompletionRequest, http: Request) -> Any:
             return {**head, "choices": [c]}
 
         usage_head = head if _include_usage(body) else None
-        return await stream_response(served, prompts, params, http, chunk, [], usage_head, meter)
+        return await stream_response(
+            served, prompts, params, http, chunk, [], usage_head, meter, output_filter
+        )
 
     choices = await run_all(served, prompts, params, http, meter=meter)
+    await output_filter.apply(choices)
     data = []
     for choice in choices:
         text = (prompt_text(choice.prompt_ids) if body.echo else "") + choice.text
@@ -323,6 +329,8 @@ async def chat_completions(body: ChatCompletionRequest, http: Request) -> Any:
         top_logprobs=body.top_logprobs or 0,
     )
     meter = await _admit(http, served, "/v1/chat/completions", prompts, params)
+    await check_input(http, meter, served, prompts, "messages")
+    output_filter = await OutputFilter.of(http, served)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "object": "chat.completion", "created": created, "model": served.name}
 
@@ -356,10 +364,11 @@ async def chat_completions(body: ChatCompletionRequest, http: Request) -> Any:
 
         usage_head = chunk_head if _include_usage(body) else None
         return await stream_response(
-            served, prompts, params, http, chunk, firsts, usage_head, meter
+            served, prompts, params, http, chunk, firsts, usage_head, meter, output_filter
         )
 
     choices = await run_all(served, prompts, params, http, meter=meter)
+    await output_filter.apply(choices)
     data = [
         {
             "index": c.index,
