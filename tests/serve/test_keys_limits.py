@@ -198,7 +198,9 @@ def test_budget_race_admits_at_most_what_the_budget_covers(tmp_path: Path, tiny_
             barrier = threading.Barrier(concurrency)
             results: list[int] = []
 
-            def call(key: str = key, barrier: threading.Barrier = barrier) -> None:
+            def call(
+                key: str = key, barrier: threading.Barrier = barrier, results: list[int] = results
+            ) -> None:
                 with httpx.Client(base_url=server.url, headers=bearer(key), timeout=120) as c:
                     barrier.wait()
                     results.append(c.post("/v1/completions", json=body).status_code)
@@ -214,7 +216,8 @@ def test_budget_race_admits_at_most_what_the_budget_covers(tmp_path: Path, tiny_
             assert view["reserved"] == "$0.000000"
             ((spent, reserved, budget_nusd),) = db_rows(
                 home,
-                f"SELECT spent_nusd, reserved_nusd, budget_nusd FROM api_keys WHERE name = '{name}'",
+                "SELECT spent_nusd, reserved_nusd, budget_nusd FROM api_keys "
+                f"WHERE name = '{name}'",
             )
             assert reserved == 0 and spent <= budget_nusd
             assert db_rows(home, "SELECT count(*) FROM reservations") == [(0,)]

@@ -18,7 +18,7 @@ try:  # typer >= 0.20 vendors its own copy of click
 except ImportError:  # pragma: no cover - older typer uses click itself
     import click.exceptions as click_exc  # type: ignore[no-redef]
 
-from lmforge.cli import data, demo, generate, keys, models, moderation, ops, serve, train
+from lmforge.cli import billing, data, demo, generate, keys, models, moderation, ops, serve, train
 from lmforge.errors import LmforgeError
 
 app = typer.Typer(
@@ -48,6 +48,7 @@ app.add_typer(models.app, name="models")
 app.add_typer(keys.app, name="keys")
 app.add_typer(moderation.app, name="moderation")
 ops.register(app)
+billing.register(app)
 demo.register(app)
 
 

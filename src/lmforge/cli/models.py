@@ -170,6 +170,77 @@ def show_command(
 
 
 @app.command(
+    "price",
+    epilog="[bold]Examples[/bold]\n\n"
+    "  lmforge models price shakes --input 0.15 --output 0.60   # USD per million tokens\n\n"
+    "  lmforge models price shakes                             # show the price in force\n\n"
+    "  lmforge models price --list",
+)
+def price_command(
+    name: Annotated[
+        str | None, typer.Argument(help="The served model name (registry or built-in).")
+    ] = None,
+    input_usd: Annotated[
+        str | None, typer.Option("--input", help="USD per million prompt tokens.")
+    ] = None,
+    output_usd: Annotated[
+        str | None, typer.Option("--output", help="USD per million generated tokens.")
+    ] = None,
+    list_all: Annotated[bool, typer.Option("--list", help="Every priced model.")] = False,
+) -> None:
+    """Set or show a model's price per million input and output tokens (for billing)."""
+    from lmforge.cli.keys import actor
+    from lmforge.ops.accounts import price_model
+    from lmforge.ops.pricing import format_price
+    from lmforge.registry.db import connect, read_existing
+    from lmforge.registry.ledger import get_price, list_prices
+
+    if list_all or name is None:
+        with read_existing() as conn:
+            records = [] if conn is None else list_prices(conn)
+        table = Table("model", "input $/M tokens", "output $/M tokens", "since")
+        for r in records:
+            table.add_row(
+                escape(r.model),
+                format_price(r.input_musd),
+                format_price(r.output_musd),
+                r.created_at,
+            )
+        out.print(table)
+        return
+    if (input_usd is None) != (output_usd is None):
+        raise LmforgeError("give both --input and --output (USD per million tokens)")
+    if input_usd is None or output_usd is None:
+        with read_existing() as conn:
+            record = None if conn is None else get_price(conn, model=name)
+        if record is None:
+            out.print(f"{escape(name)}: no price (requests to it are free)")
+        else:
+            out.print(
+                f"{escape(name)}: {format_price(record.input_musd)} per million input tokens, "
+                f"{format_price(record.output_musd)} per million output tokens "
+                f"(since {record.created_at})"
+            )
+        return
+    if name not in BUILTINS:
+        from lmforge.resolve import registry_names
+
+        if name not in registry_names(lmforge_home()):
+            raise LmforgeError(
+                f"no model named {name!r} in the registry (prices are per served model name)"
+            )
+    engine = connect()
+    try:
+        record = price_model(engine, actor=actor(), model=name, input=input_usd, output=output_usd)
+    finally:
+        engine.dispose()
+    out.print(
+        f"{escape(name)}: {format_price(record.input_musd)} per million input tokens, "
+        f"{format_price(record.output_musd)} per million output tokens from now on"
+    )
+
+
+@app.command(
     "import",
     epilog="[bold]Examples[/bold]\n\n  lmforge models import ./SmolLM2-360M --name smollm2-360m\n\n"
     "  lmforge models import model.Q8_0.gguf --name my-model",

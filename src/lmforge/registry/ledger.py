@@ -231,3 +231,64 @@ def list_prices(conn: Connection) -> list[PriceRecord]:
         .order_by(prices.c.model)
     )
     return [PriceRecord(**row._mapping) for row in conn.execute(query)]
+
+
+@dataclass(frozen=True)
+class InvoiceLine:
+    """Ledger totals of one key on one model at one price."""
+
+    key: str
+    model: str
+    price_input: int | None  # micro-USD per million tokens
+    price_output: int | None
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_nusd: int
+
+
+def invoice_lines(
+    conn: Connection, *, since: str, until: str, key: str | None = None
+) -> list[InvoiceLine]:
+    """Totals per key, model and price over [SINCE, UNTIL), sorted; rows of no key excluded."""
+    key_name = api_keys.c.name
+    model = func.coalesce(usage.c.model, "(no model)")
+    query = (
+        select(
+            key_name.label("key"),
+            model.label("model"),
+            usage.c.price_input,
+            usage.c.price_output,
+            func.count().label("requests"),
+            func.sum(usage.c.prompt_tokens).label("prompt_tokens"),
+            func.sum(usage.c.completion_tokens).label("completion_tokens"),
+            func.sum(usage.c.cost_nusd).label("cost_nusd"),
+        )
+        .select_from(usage.join(api_keys, usage.c.key_id == api_keys.c.id))
+        .where(and_(True, *_filters(key, None, since, until)))
+        .group_by(key_name, model, usage.c.price_input, usage.c.price_output)
+        .order_by(key_name, model, usage.c.price_input, usage.c.price_output)
+    )
+    return [InvoiceLine(**row._mapping) for row in conn.execute(query)]
+
+
+def ledger_total(
+    conn: Connection,
+    *,
+    since: str | None = None,
+    until: str | None = None,
+    key: str | None = None,
+    keyed: bool = False,
+) -> int:
+    """The sum of cost_nusd over the filtered ledger (with KEYED, only rows of some key)."""
+    joined = (
+        usage.join(api_keys, usage.c.key_id == api_keys.c.id)
+        if keyed
+        else usage.outerjoin(api_keys, usage.c.key_id == api_keys.c.id)
+    )
+    query = (
+        select(func.coalesce(func.sum(usage.c.cost_nusd), 0))
+        .select_from(joined)
+        .where(and_(True, *_filters(key, None, since, until)))
+    )
+    return int(conn.execute(query).scalar_one())
