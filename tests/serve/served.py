@@ -65,14 +65,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def make_model_dir(root: Path, tokenizer) -> Path:  # type: ignore[no-untyped-def]
+def make_model_dir(root: Path, tokenizer, **overrides: object) -> Path:  # type: ignore[no-untyped-def]
+    """A random tiny Llama saved as TINY_NAME under ROOT (OVERRIDES change its config)."""
     import torch
 
     from lmforge.model.checkpoint import save_model
     from lmforge.model.transformer import Transformer
 
     torch.manual_seed(0)
-    model = Transformer(tiny_config("llama", max_seq_len=128)).eval()
+    model = Transformer(tiny_config("llama", **{"max_seq_len": 128, **overrides})).eval()
     return save_model(model, tokenizer, root / TINY_NAME)
 
 
