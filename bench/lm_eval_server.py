@@ -53,7 +53,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -62,6 +61,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from _shared import create_key, free_port, lmforge_command
 
 MODEL = "smollm2-135m-instruct"
 TASK = "lmforge_sst2_local"
@@ -123,22 +124,6 @@ def write_task(folder: Path, items: list[dict[str, Any]]) -> None:
 # The server
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def lmforge_command() -> list[str]:
-    script = Path(sys.executable).parent / "lmforge"
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("lmforge")
-    if found:
-        return [found]
-    return [sys.executable, "-m", "lmforge"]
-
-
 def wait_ready(base: str, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> str:
     """Wait for /ready to answer 200; return the served model's id from /v1/models."""
     deadline = time.monotonic() + timeout
@@ -150,7 +135,11 @@ def wait_ready(base: str, proc: subprocess.Popen[bytes], log: Path, timeout: flo
         try:
             with urllib.request.urlopen(f"{base}/ready", timeout=5) as r:
                 if r.status == 200:
-                    with urllib.request.urlopen(f"{base}/v1/models", timeout=5) as m:
+                    models = urllib.request.Request(
+                        f"{base}/v1/models",
+                        headers={"Authorization": f"Bearer {os.environ['OPENAI_API_KEY']}"},
+                    )
+                    with urllib.request.urlopen(models, timeout=5) as m:
                         return str(json.load(m)["data"][0]["id"])
         except (urllib.error.URLError, OSError):
             pass
@@ -294,6 +283,7 @@ def main() -> int:
 
         port = free_port()
         base = f"http://127.0.0.1:{port}"
+        os.environ["OPENAI_API_KEY"] = create_key("bench-lm-eval")  # lm-eval's local-completions
         log = folder / "server.log"
         cmd = [*lmforge_command(), "serve", args.model, "--port", str(port)]
         cmd += ["--threads", str(args.threads), *args.serve_args.split()]

@@ -69,7 +69,6 @@ import resource
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -78,6 +77,8 @@ import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+from _shared import create_key, free_port, lmforge_command
 
 MODEL = "smollm2-135m-instruct"
 PROMPT = "The capital of France is"
@@ -359,17 +360,6 @@ def part_a(args: argparse.Namespace, engines: list[str]) -> dict:
 # -- Part B: an OpenAI-compatible server under concurrent streaming clients ------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def lmforge_command() -> list[str]:
-    script = Path(sys.executable).parent / "lmforge"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "lmforge"]
-
-
 def llama_server_bin(args: argparse.Namespace) -> str | None:
     return args.llama_server_bin or shutil.which("llama-server")
 
@@ -502,7 +492,7 @@ async def wait_ready(base: str, proc: subprocess.Popen, log: Path, timeout: floa
     import httpx
 
     deadline = time.monotonic() + timeout
-    async with httpx.AsyncClient(timeout=10) as http:
+    async with httpx.AsyncClient(timeout=10, headers=AUTH) as http:
         while True:
             if proc.poll() is not None:
                 tail = log.read_text(errors="replace")[-3000:]
@@ -525,7 +515,7 @@ async def load_level(client: Client, n_clients: int, args: argparse.Namespace) -
 
     results: list[dict] = []
     limits = httpx.Limits(max_connections=n_clients + 4, max_keepalive_connections=n_clients + 4)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as http:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits, headers=AUTH) as http:
         start = time.perf_counter()
         deadline = start + args.duration
 
@@ -563,7 +553,12 @@ async def load_level(client: Client, n_clients: int, args: argparse.Namespace) -
     }
 
 
+AUTH: dict[str, str] = {}  # lmforge's API key; llama.cpp's servers ignore it
+
+
 async def bench_server(engine: str, args: argparse.Namespace, levels: list[int]) -> dict:
+    if engine.startswith("lmforge") and not AUTH:
+        AUTH["Authorization"] = f"Bearer {create_key('bench-serve')}"
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     cmd = server_command(engine, port, args, max(levels))
@@ -580,7 +575,7 @@ async def bench_server(engine: str, args: argparse.Namespace, levels: list[int])
         client = Client(base, model, args)
         import httpx
 
-        async with httpx.AsyncClient(timeout=120) as http:  # warm-up, retrying while 503
+        async with httpx.AsyncClient(timeout=120, headers=AUTH) as http:  # warm-up, while 503
             for _ in range(60):
                 warm = await client.request(http, PROMPTS[0], 8)
                 if warm["error"] is None or not str(warm["error"]).startswith("HTTP 503"):

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
 
 from lmforge.builtin import BUILTINS
 from lmforge.errors import LmforgeError
@@ -198,7 +198,7 @@ def price_command(
     if list_all or name is None:
         with read_existing() as conn:
             records = [] if conn is None else list_prices(conn)
-        table = Table("model", "input $/M tokens", "output $/M tokens", "since")
+        table = Table(Column("model", no_wrap=True), "input $/M", "output $/M", "since (UTC)")
         for r in records:
             table.add_row(
                 escape(r.model),
