@@ -129,6 +129,19 @@ def lmforge(
     )
 
 
+def lmforge_here(
+    capsys: pytest.CaptureFixture[str], *args: str
+) -> subprocess.CompletedProcess[str]:
+    """`lmforge ARGS` in this process (`main` is the console script's entry point) with the
+    test's $LMFORGE_HOME — the result shaped like `lmforge(...)`'s, without a process start."""
+    from lmforge.cli.main import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(["lmforge", *args], code, out.out, out.err)
+
+
 def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
     """PROC failed with exactly one stderr line `error: …` containing NEEDLES, no traceback."""
     assert proc.returncode != 0, proc.stdout

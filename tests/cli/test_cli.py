@@ -169,30 +169,35 @@ def test_models_list_imports_no_torch(tmp_path: Path) -> None:
     assert rows[0]["path"].endswith(".gguf")
 
 
-def test_models_import_list_show_generate(tiny_model_dir: Path, tmp_path: Path) -> None:
-    home = tmp_path / "home"
-    proc = lmforge("models", "import", str(tiny_model_dir), "--name", "tiny", home=home)
-    assert proc.returncode == 0, proc.stderr
-    assert "tiny@1" in proc.stdout
-    proc = lmforge("models", "import", str(tiny_model_dir), "--name", "tiny", home=home)
-    assert "tiny@2" in proc.stdout
-    rows = [
-        json.loads(x)
-        for x in lmforge("models", "list", "--json", home=home).stdout.split("\n")
-        if x
-    ]
+def test_models_import_list_show_generate(
+    tiny_model_dir: Path, lmforge_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # In-process (`main` is the console script's entry point): eight commands in one process.
+    from lmforge.cli.main import main
+
+    def cli(*argv: str) -> tuple[int, str, str]:
+        code = main(list(argv))
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    code, out, err = cli("models", "import", str(tiny_model_dir), "--name", "tiny")
+    assert code == 0 and "tiny@1" in out, err
+    assert "tiny@2" in cli("models", "import", str(tiny_model_dir), "--name", "tiny")[1]
+    rows = [json.loads(x) for x in cli("models", "list", "--json")[1].split("\n") if x]
     tiny = [r for r in rows if r["name"] == "tiny"]
     assert len(tiny) == 1 and tiny[0]["version"] == 2 and tiny[0]["kind"] == "registry"
-    shown = json.loads(lmforge("models", "show", "tiny@1", "--json", home=home).stdout)
+    shown = json.loads(cli("models", "show", "tiny@1", "--json")[1])
     assert shown["version"] == 1 and shown["lineage"]["source"]["kind"] == "hf"
-    assert Path(shown["path"]).is_relative_to(home / "models" / "tiny")
-    proc = lmforge("generate", "tiny", "The", "-n", "3", "--json", home=home)
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["model"] == "tiny@2"
-    assert_one_line_error(lmforge("generate", "tiny@9", "x", home=home), "no version 9")
-    bad = lmforge("models", "import", str(tiny_model_dir), "--name", "../evil", home=home)
-    assert_one_line_error(bad, "../evil")
-    assert not (home / "evil").exists()
+    assert Path(shown["path"]).is_relative_to(lmforge_home / "models" / "tiny")
+    code, out, err = cli("generate", "tiny", "The", "-n", "3", "--json")
+    assert code == 0, err
+    assert json.loads(out)["model"] == "tiny@2"
+    code, _, err = cli("generate", "tiny@9", "x")
+    assert code == 1 and err.startswith("error: ") and "no version 9" in err
+    code, _, err = cli("models", "import", str(tiny_model_dir), "--name", "../evil")
+    assert code == 1 and err.count("\n") == 1 and "../evil" in err
+    assert not (lmforge_home / "evil").exists()
+    assert not (lmforge_home.parent / "evil").exists()
 
 
 def test_demo_runs(builtin_home: Path, tmp_path: Path) -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import assert_one_line_error, lmforge
+from conftest import assert_one_line_error, lmforge, lmforge_here
 
 _RNG = random.Random(0)
 _WORD_LIST = """the fox dog river stone night bright quick lazy jumps over under near far old new"""
@@ -60,8 +61,14 @@ def test_help_has_examples() -> None:
         assert proc.returncode == 0 and "Examples" in proc.stdout, command
 
 
-def test_bad_inputs_are_one_line_and_write_nothing(tmp_path: Path) -> None:
-    home = tmp_path / "home"
+def test_bad_inputs_are_one_line_and_write_nothing(
+    tmp_path: Path, lmforge_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home = lmforge_home
+
+    def lmforge(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
+        return lmforge_here(capsys, *args)  # in-process: nine commands, one start-up
+
     good = tmp_path / "good.txt"
     good.write_text(TEXT, encoding="utf-8")
     bad_json = tmp_path / "bad.jsonl"

@@ -278,16 +278,13 @@ def test_moderation_blocks_input_and_withholds_output(
         assert again["finish_reason"] == "length" and again["text"]
 
 
-def test_sigkill_during_requests_loses_no_succeeded_request(
-    tmp_path: Path,
-    tiny_tokenizer,  # type: ignore[no-untyped-def]
-) -> None:
-    home = tmp_path / "home"
-    model_dir = make_model_dir(tmp_path, tiny_tokenizer)
+def _kill_trials(home: Path, model_dir: Path, trials: int, seed: int) -> list[str]:
+    """TRIALS times: start a server on HOME, load it from 2 clients, SIGKILL it at a random
+    moment, check the database; return the ids of the requests the clients saw succeed."""
     key = create_key(home, "killed", rpm=100_000, tpm=10_000_000, budget="1000")
     succeeded: list[str] = []
-    rng = random.Random(0)
-    for trial in range(KILL_TRIALS):
+    rng = random.Random(seed)
+    for trial in range(trials):
         server = start_server(model_dir, home, "--max-batch", "4", key=key)
         stop = threading.Event()
 
@@ -296,11 +293,11 @@ def test_sigkill_during_requests_loses_no_succeeded_request(
                 i = 0
                 while not stop.is_set():
                     body = {"model": server.model, "prompt": f"t{i}", "max_tokens": 1 + i % 5}
-                    if i % 3 == 2:
-                        body["stream"] = True
                     try:
-                        if body.get("stream"):
-                            with c.stream("POST", "/v1/completions", json=body) as r:
+                        if i % 3 == 2:
+                            with c.stream(
+                                "POST", "/v1/completions", json={**body, "stream": True}
+                            ) as r:
                                 done = any(line == "data: [DONE]" for line in r.iter_lines())
                                 if r.status_code == 200 and done:
                                     succeeded.append(r.headers["x-request-id"])
@@ -323,12 +320,43 @@ def test_sigkill_during_requests_loses_no_succeeded_request(
             t.join()
         with sqlite3.connect(home / "registry.db") as conn:
             assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)], trial
-    assert len(succeeded) > KILL_TRIALS  # the loop did run
-    with sqlite3.connect(home / "registry.db") as conn:
-        rows = dict(
-            conn.execute(
-                "SELECT request_id, count(*) FROM usage WHERE status = 'ok' GROUP BY request_id"
-            ).fetchall()
+    return succeeded
+
+
+def test_sigkill_during_requests_loses_no_succeeded_request(
+    tmp_path: Path,
+    tiny_tokenizer,  # type: ignore[no-untyped-def]
+) -> None:
+    model_dir = make_model_dir(tmp_path, tiny_tokenizer)
+    # Two registries, each killed KILL_TRIALS / 2 times, side by side (server start-up is
+    # mostly single-threaded imports, so two sequences take the time of one).
+    homes = [tmp_path / "home-a", tmp_path / "home-b"]
+    results: dict[Path, list[str]] = {}
+    errors: list[BaseException] = []
+
+    def run(home: Path, seed: int) -> None:
+        try:
+            results[home] = _kill_trials(home, model_dir, (KILL_TRIALS + 1) // 2, seed)
+        except BaseException as e:  # re-raised below, in the test's thread
+            errors.append(e)
+
+    runners = [threading.Thread(target=run, args=(home, i)) for i, home in enumerate(homes)]
+    for t in runners:
+        t.start()
+    for t in runners:
+        t.join()
+    if errors:
+        raise errors[0]
+    for home in homes:
+        succeeded = results[home]
+        assert len(succeeded) > KILL_TRIALS // 2  # the loops did run
+        with sqlite3.connect(home / "registry.db") as conn:
+            rows = dict(
+                conn.execute(
+                    "SELECT request_id, count(*) FROM usage WHERE status = 'ok' GROUP BY request_id"
+                ).fetchall()
+            )
+        missing = [rid for rid in succeeded if rows.get(rid) != 1]
+        assert not missing, (
+            f"{len(missing)} of {len(succeeded)} succeeded requests not in the ledger"
         )
-    missing = [rid for rid in succeeded if rows.get(rid) != 1]
-    assert not missing, f"{len(missing)} of {len(succeeded)} succeeded requests not in the ledger"
