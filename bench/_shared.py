@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import shutil
 import socket
@@ -34,4 +35,6 @@ def create_key(prefix: str) -> str:
         text=True,
         check=True,
     ).stdout
+    revoke = [*lmforge_command(), "keys", "revoke", name]
+    atexit.register(subprocess.run, revoke, capture_output=True, check=False)
     return str(json.loads(out)["key"])
