@@ -223,8 +223,8 @@ async def admit(
             with state.registry.connect() as conn:
                 price = get_price(conn, model=model)
         meter = Meter(state, rid, key, endpoint, model, _model_version(served), price)
-        if key is None:
-            return meter, None
+        if key is None or (key.rpm is None and key.tpm is None and key.budget_nusd is None):
+            return meter, None  # nothing to count against: the ledger row is all there is
         tokens = prompt_tokens + max_completion_tokens
         reserve = meter.cost(prompt_tokens, max_completion_tokens)
         now = time.time()
