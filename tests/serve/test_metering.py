@@ -195,23 +195,13 @@ def test_moderation_blocks_input_and_withholds_output(
     s = metered
     key = create_key(s.home, "moderated")
     monkeypatch.setenv("LMFORGE_HOME", str(s.home))
+
+    def set_policy(input: str, output: str) -> None:
+        argv = ["moderation", "policy", "set", "--key", "moderated"]
+        assert main([*argv, "--input", input, "--output", output]) == 0
+
     assert main(["moderation", "rules", "add", "--category", "violence", "--word", "kaboom"]) == 0
-    assert (
-        main(
-            [
-                "moderation",
-                "policy",
-                "set",
-                "--key",
-                "moderated",
-                "--input",
-                "block",
-                "--output",
-                "off",
-            ]
-        )
-        == 0
-    )
+    set_policy("block", "off")
     with httpx.Client(base_url=s.url, headers=bearer(key), timeout=60) as c:
         r = c.post(
             "/v1/chat/completions",
@@ -235,22 +225,7 @@ def test_moderation_blocks_input_and_withholds_output(
         assert (
             main(["moderation", "rules", "add", "--category", "test/any", "--regex", "[a-z]"]) == 0
         )
-        assert (
-            main(
-                [
-                    "moderation",
-                    "policy",
-                    "set",
-                    "--key",
-                    "moderated",
-                    "--input",
-                    "off",
-                    "--output",
-                    "block",
-                ]
-            )
-            == 0
-        )
+        set_policy("off", "block")
         body = {"model": s.model, "prompt": [5, 6], "max_tokens": 8, "ignore_eos": True}
         plain = c.post("/v1/completions", json=body).json()["choices"][0]
         assert plain["finish_reason"] == "content_filter" and plain["text"] == ""
@@ -258,22 +233,7 @@ def test_moderation_blocks_input_and_withholds_output(
             events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
         assert events[-1] == "[DONE]"
         assert json.loads(events[-2])["choices"][0]["finish_reason"] == "content_filter"
-        assert (
-            main(
-                [
-                    "moderation",
-                    "policy",
-                    "set",
-                    "--key",
-                    "moderated",
-                    "--input",
-                    "off",
-                    "--output",
-                    "off",
-                ]
-            )
-            == 0
-        )
+        set_policy("off", "off")
         again = c.post("/v1/completions", json=body).json()["choices"][0]
         assert again["finish_reason"] == "length" and again["text"]
 

@@ -183,20 +183,18 @@ def _limit_headers(key: KeyRecord, admitted: Admitted | None, now: float) -> dic
     """x-ratelimit-* for KEY's limited dimensions, from ADMITTED (or the key's row)."""
     source: KeyRecord | Admitted = admitted if admitted is not None else key
     headers: dict[str, str] = {}
-    if key.rpm is not None:
-        live = now < source.req_window + key_sql.WINDOW_S
-        used = source.req_used if live else 0
-        reset = source.req_window + key_sql.WINDOW_S - now if live else 0.0
-        headers["x-ratelimit-limit-requests"] = str(key.rpm)
-        headers["x-ratelimit-remaining-requests"] = str(max(0, key.rpm - used))
-        headers["x-ratelimit-reset-requests"] = _duration(reset)
-    if key.tpm is not None:
-        live = now < source.tok_window + key_sql.WINDOW_S
-        used = source.tok_used if live else 0
-        reset = source.tok_window + key_sql.WINDOW_S - now if live else 0.0
-        headers["x-ratelimit-limit-tokens"] = str(key.tpm)
-        headers["x-ratelimit-remaining-tokens"] = str(max(0, key.tpm - used))
-        headers["x-ratelimit-reset-tokens"] = _duration(reset)
+    for what, limit, window, used in (
+        ("requests", key.rpm, source.req_window, source.req_used),
+        ("tokens", key.tpm, source.tok_window, source.tok_used),
+    ):
+        if limit is None:
+            continue
+        live = now < window + key_sql.WINDOW_S
+        headers[f"x-ratelimit-limit-{what}"] = str(limit)
+        headers[f"x-ratelimit-remaining-{what}"] = str(max(0, limit - (used if live else 0)))
+        headers[f"x-ratelimit-reset-{what}"] = _duration(
+            window + key_sql.WINDOW_S - now if live else 0.0
+        )
     return headers
 
 
