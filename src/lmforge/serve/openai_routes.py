@@ -124,6 +124,19 @@ async def _admit(
     )
 
 
+async def _moderate(
+    http: Request, meter: Meter, served: ServedModel, prompts: list[list[int]], param: str
+) -> OutputFilter:
+    """The input policy (raises its 400) and the output filter of an admitted request; if
+    either fails, the request is settled (its reservation released) before the error goes on."""
+    try:
+        await check_input(http, meter, served, prompts, param)
+        return await OutputFilter.of(http, served)
+    except BaseException:
+        await meter.asettle(status="error", http_status=500)  # no-op if already settled
+        raise
+
+
 def _include_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
@@ -221,8 +234,7 @@ async def completions(body: CompletionRequest, http: Request) -> Any:
         echo=body.echo,  # prompt logprobs also mark the first streamed piece (echoed text)
     )
     meter = await _admit(http, served, "/v1/completions", prompts, params)
-    await check_input(http, meter, served, prompts, "prompt")
-    output_filter = await OutputFilter.of(http, served)
+    output_filter = await _moderate(http, meter, served, prompts, "prompt")
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "object": "text_completion", "created": created, "model": served.name}
 
@@ -329,8 +341,7 @@ async def chat_completions(body: ChatCompletionRequest, http: Request) -> Any:
         top_logprobs=body.top_logprobs or 0,
     )
     meter = await _admit(http, served, "/v1/chat/completions", prompts, params)
-    await check_input(http, meter, served, prompts, "messages")
-    output_filter = await OutputFilter.of(http, served)
+    output_filter = await _moderate(http, meter, served, prompts, "messages")
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "object": "chat.completion", "created": created, "model": served.name}
 
