@@ -30,6 +30,8 @@ def _serve(args: list[str], capsys: pytest.CaptureFixture[str]) -> subprocess.Co
         (["--dtype", "fp8", "--port", "8002"], ("dtype", "fp8")),
         (["--max-batch", "0", "--port", "8001"], ("max_batch",)),
         (["--host", "no.such.host.invalid"], ("--host",)),
+        (["--workers", "0"], ("--workers",)),
+        (["--no-auth", "--host", "0.0.0.0"], ("--no-auth", "loopback", "0.0.0.0")),
     ],
 )
 def test_bad_input_is_one_line(

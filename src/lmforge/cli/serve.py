@@ -10,12 +10,15 @@ import contextlib
 import logging
 import sys
 from collections.abc import Iterator
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
 from lmforge.builtin import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from lmforge.serve.app import ServerSettings
 
 err = Console(stderr=True, highlight=False)
 
@@ -181,14 +184,17 @@ def _hint_if_no_keys() -> None:
             )
 
 
-def _run_workers(settings: object, host: str, port: int, workers: int, threads: int | None) -> None:
+def _run_workers(
+    settings: ServerSettings, host: str, port: int, workers: int, threads: int | None
+) -> None:
+    """uvicorn's process manager with WORKERS processes, each building its own app (and
+    loading its own copy of the models) from SETTINGS passed in the environment."""
     import os
 
     import uvicorn
 
-    from lmforge.serve.app import SETTINGS_ENV, ServerSettings, settings_to_env
+    from lmforge.serve.app import SETTINGS_ENV, settings_to_env
 
-    assert isinstance(settings, ServerSettings)
     os.environ[SETTINGS_ENV] = settings_to_env(settings, threads)
     err.print(f"lmforge serve: http://{host}:{port}/v1 with {workers} workers")
     uvicorn.run(
