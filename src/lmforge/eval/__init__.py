@@ -1,0 +1,1 @@
+"""Evaluation: metrics, and (next) the eval tasks and harness."""
