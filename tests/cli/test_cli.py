@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_one_line_error, lmforge, run_env
+from conftest import assert_one_line_error, lmforge, lmforge_here, run_env
 
 # -- bad input ---------------------------------------------------------------------------------
 
@@ -24,13 +24,15 @@ def test_missing_file(tmp_path: Path) -> None:
     assert_one_line_error(proc, "no such file")
 
 
-def test_corrupt_gguf_and_safetensors(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_corrupt_gguf_and_safetensors(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     garbage = tmp_path / "garbage.gguf"
     garbage.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
-    assert_one_line_error(lmforge("generate", str(garbage), "hi", home=tmp_path), "garbage.gguf")
+    assert_one_line_error(lmforge_here(capsys, "generate", str(garbage), "hi"), "garbage.gguf")
     weights = tiny_model_dir / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    proc = lmforge("generate", str(tiny_model_dir), "hi", home=tmp_path)
+    proc = lmforge_here(capsys, "generate", str(tiny_model_dir), "hi")
     assert_one_line_error(proc, "model.safetensors")
 
 
@@ -58,12 +60,14 @@ def test_unreadable_file(tmp_path: Path, tiny_model_dir: Path) -> None:
         (["--bogus"], "--bogus"),
     ],
 )
-def test_bad_flags(flags: list[str], needle: str, tmp_path: Path) -> None:
-    assert_one_line_error(lmforge("generate", "hi", *flags, home=tmp_path), needle)
+def test_bad_flags(flags: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert_one_line_error(lmforge_here(capsys, "generate", "hi", *flags), needle)
 
 
-def test_prompt_longer_than_context(tiny_model_dir: Path, tmp_path: Path) -> None:
-    proc = lmforge("generate", str(tiny_model_dir), "word " * 200, home=tmp_path)
+def test_prompt_longer_than_context(
+    tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    proc = lmforge_here(capsys, "generate", str(tiny_model_dir), "word " * 200)
     assert_one_line_error(proc, "context")
 
 
@@ -115,18 +119,22 @@ def test_generate_reads_stdin_and_model_dir(tiny_model_dir: Path, tmp_path: Path
     assert record["usage"]["completion_tokens"] <= 5 and record["prompt"] == "The"
 
 
-def test_no_stream_prints_the_same_text(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_no_stream_prints_the_same_text(
+    tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     args = ("generate", str(tiny_model_dir), "The quick", "-n", "10")
-    streamed = lmforge(*args, home=tmp_path)
-    whole = lmforge(*args, "--no-stream", home=tmp_path)
+    streamed = lmforge_here(capsys, *args)
+    whole = lmforge_here(capsys, *args, "--no-stream")
     assert streamed.returncode == whole.returncode == 0, whole.stderr
     assert streamed.stdout == whole.stdout and streamed.stdout.strip()
 
 
-def test_sampling_is_reproducible_with_seed(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_sampling_is_reproducible_with_seed(
+    tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     args = ("generate", str(tiny_model_dir), "The quick", "-n", "12", "-t", "1.0", "--json")
-    a = json.loads(lmforge(*args, "--seed", "7", home=tmp_path).stdout)["token_ids"]
-    b = json.loads(lmforge(*args, "--seed", "7", home=tmp_path).stdout)["token_ids"]
+    a = json.loads(lmforge_here(capsys, *args, "--seed", "7").stdout)["token_ids"]
+    b = json.loads(lmforge_here(capsys, *args, "--seed", "7").stdout)["token_ids"]
     assert a == b
 
 
