@@ -21,6 +21,7 @@ from lmforge.model.checkpoint import load_model, save_model
 from lmforge.model.lstm import LSTMConfig, LSTMLanguageModel
 from lmforge.model.presets import model_config
 from lmforge.train.loop import LoopConfig, train
+from lmforge.train.tasks import TokenWindows
 
 
 @pytest.fixture(autouse=True)
@@ -137,7 +138,7 @@ def test_trains_in_the_training_loop(tmp_path: Path) -> None:
         eval_every=60,
         eval_batches=4,
     )
-    result = train(model, splits[0], splits[1], config, tmp_path / "run")
+    result = train(model, TokenWindows(*splits), config, tmp_path / "run")
     assert result.step == 60
     # From ln(32) = 3.47 at the start; measured 2.05 at step 60 (the best possible is ~0.6).
     assert result.val_loss is not None and result.val_loss < 0.75 * np.log(vocab)

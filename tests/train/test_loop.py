@@ -15,6 +15,7 @@ from lmforge.errors import LmforgeError
 from lmforge.model.transformer import ModelConfig, Transformer
 from lmforge.train.checkpoints import list_checkpoints
 from lmforge.train.loop import LoopConfig, TrainResult, train
+from lmforge.train.tasks import TokenWindows
 
 VOCAB = 32
 
@@ -71,7 +72,7 @@ def run(splits, run_dir: Path, **options) -> tuple[TrainResult, list[dict]]:  # 
     on_step = options.pop("on_step", None)
     model = options.pop("model", None) or tiny_model(dropout=0.1)
     config = LoopConfig(**{**defaults, **options})
-    result = train(model, splits[0], splits[1], config, run_dir, resume=resume, on_step=on_step)
+    result = train(model, TokenWindows(*splits), config, run_dir, resume=resume, on_step=on_step)
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return result, [json.loads(line) for line in lines]
 
@@ -91,8 +92,7 @@ def test_overfits_one_batch(tmp_path: Path) -> None:
     train_split, _ = make_splits(tmp_path / "data", window, window)
     result = train(
         tiny_model(),
-        train_split,
-        None,
+        TokenWindows(train_split, None),
         LoopConfig(
             max_steps=150,
             batch_size=2,

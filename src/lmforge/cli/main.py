@@ -18,7 +18,19 @@ try:  # typer >= 0.20 vendors its own copy of click
 except ImportError:  # pragma: no cover - older typer uses click itself
     import click.exceptions as click_exc  # type: ignore[no-redef]
 
-from lmforge.cli import billing, data, demo, generate, keys, models, moderation, ops, serve, train
+from lmforge.cli import (
+    billing,
+    data,
+    demo,
+    finetune,
+    generate,
+    keys,
+    models,
+    moderation,
+    ops,
+    serve,
+    train,
+)
 from lmforge.errors import LmforgeError
 
 app = typer.Typer(
@@ -28,6 +40,9 @@ app = typer.Typer(
         "[bold]Examples[/bold]\n\n"
         "  lmforge data prepare input.txt --name shakespeare --tokenizer char --split tail\n\n"
         "  lmforge train --data shakespeare --model nanogpt-shakespeare-cpu --name shakes\n\n"
+        "  lmforge finetune --base smollm2-135m-instruct --task classify --data train.tsv "
+        "--name sst2 --lora --merge\n\n"
+        "  lmforge eval sst2 --task classify --data dev.tsv\n\n"
         "  lmforge generate 'The capital of France is'\n\n"
         "  lmforge chat\n\n"
         "  lmforge serve --port 8000\n\n"
@@ -42,6 +57,7 @@ app = typer.Typer(
 )
 generate.register(app)
 train.register(app)
+finetune.register(app)
 serve.register(app)
 app.add_typer(data.app, name="data")
 app.add_typer(models.app, name="models")

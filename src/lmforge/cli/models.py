@@ -1,4 +1,4 @@
-"""`lmforge models list | show | import`: the models lmforge knows.
+"""`lmforge models list | show | import | merge | price`: the models lmforge knows.
 
 `list` imports neither torch nor the built-in model's package: it reads the registry and asks
 `importlib` where the built-in files are.
@@ -271,6 +271,54 @@ def import_command(
         source=str(path.resolve()),
     )
     out.print(f"imported [bold]{rec.name}@{rec.version}[/bold] → {escape(str(rec.path))}")
+
+
+@app.command(
+    "merge",
+    epilog="[bold]Examples[/bold]\n\n"
+    "  lmforge models merge ~/.lmforge/adapters/sst2/20261123-101500-ab12cd --name sst2\n\n"
+    "  lmforge models merge ./my-adapter --name helper-merged",
+)
+def merge_command(
+    adapter: Annotated[
+        Path, typer.Argument(help="A LoRA adapter directory (lmforge finetune --lora).")
+    ],
+    name: Annotated[str, typer.Option("--name", help="Registry name of the merged model.")],
+) -> None:
+    """Merge a LoRA adapter into its base model and register the result (an ordinary model)."""
+    from lmforge.eval.card import write_card
+    from lmforge.model.checkpoint import is_adapter, load_adapter, save_model
+    from lmforge.model.heads import HeadModel
+    from lmforge.model.lora import merge_lora
+    from lmforge.registry import repo
+
+    home = lmforge_home()
+    repo.validate_name(name)
+    if not adapter.is_dir() or not is_adapter(adapter):
+        raise LmforgeError(f"{adapter} is not a LoRA adapter directory (no adapter_config.json)")
+    with err.status(f"merging {adapter} …"):
+        model, tokenizer, lineage, _ = load_adapter(adapter)
+        merge_lora(model.body if isinstance(model, HeadModel) else model)  # type: ignore[arg-type]
+    record = dict(lineage)
+    record.pop("weights_sha256", None)
+    record.pop("kind", None)
+    record.update(name=name, merged_from=str(adapter.resolve()))
+    shape = getattr(model, "config")  # noqa: B009
+
+    def write(tmp: Path) -> None:
+        save_model(model, tokenizer, tmp, lineage=record)  # type: ignore[arg-type]
+        write_card(tmp)
+
+    rec = store_model(
+        home,
+        name,
+        write,
+        arch=shape.arch,
+        n_params=sum(p.numel() for p in model.parameters()),
+        source=f"adapter:{adapter.resolve()}",
+        parent=lineage.get("parent"),
+    )
+    out.print(f"merged [bold]{rec.name}@{rec.version}[/bold] → {escape(str(rec.path))}")
 
 
 def store_model(

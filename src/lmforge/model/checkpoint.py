@@ -31,9 +31,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from lmforge.atomic import write_text_atomic, write_with
 from lmforge.errors import CorruptArtifactError, LmforgeError, ModelNotFoundError
+from lmforge.model.heads import HeadConfig, HeadModel, head_model
+from lmforge.model.lora import LoraConfig, apply_lora, load_lora_state, lora_state_dict
 from lmforge.model.lstm import LSTMConfig, LSTMLanguageModel
 from lmforge.model.transformer import ModelConfig, Transformer
 from lmforge.tokenizer import Tokenizer
@@ -347,7 +350,7 @@ def state_dict_for_hf(model: Transformer | LSTMLanguageModel) -> dict[str, torch
 
 
 def save_model(
-    model: Transformer | LSTMLanguageModel,
+    model: Transformer | LSTMLanguageModel | HeadModel,
     tokenizer: Tokenizer,
     directory: str | Path,
     *,
@@ -362,11 +365,13 @@ def save_model(
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    tensors = state_dict_for_hf(model)
+    if isinstance(model, HeadModel):
+        tensors, hf = head_state_dict_for_hf(model), head_config_to_hf(model, tokenizer)
+    else:
+        tensors, hf = state_dict_for_hf(model), config_to_hf(model.config, tokenizer)
     write_with(
         d / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"})
     )
-    hf = config_to_hf(model.config, tokenizer)
     hf["lmforge_config"] = model.config.to_dict()
     write_text_atomic(d / "config.json", json.dumps(hf, indent=2))
     gen = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
@@ -378,6 +383,211 @@ def save_model(
     record.update(lineage or {})
     write_text_atomic(d / LINEAGE_FILE, json.dumps(record, indent=2, default=str))
     return d
+
+
+# Head models: HF's *ForSequenceClassification (`score`, no bias) and *ForQuestionAnswering
+# (`qa_outputs`); the decoder's weights under the prefix HF's class keeps them under.
+_HEAD_ARCHITECTURES = {
+    ("llama", "classify"): ("LlamaForSequenceClassification", "model."),
+    ("llama", "qa"): ("LlamaForQuestionAnswering", "transformer."),  # HF's prefix for BC
+    ("gpt2", "classify"): ("GPT2ForSequenceClassification", "transformer."),
+    ("gpt2", "qa"): ("GPT2ForQuestionAnswering", "transformer."),
+}
+_HEAD_WEIGHTS = ("score.", "qa_outputs.")
+
+
+def head_config_to_hf(model: HeadModel, tokenizer: Tokenizer) -> dict[str, Any]:
+    arch, _ = _HEAD_ARCHITECTURES[(model.config.arch, model.head.task)]
+    hf = config_to_hf(model.config, tokenizer)
+    hf["architectures"] = [arch]
+    hf["tie_word_embeddings"] = False  # there is no LM head to tie
+    if model.head.task == "classify":
+        labels = model.head.labels
+        hf["num_labels"] = len(labels)
+        hf["id2label"] = {str(i): label for i, label in enumerate(labels)}
+        hf["label2id"] = {label: i for i, label in enumerate(labels)}
+    hf["lmforge_head"] = model.head.to_dict()
+    return hf
+
+
+def head_state_dict_for_hf(model: HeadModel) -> dict[str, torch.Tensor]:
+    """The decoder's weights under the prefix of HF's head class, then the head's."""
+    _, prefix = _HEAD_ARCHITECTURES[(model.config.arch, model.head.task)]
+    body = {k: v.detach() for k, v in model.body.state_dict().items() if not k.startswith("rope_")}
+    if model.config.arch == "gpt2":
+        out = ours_to_gpt2(body)
+    else:
+        out = {
+            prefix + k.removeprefix("model."): v
+            for k, v in ours_to_llama(body, model.config).items()
+        }
+    for name, t in model.state_dict().items():
+        if name.startswith(_HEAD_WEIGHTS):
+            out[name] = t.detach().contiguous()
+    return out
+
+
+def head_config_from_hf(hf: dict[str, Any], source: str) -> HeadConfig | None:
+    """The head a config.json describes (None: a causal LM)."""
+    recorded = hf.get("lmforge_head")
+    try:
+        if isinstance(recorded, dict):
+            return HeadConfig.from_dict(recorded)
+        arch = (hf.get("architectures") or [""])[0]
+        if arch.endswith("ForQuestionAnswering"):
+            return HeadConfig("qa")
+        if arch.endswith("ForSequenceClassification"):
+            id2label = hf.get("id2label") or {}
+            n = int(hf.get("num_labels") or len(id2label) or 2)
+            return HeadConfig("classify", tuple(str(id2label.get(str(i), i)) for i in range(n)))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptArtifactError(f"{source}: config.json has a bad head: {exc}") from None
+    return None
+
+
+def load_head_model(path: str | Path) -> tuple[HeadModel, Tokenizer, dict[str, Any]]:
+    """A classification or QA model directory → (model in eval mode, tokenizer, lineage)."""
+    d = Path(path)
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file():
+        raise ModelNotFoundError(f"{d} is not a model directory (no config.json)")
+    hf = _read_json(cfg_path)
+    head = head_config_from_hf(hf, str(d))
+    if head is None:
+        raise LmforgeError(f"{d} is a language model, not a classification or QA model")
+    config = config_from_hf({**hf, "tie_word_embeddings": False}, str(d))
+    if not isinstance(config, ModelConfig):
+        raise LmforgeError(f"{d}: task heads need a Transformer, not an LSTM")
+    _, prefix = _HEAD_ARCHITECTURES[(config.arch, head.task)]
+    sd = read_hf_weights(d)
+    heads = {k: sd.pop(k) for k in list(sd) if k.startswith(_HEAD_WEIGHTS)}
+    if config.arch == "gpt2":
+        body_sd = gpt2_to_ours(sd)
+    else:
+        renamed = {"model." + k.removeprefix(prefix): v for k, v in sd.items()}
+        body_sd = llama_to_ours(renamed, config)
+    body = empty_model(config)
+    assert isinstance(body, Transformer)
+    body.lm_head.weight = body.model.embed_tokens.weight  # dropped below; keeps load_state strict
+    load_state(body, {**body_sd, "lm_head.weight": body_sd["model.embed_tokens.weight"]}, str(d))
+    with torch.device("meta"):
+        model = head_model(body, head)
+    for name, tensor in heads.items():
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        want = getattr(module, attr).shape
+        if tuple(tensor.shape) != tuple(want):
+            raise CorruptArtifactError(
+                f"{d}: {name} has shape {tuple(tensor.shape)}, expected {tuple(want)}"
+            )
+        setattr(module, attr, torch.nn.Parameter(tensor.to(torch.float32)))
+    leftover = [n for n, p in model.named_parameters() if p.is_meta]
+    if leftover:
+        raise CorruptArtifactError(f"{d}: missing weights, e.g. {leftover[0]}")
+    model.eval()
+    return model, Tokenizer.load(d), read_lineage(d)
+
+
+# LoRA adapters: a small directory that names its base model's directory.
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_FORMAT = "lmforge-lora/1"
+
+
+def save_adapter(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    directory: str | Path,
+    lora: LoraConfig,
+    base_path: Path,
+    lineage: dict[str, Any] | None = None,
+) -> Path:
+    """Write MODEL's LoRA adapters (and its task head, trained in full) to DIRECTORY."""
+    from safetensors.torch import save_file
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tensors = lora_state_dict(model)
+    head = model.head if isinstance(model, HeadModel) else None
+    if head is not None:
+        tensors.update(
+            {
+                k: v.detach().contiguous()
+                for k, v in model.state_dict().items()
+                if k.startswith(_HEAD_WEIGHTS)
+            }
+        )
+    write_with(
+        d / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"})
+    )
+    config = {
+        "format": ADAPTER_FORMAT,
+        "base_model_name_or_path": str(base_path.resolve()),
+        "base_weights_sha256": read_lineage(base_path).get("weights_sha256"),
+        "r": lora.rank,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "target_modules": list(lora.targets),
+        "head": head.to_dict() if head is not None else None,
+    }
+    write_text_atomic(d / ADAPTER_CONFIG, json.dumps(config, indent=2))
+    tokenizer.save(d)
+    record = {
+        "format_version": 1,
+        "kind": "lora-adapter",
+        "weights_sha256": file_sha256(d / ADAPTER_WEIGHTS),
+    }
+    record.update(lineage or {})
+    write_text_atomic(d / LINEAGE_FILE, json.dumps(record, indent=2, default=str))
+    return d
+
+
+def is_adapter(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def load_adapter(path: str | Path) -> tuple[nn.Module, Tokenizer, dict[str, Any], LoraConfig]:
+    """An adapter directory → (its base with the adapters applied, unmerged; tokenizer; lineage;
+    the LoRA settings). The base must still be where the adapter says it is."""
+    d = Path(path)
+    cfg = _read_json(d / ADAPTER_CONFIG)
+    if cfg.get("format") != ADAPTER_FORMAT:
+        raise CorruptArtifactError(f"{d}: not an lmforge LoRA adapter ({ADAPTER_CONFIG})")
+    base_path = Path(str(cfg.get("base_model_name_or_path")))
+    if not base_path.is_dir():
+        raise ModelNotFoundError(f"{d}: its base model {base_path} is gone")
+    want = cfg.get("base_weights_sha256")
+    have = read_lineage(base_path).get("weights_sha256")
+    if want and have and want != have:
+        raise CorruptArtifactError(f"{d}: the base model at {base_path} has changed since")
+    try:
+        lora = LoraConfig(
+            rank=int(cfg["r"]),
+            alpha=float(cfg["lora_alpha"]),
+            targets=tuple(cfg["target_modules"]),
+            dropout=float(cfg.get("lora_dropout", 0.0)),
+        )
+        head = HeadConfig.from_dict(cfg["head"]) if cfg.get("head") else None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptArtifactError(f"{d}: bad {ADAPTER_CONFIG}: {exc}") from None
+    base = load_hf_dir(base_path).model
+    if not isinstance(base, Transformer):
+        raise CorruptArtifactError(f"{d}: the base model is not a Transformer")
+    model: nn.Module = base if head is None else head_model(base, head)
+    apply_lora(base, lora)
+    sd = _read_safetensors(d / ADAPTER_WEIGHTS)
+    heads = {k: sd.pop(k) for k in list(sd) if k.startswith(_HEAD_WEIGHTS)}
+    load_lora_state(model, sd)
+    if head is not None:
+        try:
+            model.load_state_dict(heads, strict=False)
+        except RuntimeError as exc:
+            raise CorruptArtifactError(f"{d}: the head does not fit: {exc}") from None
+        missing = [k for k in model.state_dict() if k.startswith(_HEAD_WEIGHTS) and k not in heads]
+        if missing:
+            raise CorruptArtifactError(f"{d}: missing head weights, e.g. {missing[0]}")
+    model.eval()
+    return model, Tokenizer.load(d), read_lineage(d), lora
 
 
 def file_sha256(path: str | Path) -> str:
@@ -535,6 +745,17 @@ def load_hf_dir(d: Path) -> LoadedModel:
     if not cfg_path.is_file():
         raise ModelNotFoundError(f"{d} is not a model directory (no config.json)")
     hf = _read_json(cfg_path)
+    head = head_config_from_hf(hf, str(d))
+    if head is not None:
+        what, route = (
+            ("a classification", "classifications")
+            if head.task == "classify"
+            else ("an extractive QA", "answers")
+        )
+        raise LmforgeError(
+            f"{d} is {what} model, not a language model: use it with `lmforge eval --task "
+            f"{head.task}` or the server's /v1/{route}"
+        )
     config = config_from_hf(hf, str(d))
     tokenizer = Tokenizer.load(d)
     sd = read_hf_weights(d)

@@ -499,7 +499,7 @@ class Transformer(nn.Module):
         """(Re)compute the RoPE tables; needed after building on the meta device."""
         if self.config.arch == "llama":
             cos, sin = rope_tables(self.config)
-            device = self.lm_head.weight.device
+            device = self.model.embed_tokens.weight.device
             self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
     @property

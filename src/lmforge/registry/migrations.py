@@ -209,6 +209,34 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        4,
+        "create eval_results",
+        (
+            # One row per `lmforge eval` run: what was evaluated (the spec as resolved, and the
+            # weights it found), on which file, the metrics and the contamination check (JSON).
+            """
+            CREATE TABLE eval_results (
+                id INTEGER PRIMARY KEY,
+                model TEXT NOT NULL,
+                model_name TEXT NOT NULL,
+                model_path TEXT NOT NULL,
+                weights_sha256 TEXT NULL,
+                task TEXT NOT NULL,
+                data_path TEXT NOT NULL,
+                data_sha256 TEXT NOT NULL,
+                examples INTEGER NOT NULL CHECK (examples >= 0),
+                metrics TEXT NOT NULL,
+                contamination_rate REAL NULL,
+                contamination TEXT NULL,
+                seconds REAL NOT NULL,
+                created_at TEXT NOT NULL
+            )
+            """,
+            "CREATE INDEX eval_results_model_name ON eval_results (model_name, id)",
+            "CREATE INDEX eval_results_model_path ON eval_results (model_path, id)",
+        ),
+    ),
 )
 
 _CREATE_SCHEMA_MIGRATIONS = """

@@ -167,6 +167,27 @@ moderation_policies = Table(
     Column("updated_at", Text, nullable=False),
 )
 
+# -- migration 4: evaluation results --------------------------------------------------------------
+
+eval_results = Table(
+    "eval_results",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("model", Text, nullable=False),  # the spec as resolved: "sst2@2", a path, a built-in
+    Column("model_name", Text, nullable=False),
+    Column("model_path", Text, nullable=False),
+    Column("weights_sha256", Text, nullable=True),  # NULL: not known (e.g. no lmforge.json)
+    Column("task", Text, nullable=False),  # "perplexity" | "classify" | "qa" | "bleu"
+    Column("data_path", Text, nullable=False),
+    Column("data_sha256", Text, nullable=False),
+    Column("examples", Integer, nullable=False),
+    Column("metrics", Text, nullable=False),  # JSON object
+    Column("contamination_rate", REAL, nullable=True),  # flagged examples / examples
+    Column("contamination", Text, nullable=True),  # JSON object; NULL: not checked
+    Column("seconds", REAL, nullable=False),
+    Column("created_at", Text, nullable=False),
+)
+
 
 def utc_now() -> str:
     """Now as stored in `*_at` columns, e.g. `2025-01-31T12:00:00.123456Z`."""

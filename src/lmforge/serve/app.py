@@ -2,8 +2,11 @@
 
 Startup returns at once and loads the models in a background thread, so `/health` answers
 while they load and `/ready` says 503 until every model is loaded (and again while the
-server drains on SIGTERM). Each model gets its own `AsyncEngine` (engine thread + KV cache);
-requests pick one by the `model` field. Request bodies are capped (413) before any parsing.
+server drains on SIGTERM). Each language model gets its own `AsyncEngine` (engine thread + KV
+cache); requests pick one by the `model` field. A classification or extractive QA model (a
+directory whose config.json has `lmforge_head`) is a `ServedHead` instead: no engine, served
+by `/v1/classifications` or `/v1/answers` (`task_routes.py`) and refused, with the route to
+use, by the generation routes. Request bodies are capped (413) before any parsing.
 """
 
 from __future__ import annotations
@@ -36,11 +39,19 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from lmforge.errors import LmforgeError
 from lmforge.infer.engine import AsyncEngine, Engine, default_max_model_len
 from lmforge.infer.scheduler import SchedulerConfig
-from lmforge.model.checkpoint import LSTM_ARCHITECTURE, WEIGHTS_FILE, file_sha256, load_model
+from lmforge.model.checkpoint import (
+    LSTM_ARCHITECTURE,
+    WEIGHTS_FILE,
+    file_sha256,
+    head_config_from_hf,
+    load_head_model,
+    load_model,
+)
+from lmforge.model.heads import HeadConfig, HeadModel
 from lmforge.model.transformer import Transformer, optimize_weight_layout
 from lmforge.registry.db import connect
 from lmforge.registry.keys import release_expired
-from lmforge.resolve import resolve
+from lmforge.resolve import ModelRef, resolve
 from lmforge.serve.errors import OpenAIError, error_response, install_error_handlers
 from lmforge.tokenizer import Tokenizer
 
@@ -88,12 +99,37 @@ class ServedModel:
     version: str  # "name@3" for a registry model, else "name@sha256:<12 hex of the weights>"
 
 
+TASK_ROUTES = {"classify": "/v1/classifications", "qa": "/v1/answers"}
+"""The route that serves each head task (`HeadConfig.task`)."""
+_TASK_NAMES = {"classify": "a classification model", "qa": "an extractive QA model"}
+
+
+@dataclass
+class ServedHead:
+    """A classification or extractive QA model: run in a worker thread by `task_routes`, one
+    request at a time (`lock`), never by the generation engine."""
+
+    name: str
+    tokenizer: Tokenizer
+    model: HeadModel
+    max_model_len: int  # the model's context; longer texts are truncated (or windowed, QA)
+    created: int
+    path: Path
+    version: str
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def task(self) -> str:
+        return self.model.head.task
+
+
 class ServerState:
     """What the routes share: the loaded models, readiness and draining."""
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
-        self.models: dict[str, ServedModel] = {}
+        self.models: dict[str, ServedModel] = {}  # language models (the generation routes')
+        self.heads: dict[str, ServedHead] = {}  # classification and QA models
         self.loaded = threading.Event()
         self.load_error: str | None = None
         self.on_load_error: Callable[[], None] | None = None  # e.g. stop the server
@@ -105,32 +141,69 @@ class ServerState:
     def ready(self) -> bool:
         return self.loaded.is_set() and self.load_error is None and not self.draining
 
-    def model(self, name: str) -> ServedModel:
+    @property
+    def names(self) -> list[str]:
+        """Every served model's name, language models and heads alike."""
+        return sorted([*self.models, *self.heads])
+
+    def lookup(self, name: str) -> ServedModel | ServedHead:
+        """The served model NAME of either kind; 503 while not ready, 404 if unknown."""
         if not self.ready:
             raise OpenAIError(
                 503,
                 "the server is draining" if self.draining else "the model is still loading",
                 headers={"Retry-After": "1"},
             )
-        served = self.models.get(name)
+        served = self.models.get(name) or self.heads.get(name)
         if served is None:
-            known = ", ".join(sorted(self.models))
             raise OpenAIError(
                 404,
-                f"the model {name!r} does not exist; this server has: {known}",
+                f"the model {name!r} does not exist; this server has: {', '.join(self.names)}",
                 param="model",
                 code="model_not_found",
             )
         return served
+
+    def model(self, name: str) -> ServedModel:
+        """The language model NAME; a head model is a 400 naming the route that serves it."""
+        served = self.lookup(name)
+        if isinstance(served, ServedHead):
+            raise OpenAIError(
+                400,
+                f"{name!r} is {_TASK_NAMES[served.task]}, not a language model: "
+                f"use POST {TASK_ROUTES[served.task]}",
+                param="model",
+                code="wrong_model_type",
+            )
+        return served
+
+    def head(self, name: str, task: str) -> ServedHead:
+        """The head model NAME if it does TASK; any other model is a 400 naming its route."""
+        served = self.lookup(name)
+        if isinstance(served, ServedHead) and served.task == task:
+            return served
+        if isinstance(served, ServedHead):
+            what, route = _TASK_NAMES[served.task], f"POST {TASK_ROUTES[served.task]}"
+        else:
+            what, route = "a language model", "POST /v1/completions or /v1/chat/completions"
+        raise OpenAIError(
+            400,
+            f"{name!r} is {what}, not {_TASK_NAMES[task]}: use {route}",
+            param="model",
+            code="wrong_model_type",
+        )
 
     def load(self) -> None:
         """Load every model (in a background thread); sets `loaded` when done or failed."""
         try:
             for spec in self.settings.models:
                 served = load_served(spec or None, self.settings)
-                if served.name in self.models:
+                if served.name in self.models or served.name in self.heads:
                     raise LmforgeError(f"model {served.name!r} is given twice")
-                self.models[served.name] = served
+                if isinstance(served, ServedHead):
+                    self.heads[served.name] = served
+                else:
+                    self.models[served.name] = served
                 log.info("serving %s (max_model_len %d)", served.name, served.max_model_len)
         except Exception as e:
             self.load_error = str(e)
@@ -166,11 +239,51 @@ def check_servable(spec: str | None, *, home: Path | None = None) -> None:
             raise LmforgeError(f"{ref.name}: only Transformer models can be served (not an LSTM)")
 
 
-def load_served(spec: str | None, settings: ServerSettings) -> ServedModel:
+def _head_of(path: Path) -> HeadConfig | None:
+    """The head PATH's config.json describes; None for a language model (or no readable
+    config.json: loading it says what is wrong)."""
+    config = path / "config.json"
+    if not (path.is_dir() and config.is_file()):
+        return None
+    try:
+        hf = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return head_config_from_hf(hf, str(path)) if isinstance(hf, dict) else None
+
+
+def _name_and_version(ref: ModelRef) -> tuple[str, str]:
+    """The name a model is served under and the exact version the ledger records.
+
+    A directory or file given by path is served under its base name ("runs/x/model" → "model").
+    A registry model is served under its name (prices and key limits use it), whichever version
+    was asked for; the ledger records the exact version.
+    """
+    name = ref.path.stem if ref.kind == "path" else ref.name.split("@")[0]
+    if ref.kind == "registry" and ref.version is not None:
+        return name, f"{name}@{ref.version}"
+    weights = ref.path / WEIGHTS_FILE if ref.path.is_dir() else ref.path
+    return name, f"{name}@sha256:{file_sha256(weights)[:12]}"
+
+
+def load_served(spec: str | None, settings: ServerSettings) -> ServedModel | ServedHead:
     import torch
 
     ref = resolve(spec, home=settings.home)
     dtype = torch.bfloat16 if settings.dtype == "bfloat16" else torch.float32
+    if _head_of(ref.path) is not None:
+        head_model, tokenizer, _ = load_head_model(ref.path)
+        head_model.to(dtype)
+        name, version = _name_and_version(ref)
+        return ServedHead(
+            name=name,
+            tokenizer=tokenizer,
+            model=head_model,
+            max_model_len=head_model.config.max_seq_len,
+            created=int(time.time()),
+            path=ref.path,
+            version=version,
+        )
     loaded = load_model(ref.path, dtype=dtype)
     model = loaded.model
     if not isinstance(model, Transformer):
@@ -186,15 +299,7 @@ def load_served(spec: str | None, settings: ServerSettings) -> ServedModel:
         max_batched_tokens=max(settings.max_batched_tokens, settings.max_batch),
         max_queue=settings.max_queue,
     )
-    # A directory or file given by path is served under its base name ("runs/x/model" → "model").
-    # A registry model is served under its name (prices and key limits use it), whichever
-    # version was asked for; the ledger records the exact version.
-    name = ref.path.stem if ref.kind == "path" else ref.name.split("@")[0]
-    if ref.kind == "registry" and ref.version is not None:
-        version = f"{name}@{ref.version}"
-    else:
-        weights = ref.path / WEIGHTS_FILE if ref.path.is_dir() else ref.path
-        version = f"{name}@sha256:{file_sha256(weights)[:12]}"
+    name, version = _name_and_version(ref)
     engine = AsyncEngine(Engine(model, config), name=f"engine-{name}")
     return ServedModel(
         name=name,
@@ -314,7 +419,7 @@ async def _sweep_reservations(state: ServerState) -> None:
 def create_app(settings: ServerSettings, *, state: ServerState | None = None) -> FastAPI:
     from fastapi import Depends
 
-    from lmforge.serve import admin_routes, moderation, openai_routes
+    from lmforge.serve import admin_routes, moderation, openai_routes, task_routes
     from lmforge.serve.auth import authenticate, require_admin
     from lmforge.serve.context import RequestContext
     from lmforge.serve.metering import metered
@@ -346,7 +451,7 @@ def create_app(settings: ServerSettings, *, state: ServerState | None = None) ->
     @app.get("/ready")
     async def ready() -> JSONResponse:
         if state.ready:
-            return JSONResponse({"status": "ready", "models": sorted(state.models)})
+            return JSONResponse({"status": "ready", "models": state.names})
         if state.load_error:
             message = f"the models failed to load: {state.load_error}"
         elif state.draining:
@@ -363,6 +468,7 @@ def create_app(settings: ServerSettings, *, state: ServerState | None = None) ->
     app.include_router(openai_routes.router, dependencies=[Depends(authenticate)])
     app.include_router(admin_routes.router, dependencies=[Depends(require_admin)])
     app.include_router(moderation.router, dependencies=[Depends(authenticate), Depends(metered)])
+    app.include_router(task_routes.router, dependencies=[Depends(authenticate)])
     app.add_middleware(SizeLimits, limit=settings.max_body_bytes)
     app.add_middleware(RequestContext)  # outermost: 413s and 431s get a request id too
     return app

@@ -29,7 +29,7 @@ from lmforge.ops.pricing import cost_nusd, format_usd
 from lmforge.registry import keys as key_sql
 from lmforge.registry.keys import Admitted, KeyRecord, budget_period_of
 from lmforge.registry.ledger import PriceRecord, get_price, record_usage
-from lmforge.serve.app import ServedModel, ServerState
+from lmforge.serve.app import ServedHead, ServedModel, ServerState
 from lmforge.serve.auth import current_key
 from lmforge.serve.context import add_headers, request_id
 from lmforge.serve.errors import OpenAIError
@@ -198,13 +198,13 @@ def _limit_headers(key: KeyRecord, admitted: Admitted | None, now: float) -> dic
     return headers
 
 
-def _model_version(served: ServedModel | None) -> str | None:
+def _model_version(served: ServedModel | ServedHead | None) -> str | None:
     return None if served is None else served.version
 
 
 async def admit(
     http: Request,
-    served: ServedModel | None,
+    served: ServedModel | ServedHead | None,
     endpoint: str,
     prompt_tokens: int,
     max_completion_tokens: int,

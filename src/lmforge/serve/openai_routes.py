@@ -21,7 +21,7 @@ from lmforge.errors import LmforgeError
 from lmforge.infer.generate import check_prompt
 from lmforge.infer.params import SamplingParams
 from lmforge.infer.request import TokenLogprob
-from lmforge.serve.app import ServedModel, ServerState
+from lmforge.serve.app import ServedHead, ServedModel, ServerState
 from lmforge.serve.auth import allowed_model, current_key
 from lmforge.serve.choices import Choice, Piece, run_all, stream_response, usage
 from lmforge.serve.content_policy import OutputFilter, check_input
@@ -35,6 +35,7 @@ from lmforge.serve.protocol import (
     EmbeddingRequest,
     TokenizeRequest,
 )
+from lmforge.serve.task_routes import allowed_served
 from lmforge.tokenizer.chat import validate_messages
 
 router = APIRouter()
@@ -427,30 +428,33 @@ async def embeddings(body: EmbeddingRequest, http: Request) -> Any:
     }
 
 
+def _model_card(m: ServedModel | ServedHead) -> dict[str, Any]:
+    card: dict[str, Any] = {
+        "id": m.name,
+        "object": "model",
+        "created": m.created,
+        "owned_by": "lmforge",
+        "max_model_len": m.max_model_len,
+    }
+    if isinstance(m, ServedHead):
+        card["task"] = m.task  # "classify" (/v1/classifications) or "qa" (/v1/answers)
+    return card
+
+
 @router.get("/v1/models")
 async def list_models(http: Request) -> Any:
     state = _state(http)
     key = current_key(http)
+    served: list[ServedModel | ServedHead] = [*state.models.values(), *state.heads.values()]
     return {
         "object": "list",
-        "data": [
-            {
-                "id": m.name,
-                "object": "model",
-                "created": m.created,
-                "owned_by": "lmforge",
-                "max_model_len": m.max_model_len,
-            }
-            for m in state.models.values()
-            if key is None or key.allows(m.name)
-        ],
+        "data": [_model_card(m) for m in served if key is None or key.allows(m.name)],
     }
 
 
 @router.get("/v1/models/{name:path}")
 async def get_model(name: str, http: Request) -> Any:
-    m = allowed_model(http, name)
-    return {"id": m.name, "object": "model", "created": m.created, "owned_by": "lmforge"}
+    return _model_card(allowed_served(http, name))
 
 
 # ---------------------------------------------------------------------------------------------

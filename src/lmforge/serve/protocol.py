@@ -96,3 +96,23 @@ class TokenizeRequest(_Request):
 class DetokenizeRequest(_Request):
     model: str | None = None
     tokens: TokenIds
+
+
+# Task endpoints for fine-tuned heads (lmforge's own; see serve/task_routes.py)
+
+MAX_CLASSIFY_INPUTS = 256
+"""Texts per /v1/classifications request at most (as /v1/embeddings)."""
+
+
+class ClassificationRequest(_Request):
+    model: str
+    input: str | list[str]  # 1..MAX_CLASSIFY_INPUTS non-empty texts, each truncated to the context
+    user: str | None = None
+
+
+class AnswerRequest(_Request):
+    model: str
+    question: str
+    context: str
+    max_answer_tokens: Annotated[int, Field(ge=1, le=64)] = 30
+    user: str | None = None

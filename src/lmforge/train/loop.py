@@ -1,15 +1,17 @@
 """The one training loop: batches → loss → AdamW step, with evaluation and exact resume.
 
-    result = train(model, train_split, val_split, LoopConfig(max_steps=2000), run_dir)
+    result = train(model, TokenWindows(train_split, val_split), LoopConfig(max_steps=2000), run_dir)
 
+The data (`train/tasks.py`) says what a batch is and what its loss is — pretraining windows,
+packed SFT conversations, labelled texts, QA windows — so every stage trains through this loop.
 Per step: the learning rate of the schedule, `grad_accum` micro-batches (bf16 autocast when
 asked), gradient clipping, the optimizer step. Every `eval_every` steps and at the end: the
 validation loss over `eval_batches` consecutive windows, and `best.pt` (weights only) when it
 improved. Every `ckpt_every` steps and at the end: a checkpoint with everything needed to go on
-exactly — model, optimizer, step, the global RNG (dropout) and the sampler's generator (data
-position) — so a run killed at any moment and resumed (`resume=True`) computes the same loss at
-every later step, bit for bit on CPU. A non-finite loss stops the run with a clear error and
-leaves the last good checkpoint. One JSON line per step goes to `metrics.jsonl`.
+exactly — model, optimizer, step, the global RNG (dropout), the sampler's generator and the
+data stream's position — so a run killed at any moment and resumed (`resume=True`) computes the
+same loss at every later step, bit for bit on CPU. A non-finite loss stops the run with a clear
+error and leaves the last good checkpoint. One JSON line per step goes to `metrics.jsonl`.
 """
 
 from __future__ import annotations
@@ -26,11 +28,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lmforge.atomic import write_text_atomic, write_with
-from lmforge.data.loader import TokenSplit, eval_batches, random_batches
 from lmforge.errors import LmforgeError
 from lmforge.train.checkpoints import (
     latest_checkpoint,
@@ -40,6 +40,7 @@ from lmforge.train.checkpoints import (
 )
 from lmforge.train.distributed import Distributed
 from lmforge.train.optim import build_optimizer, lr_at, set_lr
+from lmforge.train.tasks import Batch, TrainData
 
 log = logging.getLogger(__name__)
 
@@ -106,29 +107,24 @@ StepCallback = Callable[[dict[str, Any]], None]
 
 
 def evaluate(
-    model: nn.Module, split: TokenSplit, config: LoopConfig, dtype: torch.dtype | None
+    model: nn.Module, data: TrainData, config: LoopConfig, dtype: torch.dtype | None
 ) -> float:
-    """Mean loss over the first `eval_batches` consecutive windows of SPLIT."""
+    """Mean loss per target over DATA's first `eval_batches` validation batches."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
-        for x, y in eval_batches(
-            split, config.batch_size, config.block_size, max_batches=config.eval_batches
-        ):
-            with _autocast(dtype):
-                logits = model(x)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
-            total += loss.item()
-            count += y.numel()
+        for batch in data.val_batches(config.batch_size, config.block_size, config.eval_batches):
+            loss, n = data.loss_sum(model, batch, partial(_autocast, dtype))
+            total += loss
+            count += n
     model.train(was_training)
     return total / max(1, count)
 
 
 def train(
     model: nn.Module,
-    train_split: TokenSplit,
-    val_split: TokenSplit | None,
+    data: TrainData,
     config: LoopConfig,
     run_dir: Path,
     *,
@@ -136,7 +132,7 @@ def train(
     on_step: StepCallback | None = None,
     dist: Distributed | None = None,
 ) -> TrainResult:
-    """Train MODEL on TRAIN_SPLIT in place; checkpoints and metrics go to RUN_DIR.
+    """Train MODEL on DATA in place; checkpoints and metrics go to RUN_DIR.
 
     RESUME: True for the newest checkpoint in RUN_DIR (none: start fresh), or a checkpoint
     path. DIST: this process's place in a torchrun job (default: one process); only rank 0
@@ -145,12 +141,7 @@ def train(
     started, cpu_started = time.perf_counter(), time.process_time()
     dist = dist or Distributed()
     config = with_block_size(config, model)
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if vocab is not None and train_split.vocab_size > vocab:
-        raise LmforgeError(
-            f"the data set's vocabulary ({train_split.vocab_size}) is larger than the model's "
-            f"({vocab})"
-        )
+    data.check(model, config.batch_size, config.block_size)
     rows = dist.rows(config.batch_size)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -162,7 +153,8 @@ def train(
     )
     sampler = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
-    step, best, resumed_from = 0, None, None
+    step, best, resumed_from, tokens = 0, None, None, 0
+    data_state: dict[str, int] = {}
     prior_wall, prior_cpu = 0.0, 0.0  # spent before this call, as of the resumed checkpoint
     found = _find_checkpoint(run_dir, resume)
     if found is not None:
@@ -172,18 +164,17 @@ def train(
         sampler.set_state(state["sampler"])
         step = resumed_from = int(state["step"])
         best = state.get("best_val_loss")
+        data_state = state.get("data") or {}
+        tokens = int(
+            state.get("tokens", step * config.batch_size * config.block_size * config.grad_accum)
+        )
         prior_wall, prior_cpu = state.get("wall_seconds", 0.0), state.get("cpu_seconds", 0.0)
         log.info("resumed from %s (step %d)", path, step)
     if dist.is_main:
         remove_partial_writes(run_dir)
         _truncate_metrics(run_dir, step)
-    tokens_per_step = config.batch_size * config.block_size * config.grad_accum
-    batches = (
-        (x[rows], y[rows])
-        for x, y in random_batches(
-            train_split, config.batch_size, config.block_size, generator=sampler
-        )
-    )
+    stream = data.stream(config.batch_size, config.block_size, sampler, config.seed)
+    stream.restore(data_state)
     module.train()
     loss_value, val_loss, stopped_early = math.nan, None, False
     with contextlib.ExitStack() as stack:
@@ -202,8 +193,8 @@ def train(
             )
             set_lr(optimizer, lr)
             tick = time.perf_counter()
-            loss_value, grad_norm = _step(
-                forward, module, optimizer, batches, config, autocast_dtype, dist
+            loss_value, grad_norm, step_tokens = _step(
+                forward, module, optimizer, stream, data, rows, config, autocast_dtype, dist
             )
             if not math.isfinite(loss_value):
                 last = latest_checkpoint(run_dir)
@@ -212,22 +203,23 @@ def train(
                     f"the loss became {loss_value} at step {step + 1} (try a lower --lr){where}"
                 )
             step += 1
+            tokens += step_tokens
             record: dict[str, Any] = {
                 "step": step,
                 "loss": loss_value,
                 "lr": lr,
                 "grad_norm": grad_norm,
-                "tokens": step * tokens_per_step,
+                "tokens": tokens,
                 "step_s": time.perf_counter() - tick,
             }
             out_of_time = dist.any(
                 config.time_limit is not None and time.perf_counter() - started >= config.time_limit
             )
             last_step = step == config.max_steps or out_of_time
-            if val_split is not None and (
+            if data.has_val and (
                 last_step or (config.eval_every and step % config.eval_every == 0)
             ):
-                val_loss = evaluate(forward, val_split, config, autocast_dtype)
+                val_loss = evaluate(forward, data, config, autocast_dtype)
                 record["val_loss"] = val_loss
                 if best is None or val_loss < best:
                     best = val_loss
@@ -247,6 +239,8 @@ def train(
                         "optimizer": optimizer_state,
                         "rng": torch.get_rng_state(),
                         "sampler": sampler.get_state(),
+                        "data": stream.state(),
+                        "tokens": tokens,
                         "best_val_loss": best,
                         "config": asdict(config),
                         "world_size": dist.world_size,
@@ -266,7 +260,7 @@ def train(
         train_loss=loss_value,
         val_loss=val_loss,
         best_val_loss=best,
-        tokens=step * tokens_per_step,
+        tokens=tokens,
         seconds=seconds,
         resumed_from=resumed_from,
         stopped_early=stopped_early,
@@ -309,22 +303,27 @@ def _step(
     forward: nn.Module,
     module: nn.Module,
     optimizer: torch.optim.Optimizer,
-    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    batches: Iterator[Batch],
+    data: TrainData,
+    rows: slice,
     config: LoopConfig,
     dtype: torch.dtype | None,
     dist: Distributed,
-) -> tuple[float, float]:
-    """One optimizer step over `grad_accum` micro-batches; (mean loss, gradient norm).
+) -> tuple[float, float, int]:
+    """One optimizer step over `grad_accum` micro-batches; (mean loss, gradient norm, tokens
+    of the whole batch across ranks).
 
     FORWARD is what computes (maybe compiled), MODULE what owns the parameters (maybe wrapped).
+    Every rank draws the same global batch and trains on its ROWS of it.
     """
-    total = 0.0
+    total, tokens = 0.0, 0
+    autocast = partial(_autocast, dtype)
     for micro in range(config.grad_accum):
-        x, y = next(batches)
+        full = next(batches)
+        tokens += data.tokens(full)
+        batch = {k: v[rows] for k, v in full.items()}
         with dist.no_sync(module, sync=micro == config.grad_accum - 1):
-            with _autocast(dtype):
-                logits = forward(x)  # [B, T, V]
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / config.grad_accum
+            loss = data.loss(forward, batch, autocast) / config.grad_accum
             loss.backward()
         total += loss.item()
     if config.grad_clip > 0:
@@ -334,7 +333,7 @@ def _step(
         grad_norm = math.nan
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return dist.mean(total), grad_norm
+    return dist.mean(total), grad_norm, tokens
 
 
 def _autocast(dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:

@@ -26,7 +26,7 @@ import secrets
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -42,6 +42,7 @@ from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoints import list_checkpoints
 from lmforge.train.distributed import Distributed
 from lmforge.train.loop import LoopConfig, StepCallback, TrainResult, train, with_block_size
+from lmforge.train.tasks import TokenWindows
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,14 @@ class TrainConfig:
             )
 
 
+class RunSettings(Protocol):
+    """What run management needs of a stage's config (`TrainConfig`, `FinetuneConfig`)."""
+
+    name: str
+    resume: str | None
+    data: str
+
+
 @dataclass
 class Run:
     """A run directory and what it trains on."""
@@ -139,7 +148,7 @@ class PretrainResult:
     lineage: dict[str, Any]
 
 
-def start_run(config: TrainConfig, dataset_dir: Path, runs_dir: Path, run_id: str = "") -> Run:
+def start_run(config: RunSettings, dataset_dir: Path, runs_dir: Path, run_id: str = "") -> Run:
     """A new run directory `runs_dir/<name>-<UTC time>-<hex>` with config.yaml and run.json."""
     run_id = run_id or new_run_id(config.name)
     run_dir = runs_dir / run_id
@@ -150,7 +159,7 @@ def start_run(config: TrainConfig, dataset_dir: Path, runs_dir: Path, run_id: st
 
 
 def prepare_run(
-    config: TrainConfig, dataset_dir: Path, runs_dir: Path, dist: Distributed | None = None
+    config: RunSettings, dataset_dir: Path, runs_dir: Path, dist: Distributed | None = None
 ) -> Run:
     """The run CONFIG asks for: new, `--resume auto`, or `--resume PATH` (checkpoint or run dir).
 
@@ -179,7 +188,7 @@ def new_run_id(name: str) -> str:
     return f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
 
 
-def find_resumable(config: TrainConfig, runs_dir: Path) -> Run | None:
+def find_resumable(config: RunSettings, runs_dir: Path) -> Run | None:
     """For `--resume auto`: the newest unfinished run of config.name, checked against CONFIG.
 
     None (start a new run) when there is none, or when the newest one never wrote a
@@ -198,7 +207,7 @@ def find_resumable(config: TrainConfig, runs_dir: Path) -> Run | None:
     return open_run(config, run_dir, info)
 
 
-def _changed_settings(config: TrainConfig, run_dir: Path) -> dict[str, tuple[Any, Any]]:
+def _changed_settings(config: RunSettings, run_dir: Path) -> dict[str, tuple[Any, Any]]:
     """Key → (the run's value, CONFIG's) where they differ, RESUMABLE_CHANGES left out."""
     saved = _flatten(read_yaml(run_dir / CONFIG_FILE))
     now = _flatten(to_dict(config))
@@ -206,7 +215,7 @@ def _changed_settings(config: TrainConfig, run_dir: Path) -> dict[str, tuple[Any
     return {k: (saved.get(k), now.get(k)) for k in keys if saved.get(k) != now.get(k)}
 
 
-def open_run(config: TrainConfig, run_dir: Path, info: dict[str, Any] | None = None) -> Run:
+def open_run(config: RunSettings, run_dir: Path, info: dict[str, Any] | None = None) -> Run:
     """An existing run directory, its config checked against CONFIG (see RESUMABLE_CHANGES)."""
     if not (run_dir / CONFIG_FILE).is_file():
         raise LmforgeError(f"--resume {run_dir}: not a training run (no {CONFIG_FILE})")
@@ -305,8 +314,7 @@ def pretrain(
     try:
         result = train(
             plan.model,
-            plan.train_split,
-            plan.val_split,
+            TokenWindows(plan.train_split, plan.val_split),
             config.loop,
             run.dir,
             resume=run.resume,

@@ -1,0 +1,450 @@
+"""What the training loop trains on: batches, their loss, and where the data stream stands.
+
+    data = TokenWindows(train_split, val_split)                 # pretraining
+    data = PackedChat.build(tokenizer, examples, block_size=512) # SFT
+    data = LabelledTexts.build(tokenizer, examples, labels, max_len=128)
+    data = QAFeatures.build(tokenizer, examples, max_len=384, doc_stride=128)
+    train(model, data, LoopConfig(...), run_dir)
+
+A `TrainData` gives the loop an endless stream of batches (dicts of tensors), the validation
+batches, and the loss of a batch under the model. The loop knows nothing else about the task.
+
+Resuming exactly: `TokenWindows` draws every batch from the loop's seeded generator (whose state
+the checkpoint keeps); the example-based tasks go through their examples epoch by epoch in an
+order fixed by (seed, epoch) and report (epoch, position) as their stream's state, which the
+checkpoint keeps too — so a killed run resumes on the very next batch.
+
+- SFT: each conversation's ids with labels only on assistant tokens (`data/features.py`), packed
+  back to back into rows of `block_size` (shuffled once, first fit; an example longer than a row
+  is cut, counted and logged). Targets never cross from one example into the next; attention
+  does, as in Hugging Face's and LitGPT's packing.
+- classify: one text per row, right-padded to the longest in its batch; each epoch's batches are
+  formed from length-sorted chunks (far less padding) and then shuffled.
+- QA: one context window per row; start/end labels point at the answer's tokens, or at position 0
+  when the answer is not inside the window.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.data.examples import ChatExample, LabeledText, QAExample
+from lmforge.data.features import chat_features, qa_windows, text_features
+from lmforge.data.loader import TokenSplit, eval_batches, random_batches
+from lmforge.errors import LmforgeError
+from lmforge.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, torch.Tensor]
+Autocast = Callable[[], contextlib.AbstractContextManager[Any]]
+IGNORE = -100  # label of a position that is not trained on (F.cross_entropy's ignore_index)
+
+
+class BatchStream(Iterator[Batch]):
+    """An endless iterator of training batches that can say, and restore, where it stands."""
+
+    def state(self) -> dict[str, int]:
+        return {}
+
+    def restore(self, state: dict[str, int]) -> None:
+        pass
+
+
+class TrainData(Protocol):
+    def check(self, model: nn.Module, batch_size: int, block_size: int) -> None:
+        """Raise `LmforgeError` if MODEL cannot train on this data."""
+
+    def stream(
+        self, batch_size: int, block_size: int, generator: torch.Generator, seed: int
+    ) -> BatchStream:
+        """Endless training batches."""
+
+    def val_batches(self, batch_size: int, block_size: int, max_batches: int) -> Iterable[Batch]:
+        """The validation batches (the same ones every time)."""
+
+    @property
+    def has_val(self) -> bool: ...
+
+    def loss(self, model: nn.Module, batch: Batch, autocast: Autocast) -> torch.Tensor:
+        """The mean loss of BATCH (what is back-propagated)."""
+
+    def loss_sum(self, model: nn.Module, batch: Batch, autocast: Autocast) -> tuple[float, int]:
+        """(summed loss, number of targets) of BATCH, for validation."""
+
+    def tokens(self, batch: Batch) -> int:
+        """Tokens the model reads in BATCH (for the tokens-seen count)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Language modelling: pretraining windows and packed SFT rows share the loss
+
+
+def _lm_loss(model: nn.Module, batch: Batch, autocast: Autocast, reduction: str) -> torch.Tensor:
+    with autocast():
+        logits = model(batch["x"])  # [B, T, V]
+    return F.cross_entropy(logits.float().flatten(0, 1), batch["y"].flatten(), reduction=reduction)
+
+
+class _LanguageModelLoss:
+    def loss(self, model: nn.Module, batch: Batch, autocast: Autocast) -> torch.Tensor:
+        return _lm_loss(model, batch, autocast, "mean")
+
+    def loss_sum(self, model: nn.Module, batch: Batch, autocast: Autocast) -> tuple[float, int]:
+        total = _lm_loss(model, batch, autocast, "sum")
+        return total.item(), int((batch["y"] != IGNORE).sum())
+
+    def tokens(self, batch: Batch) -> int:
+        return int(batch["x"].numel())
+
+
+class _Windows(BatchStream):
+    def __init__(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.batches = batches
+
+    def __next__(self) -> Batch:
+        x, y = next(self.batches)
+        return {"x": x, "y": y}
+
+
+@dataclass
+class TokenWindows(_LanguageModelLoss):
+    """Pretraining: random windows of a token split; validation: consecutive windows."""
+
+    train: TokenSplit
+    val: TokenSplit | None
+
+    @property
+    def has_val(self) -> bool:
+        return self.val is not None
+
+    def check(self, model: nn.Module, batch_size: int, block_size: int) -> None:
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        if vocab is not None and self.train.vocab_size > vocab:
+            raise LmforgeError(
+                f"the data set's vocabulary ({self.train.vocab_size}) is larger than the "
+                f"model's ({vocab})"
+            )
+
+    def stream(
+        self, batch_size: int, block_size: int, generator: torch.Generator, seed: int
+    ) -> BatchStream:
+        return _Windows(random_batches(self.train, batch_size, block_size, generator=generator))
+
+    def val_batches(self, batch_size: int, block_size: int, max_batches: int) -> Iterable[Batch]:
+        if self.val is None:
+            return []
+        return (
+            {"x": x, "y": y}
+            for x, y in eval_batches(self.val, batch_size, block_size, max_batches=max_batches)
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Example-based tasks: epochs over a fixed set of rows
+
+
+class _Epochs(BatchStream):
+    """Batches of row indices, epoch after epoch, in an order fixed by (seed, epoch)."""
+
+    def __init__(
+        self, order: Callable[[int], list[list[int]]], collate: Callable[[list[int]], Batch]
+    ) -> None:
+        self.order, self.collate = order, collate
+        self.epoch, self.position = 0, 0
+        self.batches = order(0)
+
+    def __next__(self) -> Batch:
+        if self.position >= len(self.batches):
+            self.epoch, self.position = self.epoch + 1, 0
+            self.batches = self.order(self.epoch)
+        batch = self.collate(self.batches[self.position])
+        self.position += 1
+        return batch
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def restore(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state.get("epoch", 0)), int(state.get("position", 0))
+        self.batches = self.order(self.epoch)
+
+
+def _permutation(n: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return [int(i) for i in torch.randperm(n, generator=g)]
+
+
+def _chunks(indices: list[int], size: int) -> list[list[int]]:
+    return [indices[i : i + size] for i in range(0, len(indices), size)]
+
+
+def _pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([list(r) + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+class _RowData:
+    """Shared by the example tasks: rows, a validation subset, epochs, collation."""
+
+    rows: list[Any]
+    val_rows: list[Any]
+
+    @property
+    def has_val(self) -> bool:
+        return bool(self.val_rows)
+
+    def collate(self, rows: list[Any]) -> Batch:
+        raise NotImplementedError
+
+    def order(self, batch_size: int, seed: int) -> Callable[[int], list[list[int]]]:
+        n = len(self.rows)
+        return lambda epoch: _chunks(_permutation(n, seed, epoch), batch_size)
+
+    def stream(
+        self, batch_size: int, block_size: int, generator: torch.Generator, seed: int
+    ) -> BatchStream:
+        if len(self.rows) < 1:
+            raise LmforgeError("no training examples")
+        return _Epochs(
+            self.order(batch_size, seed),
+            lambda idx: self.collate([self.rows[i] for i in idx]),
+        )
+
+    def val_batches(self, batch_size: int, block_size: int, max_batches: int) -> Iterable[Batch]:
+        for chunk in _chunks(list(range(len(self.val_rows))), batch_size)[:max_batches]:
+            yield self.collate([self.val_rows[i] for i in chunk])
+
+    def check(self, model: nn.Module, batch_size: int, block_size: int) -> None:
+        context = getattr(getattr(model, "config", None), "max_seq_len", None)
+        longest = max((len(r[0]) for r in self.rows), default=0)
+        if context is not None and longest > context:
+            raise LmforgeError(f"a training row has {longest} tokens; the context is {context}")
+
+
+# -- SFT ---------------------------------------------------------------------------------------
+
+
+def _sft_rows(
+    tokenizer: Tokenizer, examples: Sequence[ChatExample], block_size: int, seed: int
+) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """Packed (x, y) rows of BLOCK_SIZE and how many examples were cut to fit one row."""
+    pairs = []
+    cut = 0
+    for ex in examples:
+        try:
+            ids, mask = chat_features(tokenizer, ex.messages)
+        except LmforgeError as exc:
+            raise LmforgeError(f"{ex.where}: {exc}") from None
+        labels = [t if m else IGNORE for t, m in zip(ids, mask, strict=True)]
+        x, y = ids[:-1], labels[1:]
+        if len(x) > block_size:
+            x, y, cut = x[:block_size], y[:block_size], cut + 1
+        if any(t != IGNORE for t in y):
+            pairs.append((x, y))
+    order = _permutation(len(pairs), seed, -1)
+    rows: list[tuple[list[int], list[int]]] = []
+    free: list[int] = []  # room left in each row
+    for i in order:  # first fit
+        x, y = pairs[i]
+        slot = next((r for r, room in enumerate(free) if room >= len(x)), None)
+        if slot is None:
+            rows.append(([], []))
+            free.append(block_size)
+            slot = len(rows) - 1
+        rows[slot][0].extend(x)
+        rows[slot][1].extend(y)
+        free[slot] -= len(x)
+    return rows, cut
+
+
+class PackedChat(_LanguageModelLoss, _RowData):
+    """SFT: conversations packed into rows, loss on the assistant tokens only."""
+
+    def __init__(
+        self, rows: list[tuple[list[int], list[int]]], val_rows: list[Any], pad_id: int
+    ) -> None:
+        self.rows, self.val_rows, self.pad_id = rows, val_rows, pad_id
+
+    @classmethod
+    def build(
+        cls,
+        tokenizer: Tokenizer,
+        examples: Sequence[ChatExample],
+        val_examples: Sequence[ChatExample] = (),
+        *,
+        block_size: int,
+        seed: int = 1337,
+    ) -> PackedChat:
+        rows, cut = _sft_rows(tokenizer, examples, block_size, seed)
+        if not rows:
+            raise LmforgeError("no conversation has an assistant token left to train on")
+        val_rows, _ = _sft_rows(tokenizer, val_examples, block_size, seed)
+        if cut:
+            log.warning("%d conversation(s) longer than %d tokens were cut", cut, block_size)
+        log.info("SFT: %d conversations packed into %d rows", len(examples), len(rows))
+        pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
+        return cls(rows, val_rows, pad)
+
+    def collate(self, rows: list[Any]) -> Batch:
+        return {
+            "x": _pad([r[0] for r in rows], self.pad_id),
+            "y": _pad([r[1] for r in rows], IGNORE),
+        }
+
+    def tokens(self, batch: Batch) -> int:
+        return int((batch["y"] != IGNORE).sum())
+
+
+# -- classification ----------------------------------------------------------------------------
+
+
+def _head_batch(model: nn.Module, batch: Batch, autocast: Autocast) -> torch.Tensor:
+    with autocast():
+        out: torch.Tensor = model(batch["ids"], batch["lengths"])
+    return out.float()
+
+
+class LabelledTexts(_RowData):
+    """Classification: one text per row, cross-entropy over the label set."""
+
+    def __init__(self, rows: list[tuple[list[int], int]], val_rows: list[Any], pad_id: int) -> None:
+        self.rows, self.val_rows, self.pad_id = rows, val_rows, pad_id
+
+    @classmethod
+    def build(
+        cls,
+        tokenizer: Tokenizer,
+        examples: Sequence[LabeledText],
+        labels: Sequence[str],
+        val_examples: Sequence[LabeledText] = (),
+        *,
+        max_len: int,
+    ) -> LabelledTexts:
+        index = {label: i for i, label in enumerate(labels)}
+
+        def rows(exs: Sequence[LabeledText]) -> list[tuple[list[int], int]]:
+            out = []
+            for ex in exs:
+                if ex.label not in index:
+                    raise LmforgeError(
+                        f"{ex.where}: label {ex.label!r} is not one of the model's labels "
+                        f"({', '.join(labels)})"
+                    )
+                out.append((text_features(tokenizer, ex.text, max_len=max_len), index[ex.label]))
+            return out
+
+        pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
+        return cls(rows(examples), rows(val_examples), pad)
+
+    def order(self, batch_size: int, seed: int) -> Callable[[int], list[list[int]]]:
+        lengths = [len(r[0]) for r in self.rows]
+
+        def batches(epoch: int) -> list[list[int]]:
+            perm = _permutation(len(self.rows), seed, epoch)
+            out: list[list[int]] = []
+            for chunk in _chunks(perm, batch_size * 32):  # sort within chunks: little padding
+                chunk.sort(key=lambda i: lengths[i])
+                out += _chunks(chunk, batch_size)
+            shuffle = _permutation(len(out), seed, -2 - epoch)
+            return [out[i] for i in shuffle]
+
+        return batches
+
+    def collate(self, rows: list[Any]) -> Batch:
+        return {
+            "ids": _pad([r[0] for r in rows], self.pad_id),
+            "lengths": torch.tensor([len(r[0]) for r in rows]),
+            "labels": torch.tensor([r[1] for r in rows]),
+        }
+
+    def loss(self, model: nn.Module, batch: Batch, autocast: Autocast) -> torch.Tensor:
+        return F.cross_entropy(_head_batch(model, batch, autocast), batch["labels"])
+
+    def loss_sum(self, model: nn.Module, batch: Batch, autocast: Autocast) -> tuple[float, int]:
+        logits = _head_batch(model, batch, autocast)
+        return F.cross_entropy(logits, batch["labels"], reduction="sum").item(), len(logits)
+
+    def tokens(self, batch: Batch) -> int:
+        return int(batch["lengths"].sum())
+
+
+# -- extractive QA -----------------------------------------------------------------------------
+
+
+def qa_rows(
+    tokenizer: Tokenizer, examples: Sequence[QAExample], *, max_len: int, doc_stride: int
+) -> list[tuple[list[int], int, int]]:
+    """(ids, start, end) per context window; (0, 0) where the first answer is not inside it."""
+    rows = []
+    for ex in examples:
+        if not ex.answers:
+            raise LmforgeError(f"{ex.where}: a training question needs an answer")
+        text, start = ex.answers[0]
+        for window in qa_windows(
+            tokenizer, ex.question, ex.context, max_len=max_len, doc_stride=doc_stride
+        ):
+            span = window.token_span(start, start + len(text))
+            rows.append((window.ids, *(span or (0, 0))))
+    return rows
+
+
+class QAFeatures(_RowData):
+    """Extractive QA: start and end cross-entropy over the positions of each window."""
+
+    def __init__(
+        self, rows: list[tuple[list[int], int, int]], val_rows: list[Any], pad_id: int
+    ) -> None:
+        self.rows, self.val_rows, self.pad_id = rows, val_rows, pad_id
+
+    @classmethod
+    def build(
+        cls,
+        tokenizer: Tokenizer,
+        examples: Sequence[QAExample],
+        val_examples: Sequence[QAExample] = (),
+        *,
+        max_len: int,
+        doc_stride: int,
+    ) -> QAFeatures:
+        rows = qa_rows(tokenizer, examples, max_len=max_len, doc_stride=doc_stride)
+        val_rows = qa_rows(tokenizer, val_examples, max_len=max_len, doc_stride=doc_stride)
+        inside = sum(1 for r in rows if r[1] > 0)
+        log.info(
+            "QA: %d questions → %d windows (%d hold the answer)", len(examples), len(rows), inside
+        )
+        pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
+        return cls(rows, val_rows, pad)
+
+    def collate(self, rows: list[Any]) -> Batch:
+        return {
+            "ids": _pad([r[0] for r in rows], self.pad_id),
+            "lengths": torch.tensor([len(r[0]) for r in rows]),
+            "start": torch.tensor([r[1] for r in rows]),
+            "end": torch.tensor([r[2] for r in rows]),
+        }
+
+    def _losses(
+        self, model: nn.Module, batch: Batch, autocast: Autocast, reduction: str
+    ) -> torch.Tensor:
+        logits = _head_batch(model, batch, autocast)  # [B, T, 2]
+        start = F.cross_entropy(logits[..., 0], batch["start"], reduction=reduction)
+        end = F.cross_entropy(logits[..., 1], batch["end"], reduction=reduction)
+        return (start + end) / 2
+
+    def loss(self, model: nn.Module, batch: Batch, autocast: Autocast) -> torch.Tensor:
+        return self._losses(model, batch, autocast, "mean")
+
+    def loss_sum(self, model: nn.Module, batch: Batch, autocast: Autocast) -> tuple[float, int]:
+        return self._losses(model, batch, autocast, "sum").item(), len(batch["ids"])
+
+    def tokens(self, batch: Batch) -> int:
+        return int(batch["lengths"].sum())
