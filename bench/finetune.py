@@ -1,0 +1,166 @@
+"""Fine-tuning benchmark: LoRA task models on the built-in model vs TF-IDF + logistic regression.
+
+    .venv/bin/python bench/finetune.py                 # the full run (about an hour on 2 cores)
+    .venv/bin/python bench/finetune.py --quick         # a few steps each: checks the plumbing
+
+In one run, on ../shared/data, with the same training data for both sides:
+
+- SST-2: `lmforge finetune --task classify --lora` on the built-in model, trained on
+  sst2/train.tsv for --sst2-steps (the issue's budget: ≤ 20 minutes of training), accuracy on
+  sst2/dev.tsv; baseline: scikit-learn TF-IDF (word 1–2-grams) + logistic regression on the same
+  training rows. Target: ≥ 85% and above the baseline.
+- AG News: the same, trained on agnews/dev.tsv, evaluated on agnews/test.tsv. Target: ≥ 88% and
+  above the baseline.
+- SQuAD sample: `--task qa --lora` trained on squad/train-sample.json, exact match and F1 on
+  squad/dev-sample.json (no target; the baseline is the official script's normalization
+  applied to the first sentence of the context, a floor).
+
+Each lmforge side runs the real commands (`lmforge finetune`, `lmforge eval --json`) in a fresh
+$LMFORGE_HOME under bench/results/, and the table (also written to bench/results/finetune.json)
+shows training seconds, accuracy or EM/F1, and the ratio to the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from _shared import lmforge_command
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _rows(path: Path) -> tuple[list[str], list[str]]:
+    texts, labels = [], []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        cells = line.split("\t")
+        if i == 0 and cells[-1].strip().lower() == "label":
+            continue
+        texts.append("\t".join(cells[:-1]).strip())
+        labels.append(cells[-1].strip())
+    return texts, labels
+
+
+def baseline(train: Path, test: Path) -> float:
+    """Accuracy of TF-IDF (1–2-grams, sublinear tf) + logistic regression."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    x_train, y_train = _rows(train)
+    x_test, y_test = _rows(test)
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1)
+    model = LogisticRegression(max_iter=2000, C=4.0)
+    model.fit(vectorizer.fit_transform(x_train), y_train)
+    predicted = model.predict(vectorizer.transform(x_test))
+    return float(sum(p == g for p, g in zip(predicted, y_test, strict=True)) / len(y_test))
+
+
+def run(args: list[str], env: dict[str, str]) -> float:
+    started = time.perf_counter()
+    proc = subprocess.run([*lmforge_command(), *args], env=env, text=True, capture_output=True)
+    if proc.returncode != 0:
+        sys.exit(f"lmforge {' '.join(args[:2])} failed:\n{proc.stderr[-2000:]}")
+    return time.perf_counter() - started
+
+
+def lmforge_task(
+    name: str,
+    task: str,
+    train: Path,
+    test: Path,
+    steps: int,
+    extra: list[str],
+    env: dict[str, str],
+) -> dict[str, Any]:
+    args = ["finetune", "--base", "smollm2-135m-instruct", "--task", task, "--data", str(train)]
+    args += ["--name", name, "--lora", "--merge", "--max-steps", str(steps), "-q", *extra]
+    seconds = run(args, env)
+    out = Path(env["LMFORGE_HOME"]) / f"{name}.json"
+    run(["eval", name, "--task", task, "--data", str(test), "--json", str(out), "-q"], env)
+    result = json.loads(out.read_text(encoding="utf-8"))
+    return {"train_seconds": round(seconds, 1), **result["metrics"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="5 steps each (plumbing check)")
+    parser.add_argument("--sst2-steps", type=int, default=900)
+    parser.add_argument("--agnews-steps", type=int, default=500)
+    parser.add_argument("--squad-steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--only", choices=("sst2", "agnews", "squad"), action="append")
+    opts = parser.parse_args()
+    if not DATA.is_dir():
+        sys.exit(f"{DATA} is missing: this benchmark reads ../shared/data")
+    steps = {"sst2": opts.sst2_steps, "agnews": opts.agnews_steps, "squad": opts.squad_steps}
+    if opts.quick:
+        steps = dict.fromkeys(steps, 5)
+    wanted = opts.only or ["sst2", "agnews", "squad"]
+    RESULTS.mkdir(exist_ok=True)
+    home = Path(tempfile.mkdtemp(prefix="finetune-home-", dir=RESULTS))
+    env = {**os.environ, "LMFORGE_HOME": str(home)}
+    common = ["--batch-size", str(opts.batch_size), "--dtype", "bf16", "--lr", "5e-4"]
+    rows: list[dict[str, Any]] = []
+    if "sst2" in wanted:
+        train, test = DATA / "sst2" / "train.tsv", DATA / "sst2" / "dev.tsv"
+        base = baseline(train, test)
+        ours = lmforge_task(
+            "sst2", "classify", train, test, steps["sst2"], [*common, "--block-size", "96"], env
+        )
+        rows.append({"task": "SST-2 (dev)", "target": 0.85, "baseline": base, **ours})
+    if "agnews" in wanted:
+        train, test = DATA / "agnews" / "dev.tsv", DATA / "agnews" / "test.tsv"
+        base = baseline(train, test)
+        ours = lmforge_task(
+            "agnews",
+            "classify",
+            train,
+            test,
+            steps["agnews"],
+            [*common, "--block-size", "128"],
+            env,
+        )
+        rows.append({"task": "AG News (test)", "target": 0.88, "baseline": base, **ours})
+    if "squad" in wanted:
+        train, test = DATA / "squad" / "train-sample.json", DATA / "squad" / "dev-sample.json"
+        extra = [
+            "--block-size",
+            "384",
+            "--doc-stride",
+            "128",
+            "--batch-size",
+            "8",
+            "--dtype",
+            "bf16",
+            "--lr",
+            "5e-4",
+        ]
+        ours = lmforge_task("squad", "qa", train, test, steps["squad"], extra, env)
+        rows.append({"task": "SQuAD sample (dev)", **ours})
+    print(f"{'task':<20} {'lmforge':>9} {'baseline':>9} {'ratio':>6} {'target':>7} {'train s':>8}")
+    for r in rows:
+        if "accuracy" in r:
+            ok = "yes" if r["accuracy"] >= r["target"] and r["accuracy"] > r["baseline"] else "NO"
+            ratio = r["accuracy"] / r["baseline"]
+            print(
+                f"{r['task']:<20} {r['accuracy']:>9.4f} {r['baseline']:>9.4f} {ratio:>6.3f} "
+                f"{r['target']:>7.2f} {r['train_seconds']:>8.0f}  {ok}"
+            )
+        else:
+            em, f1, secs = r["exact_match"], r["f1"], r["train_seconds"]
+            print(f"{r['task']:<20} EM {em:.2f} F1 {f1:.2f}  train {secs:.0f} s")
+    (RESULTS / "finetune.json").write_text(json.dumps({"steps": steps, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
