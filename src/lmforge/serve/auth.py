@@ -70,10 +70,9 @@ def current_key(http: Request) -> KeyRecord | None:
     return key
 
 
-def allowed_model(http: Request, name: str) -> ServedModel:
-    """The served model NAME if the caller's key may use it; 404 as if missing otherwise."""
+def check_model_access(http: Request, name: str) -> None:
+    """404, as if missing, unless the caller's key may use model NAME."""
     key = current_key(http)
-    state = _state(http)
     if key is not None and not key.allows(name):
         raise OpenAIError(
             404,
@@ -81,4 +80,9 @@ def allowed_model(http: Request, name: str) -> ServedModel:
             param="model",
             code="model_not_found",
         )
-    return state.model(name)
+
+
+def allowed_model(http: Request, name: str) -> ServedModel:
+    """The served model NAME if the caller's key may use it; 404 as if missing otherwise."""
+    check_model_access(http, name)
+    return _state(http).model(name)

@@ -32,7 +32,7 @@ from lmforge.errors import LmforgeError
 from lmforge.infer.heads import answer, classify
 from lmforge.model.heads import SequenceClassifier, SpanQA
 from lmforge.serve.app import ServedHead, ServedModel, ServerState
-from lmforge.serve.auth import current_key
+from lmforge.serve.auth import check_model_access
 from lmforge.serve.errors import OpenAIError, bad_request
 from lmforge.serve.metering import admit
 from lmforge.serve.protocol import MAX_CLASSIFY_INPUTS, AnswerRequest, ClassificationRequest
@@ -45,14 +45,7 @@ T = TypeVar("T")
 def allowed_served(http: Request, name: str) -> ServedModel | ServedHead:
     """The served model NAME, of either kind, if the caller's key may use it; 404 as if
     missing otherwise (as `auth.allowed_model`)."""
-    key = current_key(http)
-    if key is not None and not key.allows(name):
-        raise OpenAIError(
-            404,
-            f"The model {name!r} does not exist or you do not have access to it.",
-            param="model",
-            code="model_not_found",
-        )
+    check_model_access(http, name)
     state: ServerState = http.app.state.server
     return state.lookup(name)
 
