@@ -210,22 +210,12 @@ def _run_finetune(config: Any, *, steps_given: bool, quiet: bool) -> None:
     if result.result.stopped_early:
         err.print(f"stopped by --time-limit at step {result.result.step}; --resume auto goes on")
         return
-    _write_run_done(run.dir, result.lineage)
     _store(result, config, plan, home, run)
 
 
 def _base_spec(ref: Any) -> str:
     """How the lineage names the base: a registry ref or built-in name, else the directory."""
     return str(ref.name) if ref.kind in ("registry", "builtin") else str(Path(ref.path).resolve())
-
-
-def _write_run_done(run_dir: Path, lineage: dict[str, Any]) -> None:
-    from lmforge.atomic import write_text_atomic
-
-    path = run_dir / "run.json"
-    info = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    info.update(status="completed", result=lineage)
-    write_text_atomic(path, json.dumps(info, indent=2, default=str))
 
 
 def _store(result: Any, config: Any, plan: Any, home: Path, run: Any) -> None:
@@ -344,7 +334,7 @@ def eval_command(
 
 def _load_for(spec: str, task: str) -> tuple[Any, Any, Path, str]:
     from lmforge.model.checkpoint import (
-        head_config_from_hf,
+        head_of,
         is_adapter,
         load_adapter,
         load_head_model,
@@ -363,9 +353,7 @@ def _load_for(spec: str, task: str) -> tuple[Any, Any, Path, str]:
             merge_lora(model.body if isinstance(model, HeadModel) else model)  # type: ignore[arg-type]
             model.eval()
         elif wants_head:
-            config = path / "config.json"
-            hf = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
-            if path.is_file() or head_config_from_hf(hf, str(path)) is None:
+            if head_of(path) is None:
                 raise LmforgeError(
                     f"{spec} is a language model; --task {task} needs a model fine-tuned with "
                     f"`lmforge finetune --task {task}`"
@@ -493,10 +481,9 @@ def _record(result: dict[str, Any], model_path: Path) -> None:
 
 
 def _weights_sha256(model_path: Path) -> str | None:
-    path = model_path / "lmforge.json"
-    if not path.is_file():
-        return None
-    sha = json.loads(path.read_text(encoding="utf-8")).get("weights_sha256")
+    from lmforge.model.checkpoint import read_lineage
+
+    sha = read_lineage(model_path).get("weights_sha256") if model_path.is_dir() else None
     return sha if isinstance(sha, str) else None
 
 

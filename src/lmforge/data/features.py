@@ -32,6 +32,14 @@ CONTEXT_PREFIX = "\nContext:"
 MAX_QUESTION_TOKENS = 64
 
 
+def pad_id(tokenizer: Tokenizer) -> int:
+    """The id that fills right-padded rows: the pad token, else EOS, else 0 (never attended to
+    or trained on, so any id would do; these keep the rows readable)."""
+    if tokenizer.pad_id is not None:
+        return tokenizer.pad_id
+    return tokenizer.eos_id or 0
+
+
 def require_chat_template(tokenizer: Tokenizer, model: str) -> None:
     """Raise unless TOKENIZER has a chat template of its own (SFT renders with it)."""
     if not tokenizer.chat_template:

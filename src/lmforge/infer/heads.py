@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmforge.data.features import qa_windows, text_features
+from lmforge.data.features import pad_id, qa_windows, text_features
 from lmforge.model.heads import SequenceClassifier, SpanQA
 from lmforge.tokenizer import Tokenizer
 
@@ -48,10 +48,6 @@ def _batch(rows: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Ten
     return ids, torch.tensor([len(r) for r in rows])
 
 
-def _pad_id(tokenizer: Tokenizer) -> int:
-    return tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
-
-
 @torch.inference_mode()
 def classify(
     model: SequenceClassifier, tokenizer: Tokenizer, texts: Sequence[str], *, batch: int = BATCH
@@ -63,7 +59,7 @@ def classify(
     labels = model.labels
     for at in range(0, len(order), batch):
         idx = order[at : at + batch]
-        ids, lengths = _batch([rows[i] for i in idx], _pad_id(tokenizer))
+        ids, lengths = _batch([rows[i] for i in idx], pad_id(tokenizer))
         probs = torch.softmax(model(ids, lengths).float(), dim=-1)
         for i, p in zip(idx, probs.tolist(), strict=True):
             best = max(range(len(p)), key=p.__getitem__)
@@ -88,7 +84,7 @@ def answer(
     tokens = 0
     for at in range(0, len(windows), BATCH):
         group = windows[at : at + BATCH]
-        ids, lengths = _batch([w.ids for w in group], _pad_id(tokenizer))
+        ids, lengths = _batch([w.ids for w in group], pad_id(tokenizer))
         logits = model(ids, lengths).float()  # [B, T, 2]
         tokens += int(lengths.sum())
         for w, row in zip(group, logits, strict=True):

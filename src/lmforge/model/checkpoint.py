@@ -445,6 +445,19 @@ def head_config_from_hf(hf: dict[str, Any], source: str) -> HeadConfig | None:
     return None
 
 
+def head_of(path: str | Path) -> HeadConfig | None:
+    """The head a model directory's config.json describes; None for a language model, a file,
+    or a config.json that cannot be read (loading the model says what is wrong with it)."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        hf = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return head_config_from_hf(hf, str(path)) if isinstance(hf, dict) else None
+
+
 def load_head_model(path: str | Path) -> tuple[HeadModel, Tokenizer, dict[str, Any]]:
     """A classification or QA model directory → (model in eval mode, tokenizer, lineage)."""
     d = Path(path)
@@ -468,7 +481,6 @@ def load_head_model(path: str | Path) -> tuple[HeadModel, Tokenizer, dict[str, A
         body_sd = llama_to_ours(renamed, config)
     body = empty_model(config)
     assert isinstance(body, Transformer)
-    body.lm_head.weight = body.model.embed_tokens.weight  # dropped below; keeps load_state strict
     load_state(body, {**body_sd, "lm_head.weight": body_sd["model.embed_tokens.weight"]}, str(d))
     with torch.device("meta"):
         model = head_model(body, head)

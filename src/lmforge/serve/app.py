@@ -43,11 +43,11 @@ from lmforge.model.checkpoint import (
     LSTM_ARCHITECTURE,
     WEIGHTS_FILE,
     file_sha256,
-    head_config_from_hf,
+    head_of,
     load_head_model,
     load_model,
 )
-from lmforge.model.heads import HeadConfig, HeadModel
+from lmforge.model.heads import HeadModel
 from lmforge.model.transformer import Transformer, optimize_weight_layout
 from lmforge.registry.db import connect
 from lmforge.registry.keys import release_expired
@@ -239,19 +239,6 @@ def check_servable(spec: str | None, *, home: Path | None = None) -> None:
             raise LmforgeError(f"{ref.name}: only Transformer models can be served (not an LSTM)")
 
 
-def _head_of(path: Path) -> HeadConfig | None:
-    """The head PATH's config.json describes; None for a language model (or no readable
-    config.json: loading it says what is wrong)."""
-    config = path / "config.json"
-    if not (path.is_dir() and config.is_file()):
-        return None
-    try:
-        hf = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-    return head_config_from_hf(hf, str(path)) if isinstance(hf, dict) else None
-
-
 def _name_and_version(ref: ModelRef) -> tuple[str, str]:
     """The name a model is served under and the exact version the ledger records.
 
@@ -271,7 +258,7 @@ def load_served(spec: str | None, settings: ServerSettings) -> ServedModel | Ser
 
     ref = resolve(spec, home=settings.home)
     dtype = torch.bfloat16 if settings.dtype == "bfloat16" else torch.float32
-    if _head_of(ref.path) is not None:
+    if head_of(ref.path) is not None:
         head_model, tokenizer, _ = load_head_model(ref.path)
         head_model.to(dtype)
         name, version = _name_and_version(ref)

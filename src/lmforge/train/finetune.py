@@ -40,7 +40,7 @@ from lmforge.model.transformer import Transformer
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.distributed import Distributed
 from lmforge.train.loop import LoopConfig, StepCallback, TrainResult, train
-from lmforge.train.pretrain import Run
+from lmforge.train.pretrain import Run, write_run_file
 from lmforge.train.tasks import LabelledTexts, PackedChat, QAFeatures, TrainData
 
 log = logging.getLogger(__name__)
@@ -213,9 +213,14 @@ def finetune(
 ) -> FinetuneResult:
     """Train PLAN's model in RUN's directory through the one training loop."""
     dist = dist or Distributed()
-    result = train(
-        plan.model, plan.data, plan.loop, run.dir, resume=run.resume, on_step=on_step, dist=dist
-    )
+    try:
+        result = train(
+            plan.model, plan.data, plan.loop, run.dir, resume=run.resume, on_step=on_step, dist=dist
+        )
+    except LmforgeError as exc:
+        if dist.is_main:
+            write_run_file(run.dir, status="failed", error=str(exc))
+        raise
     lineage = {
         "name": config.name,
         "run_id": run.id,
@@ -247,6 +252,9 @@ def finetune(
             "best_val_loss": result.best_val_loss,
         },
     }
+    if dist.is_main:
+        status = "stopped" if result.stopped_early else "completed"
+        write_run_file(run.dir, status=status, result=lineage)
     return FinetuneResult(plan.model, plan.tokenizer, result, lineage, plan.lora, plan.base_path)
 
 

@@ -154,7 +154,7 @@ def start_run(config: RunSettings, dataset_dir: Path, runs_dir: Path, run_id: st
     run_dir = runs_dir / run_id
     with atomic_directory(run_dir) as tmp:  # a kill never leaves a run without its config
         write_text_atomic(tmp / CONFIG_FILE, dump_yaml(config))
-        _write_run_file(tmp, status="running", name=config.name, dataset=str(dataset_dir))
+        write_run_file(tmp, status="running", name=config.name, dataset=str(dataset_dir))
     return Run(run_id, run_dir, dataset_dir)
 
 
@@ -323,7 +323,7 @@ def pretrain(
         )
     except LmforgeError as exc:
         if dist.is_main:
-            _write_run_file(run.dir, status="failed", error=str(exc))
+            write_run_file(run.dir, status="failed", error=str(exc))
         raise
     model = plan.model
     if dist.strategy == "fsdp":  # its parameters are shards: gather them into a plain model
@@ -334,7 +334,7 @@ def pretrain(
     lineage = run_lineage(config, run, result, model, init_ref=plan.init_ref, dist=dist)
     if dist.is_main:
         status = "stopped" if result.stopped_early else "completed"
-        _write_run_file(run.dir, status=status, result=lineage)
+        write_run_file(run.dir, status=status, result=lineage)
     return PretrainResult(model, plan.tokenizer, result, lineage)
 
 
@@ -413,7 +413,7 @@ def _read_run_file(run_dir: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _write_run_file(run_dir: Path, **fields_: Any) -> None:
+def write_run_file(run_dir: Path, **fields_: Any) -> None:
     info = _read_run_file(run_dir)
     info.update(fields_, updated_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     write_text_atomic(run_dir / RUN_FILE, json.dumps(info, indent=2, default=str))

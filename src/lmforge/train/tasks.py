@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.data.examples import ChatExample, LabeledText, QAExample
-from lmforge.data.features import chat_features, qa_windows, text_features
+from lmforge.data.features import chat_features, pad_id, qa_windows, text_features
 from lmforge.data.loader import TokenSplit, eval_batches, random_batches
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer
@@ -291,8 +291,7 @@ class PackedChat(_LanguageModelLoss, _RowData):
         if cut:
             log.warning("%d conversation(s) longer than %d tokens were cut", cut, block_size)
         log.info("SFT: %d conversations packed into %d rows", len(examples), len(rows))
-        pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
-        return cls(rows, val_rows, pad)
+        return cls(rows, val_rows, pad_id(tokenizer))
 
     def collate(self, rows: list[Any]) -> Batch:
         return {
@@ -342,8 +341,7 @@ class LabelledTexts(_RowData):
                 out.append((text_features(tokenizer, ex.text, max_len=max_len), index[ex.label]))
             return out
 
-        pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
-        return cls(rows(examples), rows(val_examples), pad)
+        return cls(rows(examples), rows(val_examples), pad_id(tokenizer))
 
     def order(self, batch_size: int, seed: int) -> Callable[[int], list[list[int]]]:
         lengths = [len(r[0]) for r in self.rows]
@@ -421,8 +419,7 @@ class QAFeatures(_RowData):
         log.info(
             "QA: %d questions → %d windows (%d hold the answer)", len(examples), len(rows), inside
         )
-        pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
-        return cls(rows, val_rows, pad)
+        return cls(rows, val_rows, pad_id(tokenizer))
 
     def collate(self, rows: list[Any]) -> Batch:
         return {
