@@ -226,7 +226,15 @@ def test_moderation_blocks_input_and_withholds_output(
             main(["moderation", "rules", "add", "--category", "test/any", "--regex", "[a-z]"]) == 0
         )
         set_policy("off", "block")
-        body = {"model": s.model, "prompt": [5, 6], "max_tokens": 8, "ignore_eos": True}
+        # Greedy, so the plain and the streamed request generate the same text: with sampling
+        # the stream could draw 8 tokens without a letter and rightly end with "length".
+        body = {
+            "model": s.model,
+            "prompt": [5, 6],
+            "max_tokens": 8,
+            "ignore_eos": True,
+            "temperature": 0,
+        }
         plain = c.post("/v1/completions", json=body).json()["choices"][0]
         assert plain["finish_reason"] == "content_filter" and plain["text"] == ""
         with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:

@@ -178,3 +178,15 @@ def test_bad_settings_are_named(splits, tmp_path: Path) -> None:  # type: ignore
     )
     with pytest.raises(LmforgeError, match="vocabulary"):
         run(splits, tmp_path / "run", model=small)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_bf16_on_a_cpu_without_native_bf16_warns(  # type: ignore[no-untyped-def]
+    splits, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, fast
+) -> None:
+    # Regression: bf16 autocast on an AVX2-only CPU made a LoRA fine-tune 20x slower, silently.
+    monkeypatch.setattr("lmforge.train.loop.cpu_has_fast_bf16", lambda: fast)
+    with caplog.at_level("WARNING", logger="lmforge.train.loop"):
+        run(splits, tmp_path / "run", max_steps=2, dtype="bf16")
+    warned = [r for r in caplog.records if "no native bf16" in r.getMessage()]
+    assert bool(warned) is not fast

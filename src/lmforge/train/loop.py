@@ -44,6 +44,17 @@ from lmforge.train.tasks import Batch, TrainData
 
 log = logging.getLogger(__name__)
 
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether oneDNN runs bf16 matmuls natively on this CPU (AVX512-BF16 or AMX). Without
+    them bf16 is emulated: a 576x1536 linear forward+backward under autocast took 220 ms
+    against 9 ms in fp32 on an AVX2 EPYC."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
+
 METRICS = "metrics.jsonl"
 DEFAULT_BLOCK_MAX = 1024  # --block-size 0 takes the model's context, up to this
 
@@ -146,6 +157,12 @@ def train(
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     autocast_dtype = torch.bfloat16 if config.dtype == "bf16" else None
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if autocast_dtype is not None and on_cpu and not cpu_has_fast_bf16():
+        log.warning(
+            "this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 autocast runs about 20x "
+            "slower than fp32 here; --dtype fp32 is faster"
+        )
     module = dist.wrap(model)
     forward: nn.Module = torch.compile(module) if config.compile else module  # type: ignore[assignment]
     optimizer = build_optimizer(
