@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint format bench bench-data bench-train bench-serve bench-lm-eval clean
+.PHONY: setup demo test lint format bench bench-data bench-train bench-serve bench-quantize bench-lm-eval clean
 
 setup: $(STAMP)
 
@@ -50,6 +50,11 @@ bench-train: $(STAMP)
 bench-serve: $(STAMP)
 	$(VENV)/bin/pip install -q 'llama-cpp-python[server]'
 	$(PY) bench/serve.py $(BENCH_SERVE_ARGS)
+
+# Quantization vs llama.cpp on the same GGUF: llama-cpp-python as for bench-serve.
+bench-quantize: $(STAMP)
+	$(VENV)/bin/pip install -q llama-cpp-python
+	$(PY) bench/quantize.py $(BENCH_QUANTIZE_ARGS)
 
 # lm-evaluation-harness is installed for this bench only.
 bench-lm-eval: $(STAMP)

@@ -1,7 +1,10 @@
 """Atomic file writes: temp file in the same directory, fsync, rename, fsync the directory.
 
 A reader sees either the old file or the complete new one, never a torn write, even after
-`kill -9` or power loss. Every artifact lmforge writes goes through here.
+`kill -9` or power loss. Every artifact lmforge writes goes through here. What appears has the
+permissions a plain `open()` / `mkdir` would give it (0666 / 0777 less the umask), not the
+owner-only mode of the temporary it was built as: an exported model must be readable by the
+llama.cpp or transformers that another user runs.
 """
 
 from __future__ import annotations
@@ -12,6 +15,17 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+
+def _process_umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it; set back at once (import time)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _process_umask()
+FILE_MODE = 0o666 & ~_UMASK
+DIR_MODE = 0o777 & ~_UMASK
 
 
 def fsync_dir(path: Path) -> None:
@@ -31,6 +45,7 @@ def write_with(path: str | Path, writer: Callable[[Path], None]) -> None:
     tmp = Path(tmp_name)
     try:
         writer(tmp)
+        os.chmod(tmp, FILE_MODE)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target)
@@ -60,6 +75,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
+        os.chmod(tmp, DIR_MODE)
         yield tmp
         fsync_dir(tmp)
         os.rename(tmp, target)

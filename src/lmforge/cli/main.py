@@ -22,12 +22,15 @@ from lmforge.cli import (
     billing,
     data,
     demo,
+    distill,
+    export,
     finetune,
     generate,
     keys,
     models,
     moderation,
     ops,
+    quantize,
     serve,
     train,
 )
@@ -58,6 +61,9 @@ app = typer.Typer(
 generate.register(app)
 train.register(app)
 finetune.register(app)
+export.register(app)
+distill.register(app)
+quantize.register(app)
 serve.register(app)
 app.add_typer(data.app, name="data")
 app.add_typer(models.app, name="models")

@@ -5,14 +5,21 @@ Flags, a YAML file (`--config run.yaml`) and `--section.field=value` overrides b
 `$LMFORGE_HOME/runs/<run id>/`; the trained model is written in the Hugging Face layout to
 `$LMFORGE_HOME/models/<name>/…` and registered, so `lmforge generate --model NAME` works at once.
 Under `torchrun` only rank 0 draws, writes and registers.
+
+`lmforge distill` (`cli/distill.py`) is the same run with another loss: it shares the options
+(`train_options`, `with_train_options`, `load_stage_config`) and the watching, registering and
+summary (`run_training`, `watch_run`, `finish_run`).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -34,6 +41,8 @@ from lmforge.home import lmforge_home
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
+T = TypeVar("T")
+R = TypeVar("R")
 
 EXAMPLES = """[bold]Examples[/bold]
 
@@ -106,18 +115,12 @@ def register(app: typer.Typer) -> None:
         "train",
         epilog=EXAMPLES,
         context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    )(train_command)
+    )(with_train_options(train_command))
 
 
-def train_command(
-    ctx: typer.Context,
-    data: Annotated[str | None, typer.Option(help="Data set name or directory.")] = None,
-    model: Annotated[
-        str | None, typer.Option(help="Model config: tiny, small, llama-small, gpt2-124m, lstm, …")
-    ] = None,
-    name: Annotated[str | None, typer.Option(help="Registry name of the trained model.")] = None,
+def train_options(
     config: Annotated[
-        Path | None, typer.Option("--config", help="YAML file with TrainConfig fields.")
+        Path | None, typer.Option("--config", help="YAML file with the config's fields.")
     ] = None,
     max_steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
     batch_size: Annotated[
@@ -158,61 +161,104 @@ def train_command(
     time_limit: Annotated[
         float | None, typer.Option(help="Stop (with a checkpoint) after this many seconds.")
     ] = None,
-    init_from: Annotated[
-        str | None, typer.Option(help="Continue pretraining this model (name, built-in or dir).")
-    ] = None,
     strategy: Annotated[
         str | None, typer.Option(help="single, or ddp / fsdp under torchrun.")
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Pretrain a model on a prepared data set (resumable, observable, distributed)."""
-    from lmforge.config import load_config
-    from lmforge.train.pretrain import TrainConfig
+    """The options of `lmforge train` that `lmforge distill` shares, declared once; see
+    `with_train_options` and `load_stage_config`."""
 
-    flags: dict[str, Any] = {
-        "data": data,
-        "model": model,
-        "name": name,
-        "init_from": init_from,
-        "resume": resume,
-        "strategy": strategy,
-    }
-    loop = {
-        "max_steps": max_steps,
-        "batch_size": batch_size,
-        "block_size": block_size,
-        "grad_accum": grad_accum,
-        "lr": lr,
-        "min_lr": min_lr,
-        "warmup": warmup,
-        "weight_decay": weight_decay,
-        "beta2": beta2,
-        "seed": seed,
-        "eval_every": eval_every,
-        "eval_batches": eval_batches,
-        "ckpt_every": ckpt_every,
-        "dtype": dtype,
-        "compile": compile_,
-        "time_limit": time_limit,
-    }
-    values: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
-    values["loop"] = {k: v for k, v in loop.items() if v is not None}
-    if dropout is not None:
-        values["arch"] = {"dropout": dropout}
+
+# train_options' parameters that set LoopConfig fields, and the field each sets.
+_LOOP_FIELDS = {
+    "max_steps": "max_steps",
+    "batch_size": "batch_size",
+    "block_size": "block_size",
+    "grad_accum": "grad_accum",
+    "lr": "lr",
+    "min_lr": "min_lr",
+    "warmup": "warmup",
+    "weight_decay": "weight_decay",
+    "beta2": "beta2",
+    "seed": "seed",
+    "eval_every": "eval_every",
+    "eval_batches": "eval_batches",
+    "ckpt_every": "ckpt_every",
+    "dtype": "dtype",
+    "compile_": "compile",
+    "time_limit": "time_limit",
+}
+
+
+def with_train_options(command: Callable[..., None]) -> Callable[..., None]:
+    """COMMAND with `train_options`' options after its own, for typer: they reach COMMAND as
+    its `options` argument, a dict from parameter name to value (None: not given)."""
+    own = inspect.signature(command, eval_str=True)
+    shared = inspect.signature(train_options, eval_str=True).parameters
+    params = [p for p in own.parameters.values() if p.name != "options"] + list(shared.values())
+
+    @functools.wraps(command)
+    def with_options(**kwargs: Any) -> None:
+        options = {name: kwargs.pop(name) for name in shared}
+        command(**kwargs, options=options)
+
+    # typer reads the parameters from the signature and their types from __annotations__.
+    with_options.__signature__ = own.replace(parameters=params)  # type: ignore[attr-defined]
+    with_options.__annotations__ = {p.name: p.annotation for p in params}
+    return with_options
+
+
+def load_stage_config(
+    cls: type[T], ctx: typer.Context, flags: dict[str, Any], options: dict[str, Any]
+) -> T:
+    """CLS (`TrainConfig`, `DistillConfig`) from `--config FILE`, the `--section.field=value`
+    overrides left in CTX and the flags: the command's own FLAGS and `train_options`' OPTIONS
+    (None: not given). Flags over overrides over the file over the defaults."""
+    from lmforge.config import load_config
+
+    top = {**flags, "resume": options["resume"], "strategy": options["strategy"]}
+    values: dict[str, Any] = {k: v for k, v in top.items() if v is not None}
+    values["loop"] = {f: options[p] for p, f in _LOOP_FIELDS.items() if options[p] is not None}
+    if options["dropout"] is not None:
+        values["arch"] = {"dropout": options["dropout"]}
     extra = list(ctx.args)
     if extra and not extra[0].startswith("-"):
         raise LmforgeError(f"unexpected argument {extra[0]!r} (options start with --)")
-    train_config = load_config(TrainConfig, file=config, overrides=extra, values=values)
-    run_training(train_config, quiet=quiet)
+    return load_config(cls, file=options["config"], overrides=extra, values=values)
 
 
-def run_training(config: Any, *, quiet: bool = False) -> None:
+def train_command(
+    ctx: typer.Context,
+    data: Annotated[str | None, typer.Option(help="Data set name or directory.")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Model config: tiny, small, llama-small, gpt2-124m, lstm, …")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Registry name of the trained model.")] = None,
+    init_from: Annotated[
+        str | None, typer.Option(help="Continue pretraining this model (name, built-in or dir).")
+    ] = None,
+    *,
+    options: dict[str, Any],
+) -> None:
+    """Pretrain a model on a prepared data set (resumable, observable, distributed)."""
+    from lmforge.train.pretrain import TrainConfig
+
+    flags = {"data": data, "model": model, "name": name, "init_from": init_from}
+    config = load_stage_config(TrainConfig, ctx, flags, options)
+    run_training(config, quiet=options["quiet"])
+
+
+Stage = Callable[..., None]  # (config, dist, *, quiet): a training command's body
+
+
+def run_training(config: Any, *, quiet: bool = False, stage: Stage | None = None) -> None:
+    """STAGE (default: pretraining) in this process's place of a torchrun job, if any."""
     from lmforge.train.distributed import Distributed
 
     dist = Distributed.start(config.strategy)
     try:
-        _run(config, dist, quiet=quiet)
+        (stage or _run)(config, dist, quiet=quiet)
         # Leave together: a rank that tears its process group down while another still
         # exports the model can die in gloo's threads (SIGABRT, "terminate called without an
         # active exception"; seen about once in 8 two-process runs).
@@ -224,7 +270,6 @@ def run_training(config: Any, *, quiet: bool = False) -> None:
 def _run(config: Any, dist: Any, *, quiet: bool) -> None:
     from lmforge.cli.data import dataset_path
     from lmforge.registry.repo import validate_name
-    from lmforge.train.observe import RunObserver
     from lmforge.train.pretrain import plan_training, prepare_run, pretrain
 
     home = lmforge_home()
@@ -233,9 +278,33 @@ def _run(config: Any, dist: Any, *, quiet: bool) -> None:
     init, init_ref = _load_init(config.init_from, home)
     plan = plan_training(config, dataset_dir, init=init, init_ref=init_ref, dist=dist)
     run = prepare_run(config, dataset_dir, home / "runs", dist)
+    result = watch_run(
+        run,
+        config,
+        dist,
+        lambda on_step: pretrain(config, run, plan, on_step=on_step, dist=dist),
+        quiet=quiet,
+    )
+    if dist.is_main:
+        finish_run(result, config, run, home, parent=init_ref)
+
+
+def watch_run(
+    run: Any,
+    config: Any,
+    dist: Any,
+    train: Callable[[Any], R],
+    *,
+    quiet: bool,
+    label: str = "training",
+) -> R:
+    """TRAIN(on_step) with a progress bar (or a line per evaluation when stderr is not a
+    terminal), TensorBoard events and loss.png in RUN's directory; only rank 0 watches."""
+    from lmforge.train.observe import RunObserver
+
     observer = RunObserver(run.dir, title=f"{config.name} · {run.id}")
     columns = (
-        TextColumn("[bold]training[/bold]"),
+        TextColumn(f"[bold]{label}[/bold]"),
         BarColumn(),
         MofNCompleteColumn(),
         _StepStats(),
@@ -246,18 +315,19 @@ def _run(config: Any, dist: Any, *, quiet: bool) -> None:
         what = "resuming" if run.resume else "starting"
         err.print(f"{what} run [bold]{escape(run.id)}[/bold] → {escape(str(run.dir))}")
     with Progress(*columns, console=err, disable=not (show and err.is_terminal)) as bar:
-        task = bar.add_task("train", total=config.loop.max_steps)
+        task = bar.add_task(label, total=config.loop.max_steps)
         watcher = _Watcher(
             observer, bar, task, config.loop.max_steps, lines=show and not err.is_terminal
         )
         try:
-            result = pretrain(
-                config, run, plan, on_step=watcher if dist.is_main else None, dist=dist
-            )
+            return train(watcher if dist.is_main else None)
         finally:
             observer.close()
-    if not dist.is_main:
-        return
+
+
+def finish_run(result: Any, config: Any, run: Any, home: Path, *, parent: str | None) -> None:
+    """Register the trained model (its PARENT: the model continued or distilled) and print the
+    summary; a run stopped by --time-limit is not registered."""
     if result.result.stopped_early:
         err.print(
             f"stopped by --time-limit at step {result.result.step}; continue with "
@@ -265,7 +335,7 @@ def _run(config: Any, dist: Any, *, quiet: bool) -> None:
         )
         _summary(result, run, None)
         return
-    record = _register(result, config, init_ref, run, home)
+    record = _register(result, config, parent, run, home)
     _summary(result, run, record)
 
 
@@ -281,7 +351,7 @@ def _load_init(spec: str | None, home: Path) -> tuple[Any, str | None]:
     return loaded, ref.name
 
 
-def _register(result: Any, config: Any, init_ref: str | None, run: Any, home: Path) -> Any:
+def _register(result: Any, config: Any, parent: str | None, run: Any, home: Path) -> Any:
     from lmforge.cli.models import store_model
     from lmforge.train.pretrain import export_model
 
@@ -293,7 +363,7 @@ def _register(result: Any, config: Any, init_ref: str | None, run: Any, home: Pa
         arch=shape.arch,
         n_params=shape.num_params(),
         source=f"run:{run.id}",
-        parent=init_ref,
+        parent=parent,
     )
 
 
@@ -318,6 +388,12 @@ def _summary(result: Any, run: Any, record: Any) -> None:
             "val loss", f"{r.val_loss:.4f} (perplexity {math.exp(min(r.val_loss, 50)):.2f})"
         )
         table.add_row("best val loss", f"{r.best_val_loss:.4f}")
+    teacher = result.lineage.get("teacher")
+    if teacher:
+        table.add_row("teacher", escape(str(teacher["name"])))
+        kl = result.lineage["eval"].get("val_kl_to_teacher")
+        if kl is not None:
+            table.add_row("val KL to teacher", f"{kl:.4f} nats per token")
     table.add_row("loss curve", escape(str(run.dir / "loss.png")))
     if record is not None:
         table.add_row("model", f"[bold]{escape(record.ref)}[/bold] → {escape(str(record.path))}")

@@ -214,6 +214,8 @@ def _summary(lineage: dict[str, Any], adapter: dict[str, Any], head: dict[str, A
         how = "fine-tuned" + (f" from {escape_markdown(parent)}" if parent else "")
     elif stage == "pretrain":
         how = f"pretrained from {escape_markdown(parent)}" if parent else "pretrained from scratch"
+    elif stage == "distill":
+        how = f"distilled from {escape_markdown(parent)}"
     else:
         return f"{what} in lmforge's model directory layout (no training record)."
     lora = lineage.get("lora")

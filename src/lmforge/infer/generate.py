@@ -80,7 +80,8 @@ def generate_ids(
     else:
         # The last sampled token is never fed back, so the cache needs prompt + budget - 1 slots.
         slots = len(prompt_ids) + budget - 1
-        cache = KVCache.allocate(model.config, 1, slots, dtype=model.lm_head.weight.dtype)
+        dtype = model.model.embed_tokens.weight.dtype  # the activations' (not a quantized head's)
+        cache = KVCache.allocate(model.config, 1, slots, dtype=dtype)
         logits = prefill(model, prompt, cache)
     pos = len(prompt_ids)
     history = TokenHistory([list(prompt_ids)], logits.shape[-1]) if params.penalized else None

@@ -42,7 +42,7 @@ class ModelRunner:
             raise TypeError("the engine runs Transformer models (an LSTM has no KV cache)")
         self.model = model
         self.vocab_size = model.config.vocab_size
-        dtype = model.lm_head.weight.dtype
+        dtype = model.model.embed_tokens.weight.dtype  # not lm_head's: a quantized one has none
         self.cache = KVCache.allocate(model.config, max_batch, max_model_len, dtype=dtype)
         self._sequences: dict[str, _Sequence] = {}
 

@@ -13,6 +13,14 @@
   naming `LmforgeLSTMForCausalLM` (`model_type: lmforge-lstm`, the `LSTMConfig` under
   `lmforge_config`) and the weights under torch's own `nn.LSTM` names. `transformers` cannot
   load it (it has no LSTM language model); lmforge's `load_model` can.
+- Quantized models (`model/quant.py`; read and write): the same layout and tensor names, with
+  `config.json`'s `quantization_config` (`quant_method: lmforge`, `method` int8 or int4, `bits`,
+  `group_size`, `include_head`, `weight_layout`) and, for each quantized layer, `<layer>.qweight`
+  (int8 [out, in], or uint8 [out, in/2] holding two int4 values per byte, the even input in the
+  low nibble), `<layer>.scales` (fp32 [out] or [out, in/group]) and for int4 `<layer>.zeros`
+  (fp32 [out, in/group]) in place of `<layer>.weight`; w = qweight · scales (int8) or
+  (q − 8) · scales + zeros (int4). A quantized head is stored as `lm_head.*` even when the float
+  head is tied to the embeddings. Only lmforge loads these back.
 
 Every write is atomic; nothing is ever pickled. The module is longer than ~600 lines on purpose:
 it is the one place that knows formats (config mapping, tensor-name maps for Llama, GPT-2 and
@@ -38,6 +46,7 @@ from lmforge.errors import CorruptArtifactError, LmforgeError, ModelNotFoundErro
 from lmforge.model.heads import HeadConfig, HeadModel, head_model
 from lmforge.model.lora import LoraConfig, apply_lora, load_lora_state, lora_state_dict
 from lmforge.model.lstm import LSTMConfig, LSTMLanguageModel
+from lmforge.model.quant import QuantConfig, QuantLinear, quantization_of, quantize_model
 from lmforge.model.transformer import ModelConfig, Transformer
 from lmforge.tokenizer import Tokenizer
 
@@ -250,21 +259,29 @@ _GPT2_LAYER = {
     "mlp.c_proj.weight": "mlp.down_proj.weight",
     "mlp.c_proj.bias": "mlp.down_proj.bias",
 }
+# A quantized layer's tensors keep its module path: c_attn.qweight ↔ qkv_proj.qweight, ….
+_QUANT_TENSORS = ("qweight", "scales", "zeros")
+_GPT2_LAYER.update(
+    {
+        f"{theirs.removesuffix('.weight')}.{t}": f"{ours.removesuffix('.weight')}.{t}"
+        for theirs, ours in list(_GPT2_LAYER.items())
+        if theirs.endswith("weight") and not theirs.startswith("ln_")
+        for t in _QUANT_TENSORS
+    }
+)
 _GPT2_TOP = {
     "wte.weight": "model.embed_tokens.weight",
     "wpe.weight": "model.embed_positions.weight",
     "ln_f.weight": "model.norm.weight",
     "ln_f.bias": "model.norm.bias",
 }
-# Fused tensors of ours ← the separate ones of HF Llama, concatenated along the output rows.
+# Fused layers of ours ← the separate ones of HF Llama, concatenated along the output rows;
+# that holds for every tensor with one row per output: a weight, a quantized layer's tensors.
 _LLAMA_FUSED = {
-    "self_attn.qkv_proj.weight": (
-        "self_attn.q_proj.weight",
-        "self_attn.k_proj.weight",
-        "self_attn.v_proj.weight",
-    ),
-    "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
 }
+_ROW_TENSORS = ("weight", *_QUANT_TENSORS)
 
 
 def _is_conv1d(hf_name: str) -> bool:
@@ -284,7 +301,8 @@ def gpt2_to_ours(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 value = t.t().contiguous() if _is_conv1d(rest) else t
                 out[f"model.layers.{idx}.{_GPT2_LAYER[rest]}"] = value
             # attn.bias / attn.masked_bias are causal-mask buffers, not weights.
-        # lm_head.weight is tied to wte.
+        elif name.startswith("lm_head.") and name != "lm_head.weight":
+            out[name] = t  # a quantized head (the float lm_head.weight is tied to wte)
     return out
 
 
@@ -299,6 +317,8 @@ def ours_to_gpt2(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             idx, rest = name.removeprefix("model.layers.").split(".", 1)
             theirs = layer[rest]
             out[f"transformer.h.{idx}.{theirs}"] = (t.t() if _is_conv1d(theirs) else t).contiguous()
+        elif name.startswith("lm_head."):
+            out[name] = t.contiguous()  # a quantized head
     return out
 
 
@@ -309,8 +329,10 @@ def llama_to_ours(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[str,
     for i in range(config.n_layer):
         p = f"model.layers.{i}."
         for fused, parts in _LLAMA_FUSED.items():
-            if all(p + x in out for x in parts):
-                out[p + fused] = torch.cat([out.pop(p + x) for x in parts], dim=0)
+            for t in _ROW_TENSORS:
+                names = [f"{p}{x}.{t}" for x in parts]
+                if all(n in out for n in names):
+                    out[f"{p}{fused}.{t}"] = torch.cat([out.pop(n) for n in names], dim=0)
     return out
 
 
@@ -318,15 +340,16 @@ def ours_to_llama(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[str,
     out: dict[str, torch.Tensor] = {}
     qd, kvd = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
     sizes = {
-        "self_attn.qkv_proj.weight": (qd, kvd, kvd),
-        "mlp.gate_up_proj.weight": (config.d_ff, config.d_ff),
+        "self_attn.qkv_proj": (qd, kvd, kvd),
+        "mlp.gate_up_proj": (config.d_ff, config.d_ff),
     }
     for name, t in sd.items():
         rest = name.split(".", 3)[-1] if name.startswith("model.layers.") else ""
-        if rest in _LLAMA_FUSED:
+        module, _, kind = rest.rpartition(".")
+        if module in _LLAMA_FUSED and kind in _ROW_TENSORS:
             prefix = name[: -len(rest)]
-            for part, piece in zip(_LLAMA_FUSED[rest], t.split(sizes[rest]), strict=True):
-                out[prefix + part] = piece.contiguous()
+            for part, piece in zip(_LLAMA_FUSED[module], t.split(sizes[module]), strict=True):
+                out[f"{prefix}{part}.{kind}"] = piece.contiguous()
         else:
             out[name] = t.contiguous()
     return out
@@ -373,6 +396,9 @@ def save_model(
         d / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"})
     )
     hf["lmforge_config"] = model.config.to_dict()
+    quant = quantization_of(model)
+    if quant is not None:
+        hf["quantization_config"] = quant_config_to_hf(quant)
     write_text_atomic(d / "config.json", json.dumps(hf, indent=2))
     gen = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
     gen["pad_token_id"] = tokenizer.pad_id
@@ -383,6 +409,51 @@ def save_model(
     record.update(lineage or {})
     write_text_atomic(d / LINEAGE_FILE, json.dumps(record, indent=2, default=str))
     return d
+
+
+QUANT_METHOD = "lmforge"  # config.json's quantization_config.quant_method for model/quant.py
+_WEIGHT_LAYOUT = {
+    "int8": "qweight int8 [out, in], scales float32 [out]: w = qweight * scales",
+    "int4": "qweight uint8 [out, in/2], input 2j in the low nibble, 2j+1 in the high; scales, "
+    "zeros float32 [out, in/group_size]: w = (q - 8) * scales + zeros",
+}
+
+
+def quant_config_to_hf(config: QuantConfig) -> dict[str, Any]:
+    return {
+        "quant_method": QUANT_METHOD,
+        "method": config.method,
+        "bits": config.bits,
+        "group_size": config.group_size,
+        "include_head": config.include_head,
+        "modules": "every linear layer of the blocks"
+        + (" and lm_head" if config.include_head else ""),
+        "weight_layout": _WEIGHT_LAYOUT[config.method],
+    }
+
+
+def quant_config_from_hf(hf: dict[str, Any], source: str) -> QuantConfig | None:
+    """The quantization a config.json describes (None: a float model)."""
+    qc = hf.get("quantization_config")
+    if qc is None:
+        return None
+    if not isinstance(qc, dict):
+        raise CorruptArtifactError(f"{source}: config.json's quantization_config is not an object")
+    if qc.get("quant_method") != QUANT_METHOD:
+        raise LmforgeError(
+            f"{source}: {qc.get('quant_method')!r} quantization is not supported "
+            "(lmforge reads its own int8/int4 models: lmforge quantize)"
+        )
+    try:
+        return QuantConfig(
+            method=str(qc["method"]),
+            group_size=qc.get("group_size"),
+            include_head=bool(qc.get("include_head", True)),
+        )
+    except KeyError as exc:
+        raise CorruptArtifactError(f"{source}: quantization_config lacks {exc}") from None
+    except LmforgeError as exc:
+        raise CorruptArtifactError(f"{source}: quantization_config: {exc}") from None
 
 
 # Head models: HF's *ForSequenceClassification (`score`, no bias) and *ForQuestionAnswering
@@ -741,13 +812,21 @@ def load_state(
         got, want = tuple(sd[name].shape), tuple(target.shape)
         if got != want:
             raise CorruptArtifactError(f"{source}: {name} has shape {got}, expected {want}")
-    tensors = {k: sd[k].to(torch.float32) for k in expected}
+        got_dtype, want_dtype = sd[name].dtype, target.dtype
+        if got_dtype != want_dtype and not (
+            got_dtype.is_floating_point and want_dtype.is_floating_point
+        ):
+            raise CorruptArtifactError(
+                f"{source}: {name} has dtype {got_dtype}, expected {want_dtype}"
+            )
+    # Float tensors become fp32; a quantized layer's integer tensors stay as they are.
+    tensors = {k: sd[k].to(torch.float32) if sd[k].is_floating_point() else sd[k] for k in expected}
     model.load_state_dict(tensors, strict=False, assign=True)
     if isinstance(model, LSTMLanguageModel):
         if model.config.tie_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
         return
-    if model.config.tie_embeddings:
+    if model.config.tie_embeddings and not isinstance(model.lm_head, QuantLinear):
         model.lm_head.weight = model.model.embed_tokens.weight
     model.init_buffers()
 
@@ -769,12 +848,20 @@ def load_hf_dir(d: Path) -> LoadedModel:
             f"{head.task}` or the server's /v1/{route}"
         )
     config = config_from_hf(hf, str(d))
+    quant = quant_config_from_hf(hf, str(d))
     tokenizer = Tokenizer.load(d)
     sd = read_hf_weights(d)
     # An LSTM's tensors are stored under its own names, a Transformer's under HF's.
     if isinstance(config, ModelConfig):
         sd = gpt2_to_ours(sd) if config.arch == "gpt2" else llama_to_ours(sd, config)
     model = empty_model(config)
+    if quant is not None:
+        if not isinstance(model, Transformer):
+            raise CorruptArtifactError(f"{d}: only Transformer models can be quantized")
+        try:
+            quantize_model(model, quant)  # empty quantized layers for load_state to fill
+        except LmforgeError as exc:
+            raise CorruptArtifactError(f"{d}: {exc}") from None
     load_state(model, sd, str(d))
     gen_path = d / "generation_config.json"
     gen = _read_json(gen_path) if gen_path.is_file() else {}

@@ -4,17 +4,24 @@ GGUF keeps the vocabulary (`tokenizer.ggml.tokens`), token types, BPE merges, sp
 and the chat template; the pre-tokenizer is named (`tokenizer.ggml.pre`) and its regex lives in
 llama.cpp (`llama-vocab.cpp`). We map the names we know to `tokenizers` pre-tokenizers.
 Only byte-level BPE vocabularies (`tokenizer.ggml.model == "gpt2"`) are supported so far.
+
+The way back — a Tokenizer as the metadata llama.cpp reads (`gguf_vocab`, used by
+`model/gguf_export.py`) — is here too, since it must know the tokenizer's internals.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
 from lmforge.errors import LmforgeError
+from lmforge.tokenizer.bpe import SPLIT_PATTERN
+from lmforge.tokenizer.chat import CHATML_TEMPLATE
 from lmforge.tokenizer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -107,3 +114,167 @@ def tokenizer_from_gguf_fields(meta: dict[str, Any], source: str) -> Tokenizer:
         chat_template=meta.get("tokenizer.chat_template"),
         model_max_length=int(ctx) if ctx else None,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Export: a Tokenizer → the metadata llama.cpp reads (the inverse of `tokenizer_from_gguf_fields`)
+
+TOKEN_TYPE_NORMAL = 1
+TOKEN_TYPE_UNUSED = 5
+
+
+@dataclass(frozen=True)
+class GGUFVocab:
+    """A byte-level BPE tokenizer as GGUF metadata holds it, laid out as llama.cpp's
+    convert_hf_to_gguf.py `_set_vocab_gpt2` writes it: one token per model vocabulary row
+    (`[PAD<i>]`, type UNUSED, for rows the tokenizer lacks), merges as "a b" strings."""
+
+    tokens: list[str]
+    token_types: list[int]
+    merges: list[str]
+    pre: str  # llama.cpp's pre-tokenizer name (`tokenizer.ggml.pre`)
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int | None
+    unk_id: int | None
+    add_bos: bool
+    add_eos: bool
+    chat_template: str
+
+
+def gguf_vocab(tokenizer: Tokenizer, vocab_size: int, source: str) -> GGUFVocab:
+    """TOKENIZER as GGUF metadata for a model with VOCAB_SIZE embedding rows.
+
+    Only byte-level BPE tokenizers can be written (llama.cpp's `gpt2` tokenizer model); anything
+    else is a one-line LmforgeError naming SOURCE. Where llama.cpp has no exact equivalent of
+    the pre-tokenizer, the closest one is chosen and a warning says how they differ
+    (`gguf_pre_tokenizer`).
+    """
+    backend = tokenizer.backend
+    spec = json.loads(backend.to_str())
+    model = spec.get("model") or {}
+    decoder = spec.get("decoder") or {}
+    if model.get("type") != "BPE" or decoder.get("type") != "ByteLevel":
+        kind = f"{model.get('type')} with a {decoder.get('type')} decoder"
+        raise LmforgeError(
+            f"{source}: GGUF export needs a byte-level BPE tokenizer (llama.cpp's gpt2 model); "
+            f"this one is {kind}"
+        )
+    if tokenizer.vocab_size > vocab_size:
+        raise LmforgeError(
+            f"{source}: the tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
+            f"{vocab_size} embedding rows"
+        )
+    if spec.get("normalizer"):
+        log.warning(
+            "%s: llama.cpp applies no normalizer for BPE; the tokenizer's %s normalizer is lost",
+            source,
+            spec["normalizer"].get("type"),
+        )
+    added = {int(i): tok for i, tok in backend.get_added_tokens_decoder().items()}
+    tokens: list[str] = []
+    types: list[int] = []
+    for i in range(vocab_size):
+        tok = backend.id_to_token(i)
+        if tok is None:  # the model's vocabulary is padded past the tokenizer's
+            tokens.append(f"[PAD{i}]")
+            types.append(TOKEN_TYPE_UNUSED)
+        else:
+            tokens.append(tok)
+            if i in added:
+                types.append(TOKEN_TYPE_CONTROL if added[i].special else TOKEN_TYPE_USER_DEFINED)
+            else:
+                types.append(TOKEN_TYPE_NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    add_bos, add_eos = _added_specials(tokenizer, source)
+    return GGUFVocab(
+        tokens=tokens,
+        token_types=types,
+        merges=merges,
+        pre=gguf_pre_tokenizer(spec.get("pre_tokenizer"), source),
+        bos_id=tokenizer.bos_id,
+        eos_id=tokenizer.eos_id,
+        pad_id=tokenizer.pad_id,
+        unk_id=tokenizer.token_to_id(tokenizer.unk_token),
+        add_bos=add_bos,
+        add_eos=add_eos,
+        # lmforge renders ChatML for a tokenizer without a template; say so to llama.cpp too.
+        chat_template=tokenizer.chat_template or CHATML_TEMPLATE,
+    )
+
+
+def gguf_pre_tokenizer(pre: dict[str, Any] | None, source: str) -> str:
+    """llama.cpp's name for the `tokenizers` pre-tokenizer PRE (its tokenizer.json form).
+
+    llama.cpp cannot take a regex from the file: it knows a fixed list of names, each with its
+    regexes in `llama-vocab.cpp`, and refuses a name it does not know. Exact matches:
+
+    - ByteLevel(use_regex=True)                      → "gpt-2"     (GPT-2's regex)
+    - Digits(individual) + ByteLevel(use_regex=True) → "smollm"    (SmolLM/SmolLM2, StarCoder)
+    - Split(Llama-3 regex) + ByteLevel               → "llama-bpe"
+    - Split(Qwen2 regex) + ByteLevel                 → "qwen2"
+
+    lmforge's own BPE (`tokenizer/bpe.py` SPLIT_PATTERN) is Llama 3's regex except that runs of
+    Han/kana are cut into words of at most 2 characters (and never take a leading space or
+    punctuation); the closest llama.cpp pre-tokenizer is "llama-bpe". Both give the same ids on
+    text without Han or kana; a run of 3 or more such characters may be tokenized differently
+    (merges that lmforge never applies across its 2-character cuts can apply in llama.cpp).
+    llama.cpp also takes a word that is itself a token whole for "llama-bpe" (`ignore_merges`),
+    which a trained BPE almost always does anyway. Any other byte-level split falls back to
+    "gpt-2" with a warning.
+    """
+    pre = pre or {}
+    listed = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
+    parts: list[dict[str, Any]] = [p for p in listed or [] if p]
+    kinds = [p.get("type") for p in parts]
+    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
+        name = "gpt-2"
+    elif kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
+        name = "smollm"
+    elif kinds == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True):
+        regex = (parts[0].get("pattern") or {}).get("Regex")
+        exact = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2"}
+        if regex in exact:
+            name = exact[regex]
+        elif regex == SPLIT_PATTERN:
+            name = "llama-bpe"
+            log.info(
+                "%s: lmforge's BPE split written as llama.cpp's 'llama-bpe' (the same except "
+                "on runs of 3+ Han/kana characters)",
+                source,
+            )
+        else:
+            name = "gpt-2"
+            log.warning("%s: llama.cpp has no pre-tokenizer with this regex; using 'gpt-2'", source)
+    elif "ByteLevel" in kinds:
+        name = "gpt-2"
+        log.warning("%s: llama.cpp has no pre-tokenizer like %s; using 'gpt-2'", source, kinds)
+    else:
+        raise LmforgeError(
+            f"{source}: GGUF export needs a byte-level pre-tokenizer, this tokenizer has {kinds}"
+        )
+    if any(p.get("type") == "ByteLevel" and p.get("add_prefix_space") for p in parts):
+        log.warning("%s: llama.cpp adds no prefix space; the tokenizer's one is lost", source)
+    return name
+
+
+def _added_specials(tokenizer: Tokenizer, source: str) -> tuple[bool, bool]:
+    """(adds BOS, adds EOS): what the post-processor puts around an encoded text."""
+    probe = "a"
+    plain = tokenizer.encode(probe, add_special_tokens=False)
+    full = tokenizer.encode(probe, add_special_tokens=True)
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            before, after = full[:start], full[start + len(plain) :]
+            break
+    else:
+        before, after = [], []
+    add_bos = bool(before) and before == [tokenizer.bos_id]
+    add_eos = bool(after) and after == [tokenizer.eos_id]
+    if (before and not add_bos) or (after and not add_eos):
+        log.warning(
+            "%s: the tokenizer adds %s around a text; GGUF can say only 'add BOS' / 'add EOS'",
+            source,
+            [before, after],
+        )
+    return add_bos, add_eos

@@ -42,16 +42,18 @@ from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoints import list_checkpoints
 from lmforge.train.distributed import Distributed
 from lmforge.train.loop import LoopConfig, StepCallback, TrainResult, train, with_block_size
-from lmforge.train.tasks import TokenWindows
+from lmforge.train.tasks import TokenWindows, TrainData
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
-# Settings a resumed run may change: they do not alter any step's computation.
+# Settings a resumed run may change: they do not alter any step's computation. (`teacher`, of
+# distillation: another spec of the same weights, e.g. `t` → `t@1`; distill checks the weights.)
 RESUMABLE_CHANGES = frozenset(
     {
         "resume",
+        "teacher",
         "strategy",
         "loop.eval_every",
         "loop.eval_batches",
@@ -122,7 +124,7 @@ class TrainConfig:
 
 
 class RunSettings(Protocol):
-    """What run management needs of a stage's config (`TrainConfig`, `FinetuneConfig`)."""
+    """What run management needs of a stage's config (`TrainConfig`, `FinetuneConfig`, …)."""
 
     name: str
     resume: str | None
@@ -196,7 +198,7 @@ def find_resumable(config: RunSettings, runs_dir: Path) -> Run | None:
     """
     candidates = []
     for d in runs_dir.glob(f"{config.name}-*") if runs_dir.is_dir() else []:
-        info = _read_run_file(d)
+        info = read_run_file(d)
         if info.get("name") == config.name and info.get("status") != "completed":
             candidates.append((d.stat().st_mtime, d, info))
     if not candidates:
@@ -219,7 +221,7 @@ def open_run(config: RunSettings, run_dir: Path, info: dict[str, Any] | None = N
     """An existing run directory, its config checked against CONFIG (see RESUMABLE_CHANGES)."""
     if not (run_dir / CONFIG_FILE).is_file():
         raise LmforgeError(f"--resume {run_dir}: not a training run (no {CONFIG_FILE})")
-    info = info if info is not None else _read_run_file(run_dir)
+    info = info if info is not None else read_run_file(run_dir)
     changed = _changed_settings(config, run_dir)
     if changed:
         detail = ", ".join(f"{k}: {old!r} → {new!r}" for k, (old, new) in list(changed.items())[:4])
@@ -230,14 +232,17 @@ def open_run(config: RunSettings, run_dir: Path, info: dict[str, Any] | None = N
     return Run(run_dir.name, run_dir, Path(info.get("dataset", config.data)), resume=True)
 
 
-def check_same_tokenizer(data: Tokenizer, model: Tokenizer, model_name: str) -> None:
-    """The data set must be tokenized with the vocabulary of the model it continues."""
+def check_same_tokenizer(
+    data: Tokenizer, model: Tokenizer, model_name: str, flag: str = "--init-from"
+) -> None:
+    """The data set must be tokenized with the vocabulary of the model it continues (FLAG: the
+    option that named the model, `--init-from` or distillation's `--teacher`)."""
     if data.backend.get_vocab(with_added_tokens=True) != model.backend.get_vocab(
         with_added_tokens=True
     ):
         raise LmforgeError(
             f"the data set's vocabulary ({data.vocab_size:,} tokens) is not the one of "
-            f"--init-from {model_name} ({model.vocab_size:,} tokens): prepare the data with "
+            f"{flag} {model_name} ({model.vocab_size:,} tokens): prepare the data with "
             f"--tokenizer {model_name}"
         )
 
@@ -311,15 +316,27 @@ def pretrain(
 ) -> PretrainResult:
     """Train PLAN's model per CONFIG in RUN's directory (resuming as run.resume says)."""
     dist = dist or Distributed()
+    data = TokenWindows(plan.train_split, plan.val_split)
+    model, result = train_in_run(plan, data, config.loop, run, on_step=on_step, dist=dist)
+    lineage = run_lineage(config, run, result, model, init_ref=plan.init_ref, dist=dist)
+    finish_run(run, result, lineage, dist)
+    return PretrainResult(model, plan.tokenizer, result, lineage)
+
+
+def train_in_run(
+    plan: Plan,
+    data: TrainData,
+    loop: LoopConfig,
+    run: Run,
+    *,
+    on_step: StepCallback | None,
+    dist: Distributed,
+) -> tuple[nn.Module, TrainResult]:
+    """PLAN's model trained on DATA through the one loop in RUN's directory, and the loop's
+    result; an error marks run.json `failed`. Under FSDP the model comes back whole on rank 0."""
     try:
         result = train(
-            plan.model,
-            TokenWindows(plan.train_split, plan.val_split),
-            config.loop,
-            run.dir,
-            resume=run.resume,
-            on_step=on_step,
-            dist=dist,
+            plan.model, data, loop, run.dir, resume=run.resume, on_step=on_step, dist=dist
         )
     except LmforgeError as exc:
         if dist.is_main:
@@ -331,11 +348,14 @@ def pretrain(
         if dist.is_main:
             model = new_model(getattr(model, "config"))  # noqa: B009
             model.load_state_dict(full)
-    lineage = run_lineage(config, run, result, model, init_ref=plan.init_ref, dist=dist)
+    return model, result
+
+
+def finish_run(run: Run, result: TrainResult, lineage: dict[str, Any], dist: Distributed) -> None:
+    """run.json: `completed` (or `stopped` by --time-limit) with the model's LINEAGE."""
     if dist.is_main:
         status = "stopped" if result.stopped_early else "completed"
         write_run_file(run.dir, status=status, result=lineage)
-    return PretrainResult(model, plan.tokenizer, result, lineage)
 
 
 def run_lineage(
@@ -405,7 +425,7 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _read_run_file(run_dir: Path) -> dict[str, Any]:
+def read_run_file(run_dir: Path) -> dict[str, Any]:
     try:
         data = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
@@ -414,6 +434,6 @@ def _read_run_file(run_dir: Path) -> dict[str, Any]:
 
 
 def write_run_file(run_dir: Path, **fields_: Any) -> None:
-    info = _read_run_file(run_dir)
+    info = read_run_file(run_dir)
     info.update(fields_, updated_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     write_text_atomic(run_dir / RUN_FILE, json.dumps(info, indent=2, default=str))

@@ -4,6 +4,7 @@
     data = PackedChat.build(tokenizer, examples, block_size=512) # SFT
     data = LabelledTexts.build(tokenizer, examples, labels, max_len=128)
     data = QAFeatures.build(tokenizer, examples, max_len=384, doc_stride=128)
+    data = Distillation(TokenWindows(train_split, val_split), teacher, temperature=2.0, alpha=0.5)
     train(model, data, LoopConfig(...), run_dir)
 
 A `TrainData` gives the loop an endless stream of batches (dicts of tensors), the validation
@@ -22,12 +23,15 @@ checkpoint keeps too — so a killed run resumes on the very next batch.
   formed from length-sorted chunks (far less padding) and then shuffled.
 - QA: one context window per row; start/end labels point at the answer's tokens, or at position 0
   when the answer is not inside the window.
+- distillation: pretraining's windows and stream, a loss that mixes a frozen teacher's soft
+  targets with the next tokens (`distill_loss`); validation is the plain next-token loss.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -146,6 +150,126 @@ class TokenWindows(_LanguageModelLoss):
             {"x": x, "y": y}
             for x, y in eval_batches(self.val, batch_size, block_size, max_batches=max_batches)
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Knowledge distillation: pretraining windows, a frozen teacher's soft targets
+
+
+def check_distill_settings(temperature: float, alpha: float) -> None:
+    """Raise `LmforgeError` naming the flag when TEMPERATURE or ALPHA is out of range."""
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise LmforgeError(f"--temperature must be positive, not {temperature}")
+    if not 0 <= alpha <= 1:
+        raise LmforgeError(f"--alpha must be in [0, 1], not {alpha}")
+
+
+def distill_loss(
+    logits: torch.Tensor,  # [B, T, V] the student's
+    teacher_logits: torch.Tensor,  # [B, T, V]
+    targets: torch.Tensor,  # [B, T] the next tokens
+    temperature: float,
+    alpha: float,
+) -> torch.Tensor:
+    """alpha · T² · KL(softmax(teacher/T) ‖ softmax(student/T)) + (1 − alpha) · cross-entropy
+    with TARGETS; both terms are means over the tokens (the KL is summed over the vocabulary).
+
+    T² keeps the soft targets' gradients on the scale of the hard ones whatever T is (Hinton,
+    Vinyals, Dean 2015, arXiv:1503.02531, section 2). With alpha 0 this is exactly the loss of
+    `TokenWindows`: the KL term is multiplied by 0.0 and adds nothing, bit for bit.
+    """
+    student = logits.float().flatten(0, 1)  # [N, V]
+    ce = F.cross_entropy(student, targets.flatten())
+    log_q = F.log_softmax(student / temperature, dim=-1)  # [N, V]
+    log_p = F.log_softmax(teacher_logits.float().flatten(0, 1) / temperature, dim=-1)
+    # Σ_v p (log p − log q), divided by N: "batchmean" is the KL's true mean per token.
+    kl = F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+    return alpha * temperature**2 * kl + (1 - alpha) * ce
+
+
+@dataclass
+class Distillation:
+    """Knowledge distillation on pretraining windows: `TokenWindows`' batches and stream state
+    (so a resumed run goes on exactly) with `distill_loss` against a frozen TEACHER.
+
+    The teacher is put in eval mode with its gradients off; it is not part of the trained model,
+    so it never enters a checkpoint. It runs on every micro-batch under the loop's autocast (fp32
+    unless `--dtype bf16`), without autograd. Validation (`loss_sum`) is the plain next-token
+    cross-entropy, without the teacher, so a distilled model's val loss compares directly with
+    one trained by `lmforge train` on the same data set; `teacher_kl` measures how close the
+    student came to the teacher.
+    """
+
+    windows: TokenWindows
+    teacher: nn.Module
+    temperature: float = 2.0
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_distill_settings(self.temperature, self.alpha)
+        self.teacher.eval()
+        self.teacher.requires_grad_(False)
+
+    @property
+    def has_val(self) -> bool:
+        return self.windows.has_val
+
+    def check(self, model: nn.Module, batch_size: int, block_size: int) -> None:
+        self.windows.check(model, batch_size, block_size)
+        shape = getattr(self.teacher, "config", None)
+        teacher_vocab = getattr(shape, "vocab_size", None)
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        if teacher_vocab is not None and vocab is not None and teacher_vocab != vocab:
+            raise LmforgeError(
+                f"the teacher's vocabulary ({teacher_vocab:,} tokens) is not the student's "
+                f"({vocab:,} tokens): distillation compares their next-token distributions"
+            )
+        context = getattr(shape, "max_seq_len", None)
+        if getattr(shape, "arch", None) != "lstm" and context is not None and block_size > context:
+            raise LmforgeError(
+                f"--block-size {block_size} is longer than the teacher's context ({context})"
+            )
+
+    def stream(
+        self, batch_size: int, block_size: int, generator: torch.Generator, seed: int
+    ) -> BatchStream:
+        return self.windows.stream(batch_size, block_size, generator, seed)
+
+    def val_batches(self, batch_size: int, block_size: int, max_batches: int) -> Iterable[Batch]:
+        return self.windows.val_batches(batch_size, block_size, max_batches)
+
+    def loss(self, model: nn.Module, batch: Batch, autocast: Autocast) -> torch.Tensor:
+        with autocast():
+            logits = model(batch["x"])  # [B, T, V]
+            with torch.no_grad():
+                teacher_logits = self.teacher(batch["x"])  # [B, T, V]
+        return distill_loss(logits, teacher_logits, batch["y"], self.temperature, self.alpha)
+
+    def loss_sum(self, model: nn.Module, batch: Batch, autocast: Autocast) -> tuple[float, int]:
+        """The plain next-token cross-entropy (not the distillation loss), summed."""
+        return self.windows.loss_sum(model, batch, autocast)
+
+    def tokens(self, batch: Batch) -> int:
+        return self.windows.tokens(batch)
+
+    def teacher_kl(
+        self, model: nn.Module, batch_size: int, block_size: int, max_batches: int
+    ) -> float | None:
+        """Mean KL(teacher ‖ MODEL) per token at temperature 1 over the validation batches (None
+        without a validation split): how far the student's next-token distribution is from the
+        teacher's."""
+        was_training = model.training
+        model.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for batch in self.val_batches(batch_size, block_size, max_batches):
+                student = model(batch["x"]).float().flatten(0, 1)  # [N, V]
+                teacher = self.teacher(batch["x"]).float().flatten(0, 1)  # [N, V]
+                log_q, log_p = F.log_softmax(student, -1), F.log_softmax(teacher, -1)
+                total += F.kl_div(log_q, log_p, log_target=True, reduction="sum").item()
+                count += len(student)
+        model.train(was_training)
+        return total / count if count else None
 
 
 # ---------------------------------------------------------------------------------------------
