@@ -83,10 +83,33 @@ def lmforge_task(
     args = ["finetune", "--base", "smollm2-135m-instruct", "--task", task, "--data", str(train)]
     args += ["--name", name, "--lora", "--merge", "--max-steps", str(steps), "-q", *extra]
     seconds = run(args, env)
-    out = Path(env["LMFORGE_HOME"]) / f"{name}.json"
-    run(["eval", name, "--task", task, "--data", str(test), "--json", str(out), "-q"], env)
-    result = json.loads(out.read_text(encoding="utf-8"))
-    return {"train_seconds": round(seconds, 1), **result["metrics"]}
+    (run_file,) = (Path(env["LMFORGE_HOME"]) / "runs").glob(f"{name}-*/run.json")
+    record = json.loads(run_file.read_text(encoding="utf-8"))["result"]
+    return {
+        "train_seconds": round(seconds, 1),  # the whole command: load, train, merge, register
+        "loop_seconds": round(record["wall_seconds"], 1),  # the training loop alone
+        "steps_done": record["steps"],
+        "examples_seen": record["steps"] * record["loop"]["batch_size"],
+        **lmforge_eval(name, task, test, name, env),
+    }
+
+
+def lmforge_eval(model: str, task: str, test: Path, label: str, env: dict[str, str]) -> Any:
+    """`lmforge eval --json`'s metrics of MODEL on TEST."""
+    out = Path(env["LMFORGE_HOME"]) / f"{label}.json"
+    run(["eval", model, "--task", task, "--data", str(test), "--json", str(out), "-q"], env)
+    return json.loads(out.read_text(encoding="utf-8"))["metrics"]
+
+
+def rows_not_in_train(train: Path, test: Path, out: Path) -> int:
+    """Write the rows of TEST whose text occurs nowhere in TRAIN (not even inside a longer
+    training row) to OUT; how many. SST-2's training file holds every phrase of its parse trees,
+    so most dev sentences are substrings of training rows, which an n-gram model can look up."""
+    seen = "\n".join(_rows(train)[0])
+    texts, labels = _rows(test)
+    kept = [(t, y) for t, y in zip(texts, labels, strict=True) if t not in seen]
+    out.write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in kept), encoding="utf-8")
+    return len(kept)
 
 
 def main() -> None:
@@ -94,7 +117,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="5 steps each (plumbing check)")
-    parser.add_argument("--sst2-steps", type=int, default=800)
+    # 700 steps take about 19 minutes here (1.6 s a step); the issue's budget is 20 minutes.
+    # (--time-limit is no help: a run it stops is resumable, not registered.)
+    parser.add_argument("--sst2-steps", type=int, default=700)
     parser.add_argument("--agnews-steps", type=int, default=300)
     parser.add_argument("--squad-steps", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -117,10 +142,30 @@ def main() -> None:
         train, test = DATA / "sst2" / "train.tsv", DATA / "sst2" / "dev.tsv"
         base = baseline(train, test)
         ours = lmforge_task(
-            "sst2", "classify", train, test, steps["sst2"], [*common, "--block-size", "96"], env
+            "sst2",
+            "classify",
+            train,
+            test,
+            steps["sst2"],
+            [*common, "--block-size", "96"],
+            env,
         )
         rows.append({"task": "SST-2 (dev)", "target": 0.85, "baseline": base, **ours})
         rows[-1]["steps"] = steps["sst2"]
+        # The same model and baseline on the dev rows that are not phrases of the training file.
+        unseen = home / "sst2-dev-not-in-train.tsv"
+        n = rows_not_in_train(train, test, unseen)
+        timings = {k: ours[k] for k in ("train_seconds", "loop_seconds", "steps_done")}
+        metrics = lmforge_eval("sst2", "classify", unseen, "sst2-unseen", env)
+        rows.append(
+            {
+                "task": f"SST-2 (dev, {n} unseen)",
+                "baseline": baseline(train, unseen),
+                "steps": steps["sst2"],
+                **timings,
+                **metrics,
+            }
+        )
     if "agnews" in wanted:
         train, test = DATA / "agnews" / "dev.tsv", DATA / "agnews" / "test.tsv"
         base = baseline(train, test)
@@ -151,18 +196,26 @@ def main() -> None:
         ]
         ours = lmforge_task("squad", "qa", train, test, steps["squad"], extra, env)
         rows.append({"task": "SQuAD sample (dev)", "steps": steps["squad"], **ours})
-    print(f"{'task':<20} {'lmforge':>9} {'baseline':>9} {'ratio':>6} {'target':>7} {'train s':>8}")
+    print(
+        f"{'task':<24} {'lmforge':>9} {'baseline':>9} {'ratio':>6} {'target':>7} "
+        f"{'steps':>6} {'loop s':>7} {'command s':>9}"
+    )
     for r in rows:
+        timing = f"{r['steps_done']:>6} {r['loop_seconds']:>7.0f} {r['train_seconds']:>9.0f}"
         if "accuracy" in r:
-            ok = "yes" if r["accuracy"] >= r["target"] and r["accuracy"] > r["baseline"] else "NO"
             ratio = r["accuracy"] / r["baseline"]
+            target, ok = "-", ""
+            if "target" in r:
+                target = f"{r['target']:.2f}"
+                met = r["accuracy"] >= r["target"] and r["accuracy"] > r["baseline"]
+                ok = "yes" if met else "NO"
             print(
-                f"{r['task']:<20} {r['accuracy']:>9.4f} {r['baseline']:>9.4f} {ratio:>6.3f} "
-                f"{r['target']:>7.2f} {r['train_seconds']:>8.0f}  {ok}"
+                f"{r['task']:<24} {r['accuracy']:>9.4f} {r['baseline']:>9.4f} {ratio:>6.3f} "
+                f"{target:>7} {timing}  {ok}"
             )
         else:
-            em, f1, secs = r["exact_match"], r["f1"], r["train_seconds"]
-            print(f"{r['task']:<20} EM {em:.2f} F1 {f1:.2f}  train {secs:.0f} s")
+            em, f1 = r["exact_match"], r["f1"]
+            print(f"{r['task']:<24} EM {em:.2f} F1 {f1:.2f}{'':>15} {timing}")
     # --only runs update their own rows and keep the others (each row says its steps).
     path = RESULTS / "finetune.json"
     kept = json.loads(path.read_text(encoding="utf-8"))["rows"] if path.is_file() else []

@@ -54,6 +54,12 @@ def test_quantize_registers_a_model_that_generates_and_evaluates(
     ev = lmforge_here(capsys, "eval", "q4", "--task", "perplexity", "--data", str(text), "-q")
     assert ev.returncode == 0, ev.stderr
     assert "perplexity" in ev.stdout
+    # Its kernels have no backward: fine-tuning (and train --init-from) refuse it up front.
+    rows = tmp_path / "rows.tsv"
+    rows.write_text("good movie\t1\nbad movie\t0\n", encoding="utf-8")
+    args = ["finetune", "--base", "q4", "--task", "classify", "--data", str(rows), "--name", "ft"]
+    proc = lmforge_here(capsys, *args)
+    assert_one_line_error(proc, "q4@1 is quantized (int4) and cannot be trained")
     # int8 without the head: the LM head stays float.
     proc = lmforge_here(capsys, "quantize", "q4", "--method", "int8", "--name", "q8")
     assert_one_line_error(proc, "already quantized")

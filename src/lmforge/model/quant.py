@@ -381,6 +381,16 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, QuantLinear) for m in model.modules())
 
 
+def refuse_training(model: nn.Module, name: str) -> None:
+    """One line for training a quantized model (its kernels have no backward)."""
+    quant = quantization_of(model)
+    if quant is not None:
+        raise LmforgeError(
+            f"{name} is quantized ({quant.method}) and cannot be trained: train the float "
+            "model, then quantize the result"
+        )
+
+
 def quantization_of(model: nn.Module) -> QuantConfig | None:
     """The QuantConfig MODEL was quantized with (read from its layers); None if it was not."""
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]

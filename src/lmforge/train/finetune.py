@@ -36,6 +36,7 @@ from lmforge.errors import LmforgeError
 from lmforge.model.checkpoint import LoadedModel, save_adapter, save_model
 from lmforge.model.heads import HeadConfig, HeadModel, head_model
 from lmforge.model.lora import LoraConfig, apply_lora, merge_lora
+from lmforge.model.quant import refuse_training
 from lmforge.model.transformer import Transformer
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.distributed import Distributed
@@ -142,6 +143,7 @@ def plan_finetune(
     body = base.model
     if not isinstance(body, Transformer):
         raise LmforgeError(f"{base_ref} is an LSTM; fine-tuning needs a Transformer")
+    refuse_training(body, base_ref)
     tok = base.tokenizer
     loop = config.loop
     block = min(loop.block_size or body.config.max_seq_len, body.config.max_seq_len)

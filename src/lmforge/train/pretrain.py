@@ -38,6 +38,7 @@ from lmforge.data.shards import read_manifest, shard_infos
 from lmforge.errors import LmforgeError
 from lmforge.model.checkpoint import LoadedModel, save_model
 from lmforge.model.presets import model_config
+from lmforge.model.quant import refuse_training
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoints import list_checkpoints
 from lmforge.train.distributed import Distributed
@@ -293,6 +294,7 @@ def plan_training(
     dist = dist or Distributed()
     data_tokenizer = Tokenizer.load(dataset_dir)
     if init is not None:
+        refuse_training(init.model, init_ref or str(init.path))
         check_same_tokenizer(data_tokenizer, init.tokenizer, init_ref or str(init.path))
     train_split = TokenSplit.open(dataset_dir, "train")
     val_split = _optional_split(dataset_dir, "val")
