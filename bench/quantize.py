@@ -54,6 +54,11 @@ GREEDY_CHECKED = 32  # llama.cpp on the exported F32 GGUF must pick lmforge fp32
 
 
 def peak_rss_mb() -> float:
+    """This process's peak RSS since its exec (VmHWM). Not `ru_maxrss`: Linux carries that over
+    from the parent's size at fork, and the driver has loaded the model by then."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -40,7 +40,7 @@ def test_quantize_registers_a_model_that_generates_and_evaluates(
         "method": "int4",
         "bits": 4,
         "group_size": 64,
-        "include_head": True,
+        "head": "int8",
         "layers": 9,
     }
     assert info["config"]["quantization_config"]["group_size"] == 64
@@ -60,16 +60,16 @@ def test_quantize_registers_a_model_that_generates_and_evaluates(
     args = ["finetune", "--base", "q4", "--task", "classify", "--data", str(rows), "--name", "ft"]
     proc = lmforge_here(capsys, *args)
     assert_one_line_error(proc, "q4@1 is quantized (int4) and cannot be trained")
-    # int8 without the head: the LM head stays float.
+    # int8 with a float head.
     proc = lmforge_here(capsys, "quantize", "q4", "--method", "int8", "--name", "q8")
     assert_one_line_error(proc, "already quantized")
     proc = lmforge_here(
-        capsys, "quantize", str(base_dir), "--method", "int8", "--no-head", "--name", "q8"
+        capsys, "quantize", str(base_dir), "--method", "int8", "--head", "float", "--name", "q8"
     )
     assert proc.returncode == 0, proc.stderr
     q8 = json.loads(lmforge_here(capsys, "models", "show", "q8", "--json").stdout)
-    assert q8["config"]["quantization_config"]["include_head"] is False
-    assert "per channel, float head" in proc.stdout
+    assert q8["config"]["quantization_config"]["head"] == "float"
+    assert "per channel; LM head float" in proc.stdout
 
 
 @pytest.mark.parametrize(
@@ -80,8 +80,18 @@ def test_quantize_registers_a_model_that_generates_and_evaluates(
         (["--method", "int4", "--group-size", "48"], ["group size must be one of"]),
         (["--method", "int8", "--group-size", "64"], ["per output channel"]),
         (["--method", "int4", "--name", "Bad Name!"], ["name"]),
+        (["--method", "int8", "--head", "int4"], ["int4 head needs --method int4"]),
+        (["--method", "int4", "--head", "int2"], ["unknown head method 'int2'"]),
     ],
-    ids=["unknown-method", "group-does-not-divide", "group-size", "int8-group", "bad-name"],
+    ids=[
+        "unknown-method",
+        "group-does-not-divide",
+        "group-size",
+        "int8-group",
+        "bad-name",
+        "int4-head-with-int8",
+        "unknown-head",
+    ],
 )
 def test_bad_input_is_one_line(
     capsys, base_dir: Path, flags: list[str], needles: list[str]

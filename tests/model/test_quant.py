@@ -22,6 +22,7 @@ from lmforge.model.quant import (
     Int4Linear,
     Int8Linear,
     QuantConfig,
+    QuantLinear,
     dequantize_int4,
     dequantize_int8,
     is_quantized,
@@ -34,8 +35,13 @@ from lmforge.model.quant import (
 )
 from lmforge.model.transformer import Linear, Transformer
 
-CONFIGS = [QuantConfig("int8"), QuantConfig("int4", 32), QuantConfig("int4", 32, False)]
-CONFIG_IDS = ["int8", "int4", "int4-float-head"]
+CONFIGS = [
+    QuantConfig("int8"),
+    QuantConfig("int4", 32),
+    QuantConfig("int4", 32, "int4"),
+    QuantConfig("int8", None, "float"),
+]
+CONFIG_IDS = ["int8", "int4-int8-head", "int4-int4-head", "int8-float-head"]
 
 
 def _weight(n: int, k: int) -> torch.Tensor:
@@ -107,7 +113,9 @@ def test_quantized_logits_stay_close_to_float(arch: str, config: QuantConfig) ->
     model = _model(arch, tie_embeddings=True)
     quantized = copy.deepcopy(model)
     layers = quantize_model(quantized, config)
-    assert len(layers) == 2 * 4 + config.include_head
+    assert len(layers) == 2 * 4 + (config.head != "float")
+    head = quantized.lm_head
+    assert head.method == config.head if isinstance(head, QuantLinear) else config.head == "float"
     assert is_quantized(quantized) and not is_quantized(model)
     assert quantization_of(quantized) == config
     assert isinstance(quantized.model.embed_tokens.weight, torch.nn.Parameter)  # still float
@@ -141,7 +149,7 @@ def test_save_load_round_trip_gives_identical_logits(
         names = set(f.keys())
     layer = "model.layers.0.self_attn.q_proj" if arch == "llama" else "transformer.h.0.attn.c_attn"
     assert {f"{layer}.qweight", f"{layer}.scales"} <= names
-    assert ("lm_head.qweight" in names) == config.include_head
+    assert ("lm_head.qweight" in names) == (config.head != "float")
 
 
 def test_quantized_model_generates_through_generate_and_engine(
@@ -182,6 +190,10 @@ def test_refusals_are_one_line() -> None:
         QuantConfig("int8", 64)
     with pytest.raises(LmforgeError, match="group size must be one of"):
         QuantConfig("int4", 48)
+    with pytest.raises(LmforgeError, match="unknown head method 'int2'"):
+        QuantConfig("int4", head="int2")
+    with pytest.raises(LmforgeError, match="an int4 head needs --method int4"):
+        QuantConfig("int8", head="int4")
     with pytest.raises(
         LmforgeError,
         match=r"group size 64 does not divide model.layers.0.self_attn.qkv_proj's in_features "

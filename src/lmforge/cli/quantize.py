@@ -29,13 +29,15 @@ QUANTIZE_EXAMPLES = """[bold]Examples[/bold]
 
   lmforge quantize my-model@2 --method int8 --name my-model-int8
 
-  lmforge quantize ./my-model --method int4 --group-size 64 --no-head --name my-model-q4
+  lmforge quantize ./my-model --method int4 --group-size 64 --head float --name my-model-q4
 
   lmforge generate smollm2-int4 'The capital of France is'
 
 [bold]Methods[/bold]: int8 — one scale per output channel; int4 — 4-bit with a scale and a zero
 point per group of --group-size inputs (32, 64, 128 or 256; default 32). Every linear layer of
-the blocks is quantized, and the LM head too unless --no-head; embeddings and norms stay float.
+the blocks takes --method; the LM head takes --head (int8 by default, as llama.cpp keeps its
+output matrix at 8 bits: an int4 head costs the built-in model +4.8% perplexity, int8 +0.05%).
+Embeddings and norms stay float. A quantized model cannot be trained or exported.
 """
 
 
@@ -52,7 +54,9 @@ def quantize_command(
     group_size: Annotated[
         int | None, typer.Option(help="int4: inputs per scale and zero (default 32).")
     ] = None,
-    head: Annotated[bool, typer.Option("--head/--no-head", help="Quantize the LM head.")] = True,
+    head: Annotated[
+        str, typer.Option(help="The LM head: int8, int4 (with int4) or float.")
+    ] = "int8",
 ) -> None:
     """Quantize MODEL's weights to int8 or int4 and register the result under --name."""
     from lmforge.cli.models import store_model
@@ -62,7 +66,7 @@ def quantize_command(
     from lmforge.registry.repo import validate_name
     from lmforge.resolve import resolve
 
-    config = QuantConfig(method, group_size, include_head=head)  # bad flags fail before loading
+    config = QuantConfig(method, group_size, head=head)  # bad flags fail before loading
     validate_name(name)
     home = lmforge_home()
     ref = resolve(model, home=home)
@@ -86,7 +90,7 @@ def quantize_command(
         "method": config.method,
         "bits": config.bits,
         "group_size": config.group_size,
-        "include_head": config.include_head,
+        "head": config.head,
         "layers": len(layers),
     }
     lineage = {
@@ -124,7 +128,7 @@ def quantize_command(
     table.add_column(overflow="fold")
     table.add_row("model", f"[bold]{escape(record.ref)}[/bold] → {escape(str(record.path))}")
     how = config.method + (f", group {config.group_size}" if config.group_size else ", per channel")
-    table.add_row("method", how + (", LM head included" if config.include_head else ", float head"))
+    table.add_row("method", f"{how}; LM head {config.head}")
     table.add_row("layers", f"{len(layers)} linear layers")
     ratio = f" ({before / after:.2f}× smaller)" if after else ""
     table.add_row("weights on disk", f"{before / 1e6:,.1f} MB → {after / 1e6:,.1f} MB{ratio}")

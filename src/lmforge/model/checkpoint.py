@@ -15,7 +15,8 @@
   load it (it has no LSTM language model); lmforge's `load_model` can.
 - Quantized models (`model/quant.py`; read and write): the same layout and tensor names, with
   `config.json`'s `quantization_config` (`quant_method: lmforge`, `method` int8 or int4, `bits`,
-  `group_size`, `include_head`, `weight_layout`) and, for each quantized layer, `<layer>.qweight`
+  `group_size`, `head` int8/int4/float, `weight_layout`) and, for each quantized layer,
+  `<layer>.qweight`
   (int8 [out, in], or uint8 [out, in/2] holding two int4 values per byte, the even input in the
   low nibble), `<layer>.scales` (fp32 [out] or [out, in/group]) and for int4 `<layer>.zeros`
   (fp32 [out, in/group]) in place of `<layer>.weight`; w = qweight · scales (int8) or
@@ -420,15 +421,16 @@ _WEIGHT_LAYOUT = {
 
 
 def quant_config_to_hf(config: QuantConfig) -> dict[str, Any]:
+    methods = dict.fromkeys((config.method, config.head))  # in order, once each
+    layout = {m: _WEIGHT_LAYOUT[m] for m in methods if m in _WEIGHT_LAYOUT}
     return {
         "quant_method": QUANT_METHOD,
         "method": config.method,
         "bits": config.bits,
         "group_size": config.group_size,
-        "include_head": config.include_head,
-        "modules": "every linear layer of the blocks"
-        + (" and lm_head" if config.include_head else ""),
-        "weight_layout": _WEIGHT_LAYOUT[config.method],
+        "head": config.head,
+        "modules": f"every linear layer of the blocks: {config.method}; lm_head: {config.head}",
+        "weight_layout": layout,
     }
 
 
@@ -448,7 +450,7 @@ def quant_config_from_hf(hf: dict[str, Any], source: str) -> QuantConfig | None:
         return QuantConfig(
             method=str(qc["method"]),
             group_size=qc.get("group_size"),
-            include_head=bool(qc.get("include_head", True)),
+            head=str(qc["head"]),
         )
     except KeyError as exc:
         raise CorruptArtifactError(f"{source}: quantization_config lacks {exc}") from None

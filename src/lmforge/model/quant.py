@@ -1,11 +1,13 @@
-"""Weight-only int8 and int4 quantization of the decoder's linear layers (and the LM head).
+"""Weight-only int8 and int4 quantization of the decoder's linear layers and the LM head.
 
 What is quantized: every `Linear` of the blocks (`qkv_proj`, `o_proj`, `gate_up_proj` or
-`up_proj`, `down_proj`) and, with `include_head` (the default), the LM head. The embedding
-lookup, the norms and the biases stay float. When the head is tied to the embeddings (the
-built-in model: 49152 × 576), the head gets a quantized copy of its own and the embedding keeps
-the float table: at batch-1 decode the head is about a fifth of all weight reads, so leaving it
-float would keep the slowest matmul of the step in fp32.
+`up_proj`, `down_proj`) with the chosen method, and the LM head with `head` (int8 by default,
+as llama.cpp keeps its output matrix at 8 bits or more: on the built-in model an int4 head
+costs +4.8% perplexity, an int8 one +0.05%). The embedding lookup, the norms and the biases
+stay float. When the head is tied to the embeddings (the built-in model: 49152 × 576), the
+quantized head is a copy of its own and the embedding keeps the float table: at batch-1 decode
+the head is about a fifth of all weight reads, so leaving it float would keep the slowest matmul
+of the step in fp32.
 
 Two methods, both with fp32 (or bf16) activations:
 
@@ -55,25 +57,32 @@ KERNEL_MAX_ROWS = 16
 more rows dequantize the weight and run `F.linear` (the kernels' cost is per row)."""
 
 
+HEAD_METHODS: tuple[str, ...] = ("int8", "int4", "float")
+
+
 @dataclass(frozen=True)
 class QuantConfig:
-    """How to quantize a model: method, int4 group size, and whether the LM head is included."""
+    """How to quantize a model: the blocks' method, int4 group size, and the LM head's method."""
 
     method: str = "int4"
     """`int8` (per output channel) or `int4` (per group, asymmetric)."""
     group_size: int | None = None
     """int4: inputs per scale/zero group (32, 64, 128 or 256; None = 32). int8: must be None."""
-    include_head: bool = True
-    """Quantize the LM head too (a separate copy when it is tied to the embeddings)."""
+    head: str = "int8"
+    """The LM head: `int8`, `int4` (with the int4 method only) or `float` (left as it is)."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise LmforgeError(f"unknown quantization method {self.method!r}; choose int8 or int4")
+        if self.head not in HEAD_METHODS:
+            raise LmforgeError(f"unknown head method {self.head!r}; choose int8, int4 or float")
         if self.method == "int8":
             if self.group_size is not None:
                 raise LmforgeError(
                     "int8 quantization is per output channel; --group-size applies to int4"
                 )
+            if self.head == "int4":
+                raise LmforgeError("an int4 head needs --method int4 (its group size)")
             return
         if self.group_size is None:
             object.__setattr__(self, "group_size", DEFAULT_INT4_GROUP_SIZE)
@@ -85,9 +94,13 @@ class QuantConfig:
     def bits(self) -> int:
         return 8 if self.method == "int8" else 4
 
+    def method_of(self, name: str) -> str:
+        """The method layer NAME (a module path) is quantized with: the head's or the blocks'."""
+        return self.head if name == "lm_head" else self.method
+
     def check_layer(self, name: str, in_features: int, out_features: int) -> None:
         """Raise a one-line LmforgeError if layer NAME [out, in] cannot take this config."""
-        if self.method != "int4":
+        if self.method_of(name) != "int4":
             return
         group = self.group_size
         assert group is not None
@@ -350,12 +363,12 @@ def quantize_model(model: Transformer, config: QuantConfig) -> list[str]:
         raise LmforgeError("the model is already quantized")
     if any(isinstance(m, LoraLinear) for m in model.modules()):
         raise LmforgeError("the model has LoRA adapters: merge them first (lmforge models merge)")
-    targets = quant_targets(model, config.include_head)
+    targets = quant_targets(model, config.head != "float")
     for name, linear in targets:
         config.check_layer(name, linear.in_features, linear.out_features)
     done = []
     for name, linear in targets:
-        new = _quantized(linear, config)
+        new = _quantized(linear, config.method_of(name), config.group_size)
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
         done.append(name)
@@ -364,17 +377,17 @@ def quantize_model(model: Transformer, config: QuantConfig) -> list[str]:
     return done
 
 
-def _quantized(linear: nn.Linear, config: QuantConfig) -> QuantLinear:
+def _quantized(linear: nn.Linear, method: str, group_size: int | None) -> QuantLinear:
     k, n, bias = linear.in_features, linear.out_features, linear.bias is not None
     if linear.weight.is_meta:
-        if config.method == "int8":
+        if method == "int8":
             return Int8Linear(k, n, bias, device="meta")
-        assert config.group_size is not None
-        return Int4Linear(k, n, bias, config.group_size, device="meta")
-    if config.method == "int8":
+        assert group_size is not None
+        return Int4Linear(k, n, bias, group_size, device="meta")
+    if method == "int8":
         return Int8Linear.from_float(linear)
-    assert config.group_size is not None
-    return Int4Linear.from_float(linear, config.group_size)
+    assert group_size is not None
+    return Int4Linear.from_float(linear, group_size)
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -393,13 +406,16 @@ def refuse_training(model: nn.Module, name: str) -> None:
 
 def quantization_of(model: nn.Module) -> QuantConfig | None:
     """The QuantConfig MODEL was quantized with (read from its layers); None if it was not."""
-    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    head = getattr(model, "lm_head", None)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear) and m is not head]
     if not layers:
         return None
     first = layers[0]
     group = first.group_size if isinstance(first, Int4Linear) else None
-    head = getattr(model, "lm_head", None)
-    return QuantConfig(first.method, group, include_head=isinstance(head, QuantLinear))
+    head_method = head.method if isinstance(head, QuantLinear) else "float"
+    if isinstance(head, Int4Linear):
+        group = head.group_size
+    return QuantConfig(first.method, group, head=head_method)
 
 
 def model_bytes(model: nn.Module) -> int:
