@@ -12,8 +12,7 @@ In one run, on ../shared/data, with the same training data for both sides:
 - AG News: the same, trained on agnews/dev.tsv, evaluated on agnews/test.tsv. Target: ≥ 88% and
   above the baseline.
 - SQuAD sample: `--task qa --lora` trained on squad/train-sample.json, exact match and F1 on
-  squad/dev-sample.json (no target; the baseline is the official script's normalization
-  applied to the first sentence of the context, a floor).
+  squad/dev-sample.json with the official answer normalization (no target, no baseline).
 
 Each lmforge side runs the real commands (`lmforge finetune`, `lmforge eval --json`) in a fresh
 $LMFORGE_HOME under bench/results/, and the table (also written to bench/results/finetune.json)

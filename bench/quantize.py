@@ -184,6 +184,9 @@ def worker_llamacpp(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
     from llama_cpp import Llama
 
+    # The F32 row is the exactness check: an F32 KV cache and no flash attention, so that
+    # nothing but float summation order separates it from lmforge (else llama.cpp's defaults).
+    exact: dict[str, Any] = {"type_k": 0, "type_v": 0, "flash_attn": False} if args.exact else {}
     t0 = time.perf_counter()
     llm = Llama(
         model_path=args.model,
@@ -193,9 +196,7 @@ def worker_llamacpp(args: argparse.Namespace) -> dict[str, Any]:
         n_threads_batch=args.threads,
         logits_all=True,
         verbose=False,
-        # The F32 row is the exactness check: an F32 KV cache and no flash attention, so that
-        # nothing but float summation order separates it from lmforge (else llama.cpp defaults).
-        **({"type_k": 0, "type_v": 0, "flash_attn": False} if args.exact else {}),
+        **exact,
     )
     load_s = time.perf_counter() - t0
     ids = prompt_ids(llm.n_vocab(), args.prompt_tokens)

@@ -97,7 +97,12 @@ def test_module_matches_the_dequantized_reference(method: str, rows: int) -> Non
         reference = x @ module.dequantize().T + linear.bias
         exact = linear(x)
     assert y.shape == (2, rows, 96) and y.dtype == torch.float32
-    torch.testing.assert_close(y, reference, rtol=1e-4, atol=1e-5)
+    if rows <= KERNEL_MAX_ROWS:
+        # The kernels run in bf16 (8 significant bits in, fp32 sums): within bf16 rounding.
+        off = float((y - reference).norm() / reference.norm())
+        assert off < 5e-3, off
+    else:
+        torch.testing.assert_close(y, reference, rtol=1e-4, atol=1e-5)
     relative = float((y - exact).norm() / exact.norm())
     assert relative < (0.01 if method == "int8" else 0.1), relative
 
