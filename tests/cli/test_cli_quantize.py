@@ -44,6 +44,8 @@ def test_quantize_registers_a_model_that_generates_and_evaluates(
         "layers": 9,
     }
     assert info["config"]["quantization_config"]["group_size"] == 64
+    card = (Path(info["path"]) / "README.md").read_text(encoding="utf-8")
+    assert "A language model quantized (int4) from " in card
     assert info["size_bytes"] < sum(f.stat().st_size for f in base_dir.iterdir())
     # generate and eval load it as any model.
     gen = lmforge_here(capsys, "generate", "q4", "The quick brown", "-n", "6", "--json")

@@ -216,6 +216,10 @@ def _summary(lineage: dict[str, Any], adapter: dict[str, Any], head: dict[str, A
         how = f"pretrained from {escape_markdown(parent)}" if parent else "pretrained from scratch"
     elif stage == "distill":
         how = f"distilled from {escape_markdown(parent)}"
+    elif stage == "quantize":
+        quant = lineage.get("quantization")
+        method = quant.get("method") if isinstance(quant, dict) else None
+        how = f"quantized ({escape_markdown(method)}) from {escape_markdown(parent)}"
     else:
         return f"{what} in lmforge's model directory layout (no training record)."
     lora = lineage.get("lora")
