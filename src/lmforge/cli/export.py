@@ -71,6 +71,7 @@ def export_command(
     ] = False,
 ) -> None:
     """Write MODEL as a GGUF file (llama.cpp) or a Hugging Face directory (transformers)."""
+    from lmforge.cli.models import path_size
     from lmforge.resolve import resolve
 
     kind = _check_type(fmt, qtype)
@@ -86,7 +87,7 @@ def export_command(
     else:
         _export_hf(source, target, force, ref.name if ref.kind != "path" else str(source))
     seconds = time.perf_counter() - start
-    size = target.stat().st_size if target.is_file() else _dir_size(target)
+    size = path_size(target)
     table = Table(title=f"{escape(ref.name)} → {fmt}", title_justify="left")
     table.add_column("file", overflow="fold")  # the whole path, wrapped, never cut
     table.add_column("size", justify="right")
@@ -202,7 +203,3 @@ def _write_dir(target: Path, force: bool, build: Callable[[Path], None]) -> None
     target.rename(old)
     staging.rename(target)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def _dir_size(directory: Path) -> int:
-    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())

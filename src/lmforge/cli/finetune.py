@@ -163,12 +163,11 @@ def finetune_command(
 
 
 def _run_finetune(config: Any, *, steps_given: bool, quiet: bool) -> None:
-    from lmforge.cli.train import _StepStats, _Watcher
+    from lmforge.cli.train import watch_run
     from lmforge.model.checkpoint import load_model
     from lmforge.registry.repo import validate_name
     from lmforge.resolve import resolve
-    from lmforge.train.finetune import plan_finetune
-    from lmforge.train.observe import RunObserver
+    from lmforge.train.finetune import finetune, plan_finetune
     from lmforge.train.pretrain import prepare_run
 
     home = lmforge_home()
@@ -181,32 +180,21 @@ def _run_finetune(config: Any, *, steps_given: bool, quiet: bool) -> None:
     with err.status("reading and tokenizing the data …"):
         plan = plan_finetune(config, base, _base_spec(ref), steps_given=steps_given)
     run = prepare_run(config, Path(config.data).resolve(), home / "runs")
-    observer = RunObserver(run.dir, title=f"{config.name} · {run.id}")
-    show = not quiet
-    if show:
-        what = "resuming" if run.resume else "starting"
-        err.print(
-            f"{what} {config.task} fine-tune [bold]{escape(run.id)}[/bold]: {plan.examples:,} "
-            f"examples, {plan.loop.max_steps:,} steps → {escape(str(run.dir))}"
-        )
-    columns = (
-        TextColumn("[bold]fine-tuning[/bold]"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        _StepStats(),
-        TimeRemainingColumn(),
+    what = "resuming" if run.resume else "starting"
+    headline = (
+        f"{what} {config.task} fine-tune [bold]{escape(run.id)}[/bold]: {plan.examples:,} "
+        f"examples, {plan.loop.max_steps:,} steps → {escape(str(run.dir))}"
     )
-    from lmforge.train.finetune import finetune
-
-    with Progress(*columns, console=err, disable=not (show and err.is_terminal)) as bar:
-        task = bar.add_task("finetune", total=plan.loop.max_steps)
-        watcher = _Watcher(
-            observer, bar, task, plan.loop.max_steps, lines=show and not err.is_terminal
-        )
-        try:
-            result = finetune(config, run, plan, on_step=watcher)
-        finally:
-            observer.close()
+    result = watch_run(
+        run,
+        config,
+        None,
+        lambda on_step: finetune(config, run, plan, on_step=on_step),
+        quiet=quiet,
+        label="fine-tuning",
+        total=plan.loop.max_steps,
+        headline=headline,
+    )
     if result.result.stopped_early:
         err.print(f"stopped by --time-limit at step {result.result.step}; --resume auto goes on")
         return

@@ -101,7 +101,8 @@ def list_command(
     out.print(table)
 
 
-def _dir_size(path: Path) -> int:
+def path_size(path: Path) -> int:
+    """Bytes of a model file, or of the files in a model directory."""
     if path.is_file():
         return path.stat().st_size
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
@@ -124,7 +125,7 @@ def show_command(
     info: dict[str, Any] = {"name": ref.name, "kind": ref.kind, "path": str(ref.path)}
     if ref.version is not None:
         info["version"] = ref.version
-    info["size_bytes"] = _dir_size(ref.path)
+    info["size_bytes"] = path_size(ref.path)
     if ref.path.is_dir():
         for fname, key in (("config.json", "config"), ("lmforge.json", "lineage")):
             f = ref.path / fname

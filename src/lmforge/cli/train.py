@@ -297,11 +297,17 @@ def watch_run(
     *,
     quiet: bool,
     label: str = "training",
+    total: int | None = None,
+    headline: str | None = None,
 ) -> R:
     """TRAIN(on_step) with a progress bar (or a line per evaluation when stderr is not a
-    terminal), TensorBoard events and loss.png in RUN's directory; only rank 0 watches."""
+    terminal), TensorBoard events and loss.png in RUN's directory; only rank 0 watches (DIST
+    None: a single process). TOTAL steps default to config.loop.max_steps; HEADLINE, the line
+    printed first, to "starting|resuming run ID → DIR"."""
     from lmforge.train.observe import RunObserver
 
+    main = dist is None or dist.is_main
+    total = total if total is not None else config.loop.max_steps
     observer = RunObserver(run.dir, title=f"{config.name} · {run.id}")
     columns = (
         TextColumn(f"[bold]{label}[/bold]"),
@@ -310,17 +316,15 @@ def watch_run(
         _StepStats(),
         TimeRemainingColumn(),
     )
-    show = dist.is_main and not quiet
+    show = main and not quiet
     if show:
         what = "resuming" if run.resume else "starting"
-        err.print(f"{what} run [bold]{escape(run.id)}[/bold] → {escape(str(run.dir))}")
+        err.print(headline or f"{what} run [bold]{escape(run.id)}[/bold] → {escape(str(run.dir))}")
     with Progress(*columns, console=err, disable=not (show and err.is_terminal)) as bar:
-        task = bar.add_task(label, total=config.loop.max_steps)
-        watcher = _Watcher(
-            observer, bar, task, config.loop.max_steps, lines=show and not err.is_terminal
-        )
+        task = bar.add_task(label, total=total)
+        watcher = _Watcher(observer, bar, task, total, lines=show and not err.is_terminal)
         try:
-            return train(watcher if dist.is_main else None)
+            return train(watcher if main else None)
         finally:
             observer.close()
 

@@ -258,6 +258,9 @@ class Int8Linear(QuantLinear):
             "qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
         )
         self.register_buffer("scales", torch.ones(out_features, device=device))
+        # The kernel's scale argument: ones, built once here rather than on every call (a plain
+        # attribute, so `.to(dtype)` and loading leave it as the kernel wants it).
+        self._unit_scales = torch.ones(out_features, dtype=KERNEL_DTYPE)
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> Int8Linear:
@@ -272,8 +275,7 @@ class Int8Linear(QuantLinear):
 
     def kernel(self, x2: torch.Tensor) -> torch.Tensor:
         # bf16 in (the fast kernel), unit scales, then the exact fp32 scales on the way out.
-        unit = torch.ones(self.out_features, dtype=KERNEL_DTYPE)
-        y = torch._weight_int8pack_mm(x2.to(KERNEL_DTYPE), self.qweight, unit)
+        y = torch._weight_int8pack_mm(x2.to(KERNEL_DTYPE), self.qweight, self._unit_scales)
         return y.to(x2.dtype) * self.scales.to(x2.dtype)
 
 
@@ -425,15 +427,3 @@ def quantization_of(model: nn.Module) -> QuantConfig | None:
     if isinstance(head, Int4Linear):
         group = head.group_size
     return QuantConfig(first.method, group, head=head_method)
-
-
-def model_bytes(model: nn.Module) -> int:
-    """Bytes of MODEL's parameters and persistent buffers, tied tensors counted once."""
-    seen: set[int] = set()
-    total = 0
-    for t in model.state_dict(keep_vars=True).values():
-        if t.data_ptr() in seen or t.is_meta:
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    return total
