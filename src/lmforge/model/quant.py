@@ -287,7 +287,6 @@ class Int4Linear(QuantLinear):
     scales: torch.Tensor  # [N, G]
     zeros: torch.Tensor  # [N, G]
     packed: torch.Tensor  # the kernel's layout of qweight
-    scales_and_zeros: torch.Tensor  # [G, N, 2], KERNEL_DTYPE
 
     def __init__(
         self,
@@ -306,9 +305,11 @@ class Int4Linear(QuantLinear):
         )
         self.register_buffer("scales", torch.ones(out_features, groups, device=device))
         self.register_buffer("zeros", torch.zeros(out_features, groups, device=device))
-        # The kernel's own layout, rebuilt by `pack` from the three tensors above.
+        # The kernel's own layout, rebuilt by `pack` from the three tensors above. Its scales
+        # and zeros [G, N, 2] are a plain attribute, not a buffer, so that casting the model
+        # (`.to(dtype)`) leaves them in KERNEL_DTYPE and the hot path needs no cast per call.
         self.register_buffer("packed", torch.empty(0, dtype=torch.uint8), persistent=False)
-        self.register_buffer("scales_and_zeros", torch.empty(0), persistent=False)
+        self.scales_and_zeros = torch.empty(0, dtype=KERNEL_DTYPE)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, group_size: int) -> Int4Linear:
@@ -334,8 +335,9 @@ class Int4Linear(QuantLinear):
         return dequantize_int4(self.qweight, self.scales, self.zeros)
 
     def kernel(self, x2: torch.Tensor) -> torch.Tensor:
-        sz = self.scales_and_zeros.to(KERNEL_DTYPE)  # a no-op unless the model was cast
-        y = torch._weight_int4pack_mm_for_cpu(x2.to(KERNEL_DTYPE), self.packed, self.group_size, sz)
+        y = torch._weight_int4pack_mm_for_cpu(
+            x2.to(KERNEL_DTYPE), self.packed, self.group_size, self.scales_and_zeros
+        )
         return y.to(x2.dtype)
 
     def extra_repr(self) -> str:
