@@ -30,6 +30,7 @@ from lmforge.cli import (
     models,
     moderation,
     ops,
+    pipeline,
     quantize,
     serve,
     train,
@@ -50,6 +51,7 @@ app = typer.Typer(
         "  lmforge chat\n\n"
         "  lmforge serve --port 8000\n\n"
         "  lmforge models list\n\n"
+        "  lmforge pipeline run pipeline.yaml\n\n"
         "  lmforge demo"
     ),
     rich_markup_mode="rich",
@@ -69,6 +71,7 @@ app.add_typer(data.app, name="data")
 app.add_typer(models.app, name="models")
 app.add_typer(keys.app, name="keys")
 app.add_typer(moderation.app, name="moderation")
+app.add_typer(pipeline.app, name="pipeline")
 ops.register(app)
 billing.register(app)
 demo.register(app)

@@ -131,45 +131,11 @@ def economics_command(
 
 
 def _table(r: Any) -> Table:
-    from lmforge.ops.pricing import format_price, format_usd
+    from lmforge.ops.economics import economics_rows
 
     table = Table(title=f"{r.model} ({r.model_version})", title_justify="left", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
-    table.add_row("machine", f"{format_usd(r.hourly_nusd, places=4)} per hour")
-    if r.training_cost_nusd is None:
-        table.add_row("training", f"not trained here ({escape(r.not_trained_here or r.model)})")
-    else:
-        runs = ", ".join(
-            f"{escape(t.model)} {t.compute_seconds:,.1f} s" for t in r.training if t.run_id
-        )
-        base = f"; {escape(r.not_trained_here)} not trained here" if r.not_trained_here else ""
-        table.add_row(
-            "training",
-            f"{format_usd(r.training_cost_nusd)} for {r.training_seconds:,.1f} compute s "
-            f"({runs}{base})",
-        )
-    how = "measured" if r.measured else "given"
-    table.add_row("throughput", f"{r.tokens_per_second:,.1f} output tokens/s ({how})")
-    table.add_row("serving cost", f"{format_usd(r.serving_cost_per_mtok_nusd)} per Mtok")
-    table.add_row(
-        "suggested price", f"{format_price(r.suggested_price_musd)} per Mtok out ({r.margin:.0%})"
-    )
-    if r.price_output_musd is None:
-        table.add_row("price in force", "none (free)")
-    else:
-        table.add_row(
-            "price in force",
-            f"{format_price(r.price_input_musd)} in / {format_price(r.price_output_musd)} out "
-            "per Mtok",
-        )
-    table.add_row(
-        "ledger",
-        f"{r.requests:,} requests, {r.prompt_tokens:,} prompt + {r.completion_tokens:,} "
-        "completion tokens",
-    )
-    table.add_row("revenue", format_usd(r.revenue_nusd))
-    table.add_row("serving cost (ledger)", format_usd(r.serving_cost_nusd))
-    margin = "-" if r.gross_margin is None else f"{r.gross_margin:.1%}"
-    table.add_row("gross margin", margin)
+    for field_, value in economics_rows(r):
+        table.add_row(field_, escape(value))
     return table

@@ -34,7 +34,7 @@ from lmforge.atomic import write_with
 from lmforge.errors import LmforgeError
 from lmforge.home import lmforge_home
 from lmforge.ops.lineage import ModelFacts, find_model, model_chain
-from lmforge.ops.pricing import NANO, parse_usd
+from lmforge.ops.pricing import NANO, format_price, format_usd, parse_usd
 from lmforge.registry import ledger
 from lmforge.registry.db import read_existing
 
@@ -140,6 +140,50 @@ def economics(
         serving_cost_nusd=serving,
         gross_margin=(revenue - serving) / revenue if revenue else None,
     )
+
+
+def economics_rows(r: Economics) -> list[tuple[str, str]]:
+    """R as (field, value) lines of plain text, for `lmforge economics` and pipeline reports."""
+    rows = [("machine", f"{format_usd(r.hourly_nusd, places=4)} per hour")]
+    if r.training_cost_nusd is None:
+        rows.append(("training", f"not trained here ({r.not_trained_here or r.model})"))
+    else:
+        runs = ", ".join(f"{t.model} {t.compute_seconds:,.1f} s" for t in r.training if t.run_id)
+        base = f"; {r.not_trained_here} not trained here" if r.not_trained_here else ""
+        rows.append(
+            (
+                "training",
+                f"{format_usd(r.training_cost_nusd)} for {r.training_seconds:,.1f} compute s "
+                f"({runs}{base})",
+            )
+        )
+    how = "measured" if r.measured else "given"
+    rows.append(("throughput", f"{r.tokens_per_second:,.1f} output tokens/s ({how})"))
+    rows.append(("serving cost", f"{format_usd(r.serving_cost_per_mtok_nusd)} per Mtok"))
+    rows.append(
+        ("suggested price", f"{format_price(r.suggested_price_musd)} per Mtok out ({r.margin:.0%})")
+    )
+    if r.price_output_musd is None or r.price_input_musd is None:
+        rows.append(("price in force", "none (free)"))
+    else:
+        rows.append(
+            (
+                "price in force",
+                f"{format_price(r.price_input_musd)} in / {format_price(r.price_output_musd)} out "
+                "per Mtok",
+            )
+        )
+    rows.append(
+        (
+            "ledger",
+            f"{r.requests:,} requests, {r.prompt_tokens:,} prompt + {r.completion_tokens:,} "
+            "completion tokens",
+        )
+    )
+    rows.append(("revenue", format_usd(r.revenue_nusd)))
+    rows.append(("serving cost (ledger)", format_usd(r.serving_cost_nusd)))
+    rows.append(("gross margin", "-" if r.gross_margin is None else f"{r.gross_margin:.1%}"))
+    return rows
 
 
 def serving_cost_nusd(tokens: int, *, tokens_per_second: float, hourly_nusd: int) -> int:
