@@ -214,9 +214,9 @@ def render_markdown(facts: Facts) -> str:
             shown = ", ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
             out.append(f"| {model} | {task} | {shown} |")
     if facts.economics:
-        title, rows = facts.economics
+        title, econ = facts.economics
         out += ["", f"## Economics: {title}", "", "| | |", "| --- | --- |"]
-        out += [f"| {k} | {v} |" for k, v in rows]
+        out += [f"| {k} | {v} |" for k, v in econ]
     if facts.lineage:
         out += ["", "## Lineage", "", *_lineage_lines(facts.lineage)]
     if facts.notes:
