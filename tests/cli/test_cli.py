@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -209,14 +210,31 @@ def test_models_import_list_show_generate(
 
 
 def test_demo_runs(builtin_home: Path, tmp_path: Path) -> None:
+    """The whole chain: the built-in model chats; the demo pipeline runs; the served int8
+    model streams through the official client; usage, bill and lineage come back."""
     home = tmp_path / "home"  # its own registry; the converted built-in is shared
     home.mkdir()
     (home / "builtin").symlink_to(builtin_home / "builtin")
-    proc = lmforge("demo", "-n", "24", "--train-steps", "8", home=home)
+    proc = lmforge("demo", "-n", "24", "--train-steps", "8", "--serve-tokens", "12", home=home)
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
     assert "two-turn chat" in proc.stdout
-    assert "lmforge train --data demo-shakespeare" in proc.stdout
-    assert "demo-shakespeare writes" in proc.stdout
+    for stage in ("data prepare", "train --data demo-shakespeare", "eval demo-shakespeare",
+                  "quantize demo-shakespeare", "models price demo-shakespeare-int8"):  # fmt: skip
+        assert f"$ lmforge {stage}" in proc.stdout, stage
     assert (home / "datasets" / "demo-shakespeare" / "manifest.json").is_file()
-    assert (home / "models" / "demo-shakespeare").is_dir()
+    assert (home / "models" / "demo-shakespeare-int8").is_dir()
+    assert (home / "pipelines" / "demo" / "report.html").is_file()
+    # The request went through a real server and was metered, billed and traced.
+    assert "serving demo-shakespeare-int8 at http://127.0.0.1:" in proc.stdout
+    assert "usage (stream) │ 7 prompt + 12 completion tokens" in proc.stdout
+    assert "usage (ledger) │ 7 prompt + 12 completion tokens" in proc.stdout
+    assert "invoice LMF-" in proc.stdout
+    request_id = re.search(r"request (req-[0-9a-f]{32})", proc.stdout)
+    assert request_id is not None
+    from lmforge.ops.lineage import request_lineage
+
+    root = request_lineage(request_id[1], home=home)
+    sources = [n.label for n in root.walk() if n.kind == "source"]
+    assert sources and sources[0].endswith("shakespeare.txt")
+    assert root.details["model version"] == "demo-shakespeare-int8@1"

@@ -63,9 +63,14 @@ def lineage_command(
     if as_json:
         print(json.dumps(node.to_dict(), indent=2))
         return
+    out.print(lineage_tree(node))
+
+
+def lineage_tree(node: Any) -> Tree:
+    """A `LineageNode` as a rich tree (for `lmforge lineage` and the demo)."""
     tree = Tree(_node_text(node))
     _grow(tree, node)
-    out.print(tree)
+    return tree
 
 
 def _node_text(node: Any) -> str:
