@@ -1,7 +1,8 @@
 """MODEL arguments → a loadable model path.
 
 A MODEL is, in this order: nothing (the built-in default), a built-in name, an existing
-directory or `.gguf` file, or a registry name (`name` for the latest version, `name@3` for one).
+directory or `.gguf` file, a registry name (`name` for the latest version, `name@3` for one), or
+an alias (`lmforge models promote … --alias prod`: the exact version it points at now).
 Anything else is an error that suggests close names.
 
 Built-in models ship as GGUF; the first use dequantizes one into an ordinary HF-layout
@@ -35,6 +36,7 @@ class ModelRef:
     path: Path  # HF-layout directory or .gguf file
     kind: str  # "builtin" | "registry" | "path"
     version: int | None = None
+    alias: str | None = None  # the alias MODEL named (the version is the one it points at now)
 
 
 def resolve(spec: str | None, *, home: Path | None = None) -> ModelRef:
@@ -54,6 +56,12 @@ def resolve(spec: str | None, *, home: Path | None = None) -> ModelRef:
         ref = _from_registry(m["name"], int(m["version"]) if m["version"] else None, home)
         if ref is not None:
             return ref
+        if m["version"] is None:
+            target = alias_target(m["name"], home)
+            if target is not None:
+                ref = _from_registry(target[0], target[1], home)
+                assert ref is not None  # _from_registry raises for a missing version
+                return ModelRef(ref.name, ref.path, "registry", ref.version, alias=m["name"])
     candidates = sorted(set(BUILTINS) | set(registry_names(home)))
     close = difflib.get_close_matches(spec, candidates, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -68,6 +76,16 @@ def registry_names(home: Path) -> list[str]:
 
     with read_existing(home=home) as conn:
         return repo.model_names(conn) if conn is not None else []
+
+
+def alias_target(name: str, home: Path | None = None) -> tuple[str, int] | None:
+    """(model, version) alias NAME points at now; None if there is no such alias."""
+    from lmforge.registry import aliases
+    from lmforge.registry.db import read_existing
+
+    with read_existing(home=home or lmforge_home()) as conn:
+        found = None if conn is None else aliases.get_alias(conn, name=name)
+    return None if found is None else (found.model, found.version)
 
 
 def _from_registry(name: str, version: int | None, home: Path) -> ModelRef | None:

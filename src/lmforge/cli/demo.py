@@ -129,7 +129,7 @@ def _chain(steps: int, tokens: int) -> None:
     with _server(model, home) as url:
         key_name, secret = _new_key(home)
         out.print(f"key [bold]{key_name}[/bold] created (shown once): {secret[:12]}…")
-        text, usage, request_id = _stream(url, secret, model, tokens)
+        usage, request_id = _stream(url, secret, model, tokens)
     _receipt(home, request_id, key_name, usage)
     out.print(f"pipeline report: {reports[0]}\n                 {reports[1]}")
     out.print(f"[dim]the whole pipeline again: lmforge pipeline run {demo_pipeline_file()}[/dim]")
@@ -194,8 +194,8 @@ def _new_key(home: Path) -> tuple[str, str]:
         engine.dispose()
 
 
-def _stream(url: str, secret: str, model: str, tokens: int) -> tuple[str, Any, str]:
-    """Stream a completion through the official client; (text, usage, request id)."""
+def _stream(url: str, secret: str, model: str, tokens: int) -> tuple[Any, str]:
+    """Stream a completion through the official client, printing it; (usage, request id)."""
     from openai import APIError, OpenAI
 
     client = OpenAI(base_url=f"{url}/v1", api_key=secret, max_retries=0, timeout=120)
@@ -204,7 +204,7 @@ def _stream(url: str, secret: str, model: str, tokens: int) -> tuple[str, Any, s
         f"max_tokens={tokens}, stream=True)[/dim]"
     )
     out.print(f"[bold]{escape(PROMPT)}[/bold]", end="")
-    pieces, usage = [], None
+    usage = None
     try:
         with client.completions.with_streaming_response.create(
             model=model,
@@ -218,9 +218,7 @@ def _stream(url: str, secret: str, model: str, tokens: int) -> tuple[str, Any, s
             request_id = response.headers.get("x-request-id", "")
             for chunk in response.parse():
                 if chunk.choices:
-                    piece = chunk.choices[0].text
-                    pieces.append(piece)
-                    out.print(escape(piece), end="")
+                    out.print(escape(chunk.choices[0].text), end="")
                 if chunk.usage is not None:
                     usage = chunk.usage
     except APIError as exc:
@@ -228,7 +226,7 @@ def _stream(url: str, secret: str, model: str, tokens: int) -> tuple[str, Any, s
     out.print()
     if usage is None or not request_id:
         raise LmforgeError("the stream ended without usage or a request id")
-    return "".join(pieces), usage, request_id
+    return usage, request_id
 
 
 def _receipt(home: Path, request_id: str, key_name: str, usage: Any) -> None:

@@ -1,4 +1,5 @@
-"""`lmforge models list | show | import | merge | price`: the models lmforge knows.
+"""`lmforge models list | show | import | merge | price | promote | rollback | aliases`: the
+models lmforge knows, and the aliases (prod, staging) that point at exact versions.
 
 `list` imports neither torch nor the built-in model's package: it reads the registry and asks
 `importlib` where the built-in files are.
@@ -358,3 +359,88 @@ def store_model(
             )
     finally:
         engine.dispose()
+
+
+@app.command(
+    "promote",
+    epilog="[bold]Examples[/bold]\n\n"
+    "  lmforge models promote shakes --alias prod --require 'perplexity<12'\n\n"
+    "  lmforge models promote sst2@3 --alias prod --require 'accuracy>=0.85' "
+    "--require 'macro_f1>=0.8'\n\n"
+    "  lmforge serve prod        # serves whatever prod points at, and follows it",
+)
+def promote_command(
+    model: Annotated[str, typer.Argument(help="Registry model: name (newest) or name@VERSION.")],
+    alias: Annotated[str, typer.Option(help="The alias to point at it (e.g. prod).")],
+    require: Annotated[
+        list[str] | None,
+        typer.Option(help="METRIC OP NUMBER its recorded evals must pass (repeatable)."),
+    ] = None,
+) -> None:
+    """Point an alias at a model version, only if its recorded eval results pass."""
+    from lmforge.cli.keys import actor
+    from lmforge.ops.promotion import promote_model
+    from lmforge.registry.db import connect
+
+    engine = connect()
+    try:
+        result, checks = promote_model(
+            engine, actor=actor(), spec=model, alias=alias, requires=list(require or [])
+        )
+    finally:
+        engine.dispose()
+    for check in checks:
+        out.print(f"[green]✓[/green] {escape(check['require'])}: {escape(check['why'])}")
+    out.print(f"{escape(result.name)} → [bold]{escape(result.target)}[/bold]")
+
+
+@app.command(
+    "rollback",
+    epilog="[bold]Examples[/bold]\n\n  lmforge models rollback prod",
+)
+def rollback_command(
+    alias: Annotated[str, typer.Argument(help="The alias to point back.")],
+) -> None:
+    """Point an alias back where it pointed before its newest promotion."""
+    from lmforge.cli.keys import actor
+    from lmforge.ops.promotion import rollback_alias
+    from lmforge.registry.db import connect
+
+    engine = connect()
+    try:
+        result = rollback_alias(engine, actor=actor(), alias=alias)
+    finally:
+        engine.dispose()
+    out.print(f"{escape(result.name)} → [bold]{escape(result.target)}[/bold] (rolled back)")
+
+
+@app.command(
+    "aliases",
+    epilog="[bold]Examples[/bold]\n\n  lmforge models aliases\n\n  lmforge models aliases prod",
+)
+def aliases_command(
+    alias: Annotated[str | None, typer.Argument(help="Show this alias's history.")] = None,
+) -> None:
+    """List the aliases and their targets, or one alias's promotions and rollbacks."""
+    from lmforge.registry import aliases
+    from lmforge.registry.db import read_existing
+
+    with read_existing() as conn:
+        if alias is None:
+            table = Table("alias", "points at", "since (UTC)")
+            for a in [] if conn is None else aliases.list_aliases(conn):
+                table.add_row(escape(a.name), escape(a.target), a.updated_at)
+            out.print(table)
+            return
+        current = None if conn is None else aliases.get_alias(conn, name=alias)
+        if conn is None or current is None:
+            raise LmforgeError(f"no alias named {alias!r} (see lmforge models aliases)")
+        events = aliases.alias_history(conn, name=alias)
+    table = Table("when (UTC)", "action", "from", "to", "checks", "by",
+                  title=f"{alias} → {current.target}", title_justify="left")  # fmt: skip
+    for e in events:
+        action = e.action + (" (rolled back)" if e.undone else "")
+        checks = ", ".join(c["require"] for c in e.checks) or "-"
+        table.add_row(e.created_at, action, escape(e.from_target or "-"), escape(e.to_target),
+                      escape(checks), escape(e.actor))  # fmt: skip
+    out.print(table)

@@ -91,8 +91,7 @@ def plan(pipeline: Pipeline, state: PipelineState, home: Path) -> list[Step]:
     steps = []
     for stage in pipeline.stages:
         upstream = [made[n] for n in stage.consumed() if n in made]
-        waiting = [u for u in upstream if u in reruns]
-        inputs = {
+        inputs: dict[str, str | None] = {
             f"{artifact} {name}": (
                 f"stage {made[(artifact, name)]}: {recorded.get(made[(artifact, name)])}"
                 if (artifact, name) in made
@@ -100,6 +99,12 @@ def plan(pipeline: Pipeline, state: PipelineState, home: Path) -> list[Step]:
             )
             for artifact, name in stage.consumed()
         }
+        if stage.spec.reads_evals:  # the evals of the model it reads are inputs too
+            for earlier in pipeline.stages[: pipeline.stages.index(stage)]:
+                if earlier.kind == "eval" and set(earlier.consumed()) & set(stage.consumed()):
+                    upstream.append(earlier.id)
+                    inputs[f"stage {earlier.id}"] = recorded.get(earlier.id)
+        waiting = [u for u in upstream if u in reruns]
         fp = fingerprint(stage, inputs)
         argv = stage.argv()
         prev = state.stages.get(stage.id)

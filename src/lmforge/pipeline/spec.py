@@ -42,6 +42,7 @@ class Kind:
     artifact: str | None = None  # "dataset" | "model": what `produces` names
     consumes: tuple[tuple[str, str], ...] = ()  # (option, "dataset" | "model") it reads
     resumable: bool = False  # an interrupted run goes on with `--resume auto`
+    reads_evals: bool = False  # also runs after an eval stage of the model it reads
     serves: bool = False  # runs until stopped: always last, never skipped
 
 
@@ -85,7 +86,12 @@ KINDS: dict[str, Kind] = {
         artifact="model",
         consumes=(("model", "model"),),
     ),
-    "register": Kind(("models", "promote"), positional=("model",), consumes=(("model", "model"),)),
+    "register": Kind(
+        ("models", "promote"),
+        positional=("model",),
+        consumes=(("model", "model"),),
+        reads_evals=True,
+    ),
     "price": Kind(("models", "price"), positional=("model",), consumes=(("model", "model"),)),
     "serve": Kind(("serve",), consumes=(("model", "model"),), serves=True),
 }

@@ -237,6 +237,36 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX eval_results_model_path ON eval_results (model_path, id)",
         ),
     ),
+    Migration(
+        5,
+        "create aliases and alias_events",
+        (
+            """
+            CREATE TABLE aliases (
+                name TEXT PRIMARY KEY,
+                model TEXT NOT NULL,
+                version INTEGER NOT NULL CHECK (version >= 1),
+                updated_at TEXT NOT NULL
+            )
+            """,
+            """
+            CREATE TABLE alias_events (
+                id INTEGER PRIMARY KEY,
+                alias TEXT NOT NULL,
+                action TEXT NOT NULL CHECK (action IN ('promote', 'rollback')),
+                from_model TEXT NULL,
+                from_version INTEGER NULL,
+                to_model TEXT NOT NULL,
+                to_version INTEGER NOT NULL,
+                undone INTEGER NOT NULL DEFAULT 0 CHECK (undone IN (0, 1)),
+                checks TEXT NULL,
+                actor TEXT NOT NULL,
+                created_at TEXT NOT NULL
+            )
+            """,
+            "CREATE INDEX alias_events_alias ON alias_events (alias, id)",
+        ),
+    ),
 )
 
 _CREATE_SCHEMA_MIGRATIONS = """

@@ -192,3 +192,31 @@ eval_results = Table(
 def utc_now() -> str:
     """Now as stored in `*_at` columns, e.g. `2025-01-31T12:00:00.123456Z`."""
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+# -- migration 5: aliases (eval-gated promotion) ------------------------------------------------
+
+aliases = Table(
+    "aliases",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("model", Text, nullable=False),  # a registry model name
+    Column("version", Integer, nullable=False),
+    Column("updated_at", Text, nullable=False),
+)
+
+alias_events = Table(
+    "alias_events",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("alias", Text, nullable=False),
+    Column("action", Text, nullable=False),  # "promote" | "rollback"
+    Column("from_model", Text, nullable=True),  # None: the alias's first promotion
+    Column("from_version", Integer, nullable=True),
+    Column("to_model", Text, nullable=False),
+    Column("to_version", Integer, nullable=False),
+    Column("undone", Integer, nullable=False, default=0),  # a promotion a rollback took back
+    Column("checks", Text, nullable=True),  # JSON: the eval requirements and what they found
+    Column("actor", Text, nullable=False),
+    Column("created_at", Text, nullable=False),
+)

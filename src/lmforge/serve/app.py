@@ -76,6 +76,8 @@ class ServerSettings:
     reservation_ttl_s: float = 3600.0
     """A request's token and budget reservation is released after this long if it never
     settles (its server was killed)."""
+    alias_poll_s: float = 1.0
+    """How often a served alias is checked for a new target (`serve.aliases`)."""
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -97,6 +99,7 @@ class ServedModel:
     created: int
     path: Path
     version: str  # "name@3" for a registry model, else "name@sha256:<12 hex of the weights>"
+    alias: str | None = None  # served under this alias, which the server follows
 
 
 TASK_ROUTES = {"classify": "/v1/classifications", "qa": "/v1/answers"}
@@ -116,6 +119,7 @@ class ServedHead:
     created: int
     path: Path
     version: str
+    alias: str | None = None  # served under this alias, which the server follows
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -244,8 +248,10 @@ def _name_and_version(ref: ModelRef) -> tuple[str, str]:
 
     A directory or file given by path is served under its base name ("runs/x/model" → "model").
     A registry model is served under its name (prices and key limits use it), whichever version
-    was asked for; the ledger records the exact version.
+    was asked for, and an alias under the alias; the ledger records the exact version.
     """
+    if ref.alias is not None:
+        return ref.alias, ref.name
     name = ref.path.stem if ref.kind == "path" else ref.name.split("@")[0]
     if ref.kind == "registry" and ref.version is not None:
         return name, f"{name}@{ref.version}"
@@ -270,6 +276,7 @@ def load_served(spec: str | None, settings: ServerSettings) -> ServedModel | Ser
             created=int(time.time()),
             path=ref.path,
             version=version,
+            alias=ref.alias,
         )
     loaded = load_model(ref.path, dtype=dtype)
     model = loaded.model
@@ -297,6 +304,7 @@ def load_served(spec: str | None, settings: ServerSettings) -> ServedModel | Ser
         created=int(time.time()),
         path=ref.path,
         version=version,
+        alias=ref.alias,
     )
 
 
@@ -407,6 +415,7 @@ def create_app(settings: ServerSettings, *, state: ServerState | None = None) ->
     from fastapi import Depends
 
     from lmforge.serve import admin_routes, moderation, openai_routes, task_routes
+    from lmforge.serve.aliases import follow_aliases
     from lmforge.serve.auth import authenticate, require_admin
     from lmforge.serve.context import RequestContext
     from lmforge.serve.metering import metered
@@ -418,10 +427,12 @@ def create_app(settings: ServerSettings, *, state: ServerState | None = None) ->
         loader = threading.Thread(target=state.load, name="model-loader", daemon=True)
         loader.start()
         sweeper = asyncio.ensure_future(_sweep_reservations(state))
+        follower = asyncio.ensure_future(follow_aliases(state))
         try:
             yield
         finally:
             sweeper.cancel()
+            follower.cancel()
             state.draining = True
             await asyncio.to_thread(loader.join)
             state.shutdown()
