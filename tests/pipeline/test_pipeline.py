@@ -20,6 +20,7 @@ from lmforge.pipeline.run import STATE_FILE, PipelineState, pipeline_dir, plan
 from lmforge.pipeline.spec import load_pipeline
 from lmforge.registry import evals, repo
 from lmforge.registry.db import read_existing
+from lmforge.resolve import alias_target
 
 PROBE = "<img src=x onerror=alert(1)>.txt"  # a source file name that is also HTML
 TINY_TRAIN = {"model": "tiny", "batch_size": 4, "block_size": 32, "eval_batches": 1, "quiet": True}
@@ -45,6 +46,7 @@ def write_pipeline(folder: Path, *, steps: int = 3, corpus: str = "corpus.txt") 
             "train": {"data": "words", "name": "words", "max_steps": steps, **TINY_TRAIN},
             "eval": {"model": "words", "task": "perplexity", "data": "held-out.txt",
                      "block_size": 32, "quiet": True},
+            "register": {"model": "words", "alias": "prod", "require": ["perplexity<1000"]},
             "quantize": {"model": "words", "method": "int8", "head": "float", "name": "words-q8"},
             "price": {"model": "words-q8", "input": 0.1, "output": 0.4},
         },
@@ -53,6 +55,11 @@ def write_pipeline(folder: Path, *, steps: int = 3, corpus: str = "corpus.txt") 
     path = folder / "pipeline.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
+
+
+def flat(text: str) -> str:
+    """TEXT with rich's line wrapping undone."""
+    return " ".join(text.split())
 
 
 def versions(home: Path, name: str) -> list[int]:
@@ -71,13 +78,14 @@ def test_runs_reports_skips_and_reruns_what_changed(
 
     first = lmforge_here(capsys, "pipeline", "run", str(path))
     assert first.returncode == 0, first.stderr
-    assert "ran data, train, eval, quantize, price" in first.stdout.replace("\n", " ")
+    assert "ran data, train, eval, register, quantize, price" in flat(first.stdout)
+    assert alias_target("prod", lmforge_home) == ("words", 1)
     assert versions(lmforge_home, "words") == [1] and versions(lmforge_home, "words-q8") == [1]
 
     out = pipeline_dir(lmforge_home, "tiny")
     state = json.loads((out / STATE_FILE).read_text())["stages"]
     assert {k: v["status"] for k, v in state.items()} == dict.fromkeys(
-        ["data", "train", "eval", "quantize", "price"], "done"
+        ["data", "train", "eval", "register", "quantize", "price"], "done"
     )
     # The report shows what the stages recorded.
     with read_existing(home=lmforge_home) as conn:
@@ -102,7 +110,8 @@ def test_runs_reports_skips_and_reruns_what_changed(
     write_pipeline(tmp_path / "project", steps=4, corpus=PROBE)
     steps = plan(load_pipeline(path), PipelineState.load(out / STATE_FILE), lmforge_home)
     assert [(s.stage.id, s.action) for s in steps] == [
-        ("data", "skip"), ("train", "run"), ("eval", "run"), ("quantize", "run"), ("price", "run")
+        ("data", "skip"), ("train", "run"), ("eval", "run"), ("register", "run"),
+        ("quantize", "run"), ("price", "run"),
     ]  # fmt: skip
     assert steps[1].reason == "options or inputs changed" and steps[2].reason == "after train"
     third = lmforge_here(capsys, "pipeline", "run", str(path))
@@ -136,7 +145,7 @@ def test_until_and_a_failed_stage_then_going_on(
     (tmp_path / "held-out.txt").write_text(words(30, 1))
     proc = lmforge_here(capsys, "pipeline", "run", str(path))
     assert proc.returncode == 0, proc.stderr
-    assert "skipped (unchanged) data, train" in proc.stdout.replace("\n", " ")
+    assert "skipped (unchanged) data, train" in flat(proc.stdout)
     assert versions(lmforge_home, "words") == [1] and versions(lmforge_home, "words-q8") == [1]
 
 
@@ -211,8 +220,49 @@ def test_unknown_until_stage_and_missing_file(
 ) -> None:
     path = write_pipeline(tmp_path)
     proc = lmforge_here(capsys, "pipeline", "run", str(path), "--until", "serve")
-    assert_one_line_error(proc, "no stage 'serve'", "data, train, eval, quantize, price")
+    assert_one_line_error(proc, "no stage 'serve'", "data, train, eval, register, quantize, price")
     assert versions(lmforge_home, "words") == []
     assert_one_line_error(
         lmforge_here(capsys, "pipeline", "run", str(tmp_path / "nope.yaml")), "no such config file"
     )
+
+
+@pytest.mark.slow
+def test_serve_stage_comes_last_after_the_report(tmp_path: Path, lmforge_home: Path) -> None:
+    import socket
+
+    import httpx
+
+    path = write_pipeline(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spec = yaml.safe_load(path.read_text())
+    spec["stages"]["serve"] = {"model": "prod", "port": port, "threads": 1}
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    proc = subprocess.Popen(
+        [*LMFORGE, "pipeline", "run", str(path)],
+        env=run_env(lmforge_home),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            try:
+                ready = httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2)
+                if ready.status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the serve stage never became ready"
+            time.sleep(0.2)
+        assert ready.json()["models"] == ["prod"]  # the alias the register stage made
+        assert (pipeline_dir(lmforge_home, "tiny") / "report.html").is_file()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "ran data, train, eval, register, quantize, price, serve" in flat(out)

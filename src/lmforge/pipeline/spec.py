@@ -37,6 +37,7 @@ class Kind:
 
     command: tuple[str, ...]
     positional: tuple[str, ...] = ()  # options given as arguments, in this order
+    optional: tuple[str, ...] = ()  # positional options that may be left out
     paths: tuple[str, ...] = ()  # options holding file paths (read from the pipeline's folder)
     produces: str | None = None  # the option naming the artifact the stage makes
     artifact: str | None = None  # "dataset" | "model": what `produces` names
@@ -93,7 +94,13 @@ KINDS: dict[str, Kind] = {
         reads_evals=True,
     ),
     "price": Kind(("models", "price"), positional=("model",), consumes=(("model", "model"),)),
-    "serve": Kind(("serve",), consumes=(("model", "model"),), serves=True),
+    "serve": Kind(
+        ("serve",),
+        positional=("model",),
+        optional=("model",),
+        consumes=(("model", "model"),),
+        serves=True,
+    ),
 }
 
 
@@ -126,7 +133,9 @@ class Stage:
         """The `lmforge` command line this stage runs."""
         argv = list(self.spec.command)
         for key in self.spec.positional:
-            value = self.options[key]
+            value = self.options.get(key)
+            if value is None:
+                continue
             argv.extend(str(v) for v in value) if isinstance(value, list) else argv.append(
                 str(value)
             )
@@ -224,7 +233,8 @@ def _stage(path: Path, base: Path, stage_id: Any, options: Any) -> Stage:
             raise LmforgeError(
                 f"{path}: stage {stage_id!r} option {key!r} must be a value or a list of values"
             )
-    for key in spec.positional + ((spec.produces,) if spec.produces else ()):
+    required = [k for k in spec.positional if k not in spec.optional]
+    for key in required + ([spec.produces] if spec.produces else []):
         if opts.get(key) in (None, "", []):
             raise LmforgeError(f"{path}: stage {stage_id!r} ({kind}) needs '{key}'")
     for key in spec.paths:
