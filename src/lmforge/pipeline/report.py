@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmforge.atomic import write_text_atomic
+from lmforge.atomic import write_bytes_atomic, write_text_atomic
 from lmforge.data.report import funnel_rows
 from lmforge.errors import LmforgeError
 from lmforge.ops.economics import economics, economics_rows
@@ -54,8 +54,7 @@ def write_report(pipeline: Pipeline, state: PipelineState, home: Path) -> tuple[
     out = pipeline_dir(home, pipeline.name)
     md, page = out / "report.md", out / "report.html"
     for stage, png, _ in facts.curves:
-        target = out / f"loss-{stage}.png"
-        target.write_bytes(png.read_bytes())
+        write_bytes_atomic(out / f"loss-{stage}.png", png.read_bytes())
     write_text_atomic(md, render_markdown(facts))
     write_text_atomic(page, render_html(facts))
     return md, page
