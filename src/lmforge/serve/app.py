@@ -414,7 +414,14 @@ async def _sweep_reservations(state: ServerState) -> None:
 def create_app(settings: ServerSettings, *, state: ServerState | None = None) -> FastAPI:
     from fastapi import Depends
 
-    from lmforge.serve import admin_routes, moderation, openai_routes, task_routes
+    from lmforge.serve import (
+        admin_routes,
+        catalog_routes,
+        dashboard,
+        moderation,
+        openai_routes,
+        task_routes,
+    )
     from lmforge.serve.aliases import follow_aliases
     from lmforge.serve.auth import authenticate, require_admin
     from lmforge.serve.context import RequestContext
@@ -465,6 +472,8 @@ def create_app(settings: ServerSettings, *, state: ServerState | None = None) ->
     # Deny by default: every router below needs a key; /health and /ready above do not.
     app.include_router(openai_routes.router, dependencies=[Depends(authenticate)])
     app.include_router(admin_routes.router, dependencies=[Depends(require_admin)])
+    app.include_router(catalog_routes.router, dependencies=[Depends(require_admin)])
+    app.include_router(dashboard.router)  # static files only: its data comes from the above
     app.include_router(moderation.router, dependencies=[Depends(authenticate), Depends(metered)])
     app.include_router(task_routes.router, dependencies=[Depends(authenticate)])
     app.add_middleware(SizeLimits, limit=settings.max_body_bytes)
