@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint format bench bench-data bench-train bench-serve bench-quantize bench-lm-eval clean
+.PHONY: setup demo test browser lint format bench bench-data bench-train bench-serve bench-quantize bench-lm-eval clean
 
 setup: $(STAMP)
 
@@ -22,8 +22,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/lmforge demo
 
-test: lint
+test: lint browser
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests
+
+# The dashboard's browser tests drive Debian's Chromium through Playwright (no browser download).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium for the dashboard's browser tests"; \
+	  $(SUDO) apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q chromium >/dev/null; } || \
+	  { echo "error: cannot install chromium (apt-get install chromium)"; exit 1; }; }
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench

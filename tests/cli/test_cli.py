@@ -230,6 +230,7 @@ def test_demo_runs(builtin_home: Path, tmp_path: Path) -> None:
     assert "usage (stream) │ 7 prompt + 12 completion tokens" in proc.stdout
     assert "usage (ledger) │ 7 prompt + 12 completion tokens" in proc.stdout
     assert "invoice LMF-" in proc.stdout
+    assert "http://127.0.0.1:8000/dashboard" in proc.stdout
     request_id = re.search(r"request (req-[0-9a-f]{32})", proc.stdout)
     assert request_id is not None
     from lmforge.ops.lineage import request_lineage

@@ -132,6 +132,10 @@ def _chain(steps: int, tokens: int) -> None:
         usage, request_id = _stream(url, secret, model, tokens)
     _receipt(home, request_id, key_name, usage)
     out.print(f"pipeline report: {reports[0]}\n                 {reports[1]}")
+    out.print(
+        f"dashboard: lmforge serve {model}, then open http://127.0.0.1:8000/dashboard and sign "
+        "in with an admin key (lmforge keys create --name me --admin)"
+    )
     out.print(f"[dim]the whole pipeline again: lmforge pipeline run {demo_pipeline_file()}[/dim]")
 
 
