@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -153,9 +154,9 @@ def test_until_and_a_failed_stage_then_going_on(
 def test_killed_training_stage_resumes_from_its_checkpoint(
     tmp_path: Path, lmforge_home: Path
 ) -> None:
-    path = write_pipeline(tmp_path, steps=3000)
+    path = write_pipeline(tmp_path, steps=600)
     spec = yaml.safe_load(path.read_text())
-    spec["stages"]["train"]["ckpt_every"] = 50
+    spec["stages"]["train"]["ckpt_every"] = 20
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     proc = subprocess.Popen(
         [*LMFORGE, "pipeline", "run", str(path)],
@@ -187,7 +188,7 @@ def test_killed_training_stage_resumes_from_its_checkpoint(
     assert done.returncode == 0, done.stderr
     (run_dir,) = list(runs.glob("words-*"))  # the same run went on: no second run directory
     assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
-    assert "resumed at" in done.stdout  # from a checkpoint, not step 0
+    assert re.search(r"resumed at \d", done.stdout)  # from a checkpoint, not step 0
     assert versions(lmforge_home, "words") == [1]
 
 
