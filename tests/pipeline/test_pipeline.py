@@ -267,3 +267,22 @@ def test_serve_stage_comes_last_after_the_report(tmp_path: Path, lmforge_home: P
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert "ran data, train, eval, register, quantize, price, serve" in flat(out)
+
+
+def test_ctrl_c_in_a_training_stage_leaves_it_to_resume(tmp_path: Path, lmforge_home: Path) -> None:
+    """A command stopped by Ctrl-C exits 130: the stage stays 'running' (resumed next time),
+    not 'failed' (which would start the training over)."""
+    from lmforge.cli.main import main
+    from lmforge.pipeline.run import run_pipeline
+
+    pipeline = load_pipeline(write_pipeline(tmp_path))
+
+    def execute(argv: list[str]) -> int:
+        return 130 if argv[0] == "train" else main(argv)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(pipeline, home=lmforge_home, execute=execute)
+    state = PipelineState.load(pipeline_dir(lmforge_home, "tiny") / STATE_FILE)
+    assert state.stages["data"].status == "done" and state.stages["train"].status == "running"
+    steps = plan(pipeline, state, lmforge_home)
+    assert (steps[1].action, steps[1].argv[-2:]) == ("resume", ["--resume", "auto"])

@@ -34,6 +34,7 @@ from lmforge.registry.db import read_existing
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
+INTERRUPTED = 130  # the exit code of a command stopped by Ctrl-C (`cli.main`)
 
 
 def pipeline_dir(home: Path, name: str) -> Path:
@@ -183,6 +184,8 @@ def _execute(
     started = time.perf_counter()
     code = execute(step.argv)
     entry.seconds = round(time.perf_counter() - started, 3)
+    if code == INTERRUPTED:  # Ctrl-C: left "running", so the next run resumes it
+        raise KeyboardInterrupt
     if code != 0:
         entry.status = "failed"
         state.save()
