@@ -215,18 +215,20 @@ def test_demo_runs(builtin_home: Path, tmp_path: Path) -> None:
     home = tmp_path / "home"  # its own registry; the converted built-in is shared
     home.mkdir()
     (home / "builtin").symlink_to(builtin_home / "builtin")
-    proc = lmforge("demo", "-n", "24", "--train-steps", "8", "--serve-tokens", "12", home=home)
+    # 60 steps: enough for the demo's gate (held-out perplexity < 20; untrained it is ~60).
+    proc = lmforge("demo", "-n", "24", "--train-steps", "60", "--serve-tokens", "12", home=home)
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
     assert "two-turn chat" in proc.stdout
-    for stage in ("data prepare", "train --data demo-shakespeare", "eval demo-shakespeare",
-                  "quantize demo-shakespeare", "models price demo-shakespeare-int8"):  # fmt: skip
-        assert f"$ lmforge {stage}" in proc.stdout, stage
+    for stage in ("data prepare", "train --data demo-shakespeare", "quantize demo-shakespeare",
+                  "eval demo-shakespeare-int8", "models promote demo-shakespeare-int8 --alias "
+                  "shakespeare --require perplexity<20", "models price shakespeare"):  # fmt: skip
+        assert f"$ lmforge {stage}" in " ".join(proc.stdout.split()), stage
     assert (home / "datasets" / "demo-shakespeare" / "manifest.json").is_file()
     assert (home / "models" / "demo-shakespeare-int8").is_dir()
     assert (home / "pipelines" / "demo" / "report.html").is_file()
     # The request went through a real server and was metered, billed and traced.
-    assert "serving demo-shakespeare-int8 at http://127.0.0.1:" in proc.stdout
+    assert "serving shakespeare at http://127.0.0.1:" in proc.stdout
     assert "usage (stream) │ 7 prompt + 12 completion tokens" in proc.stdout
     assert "usage (ledger) │ 7 prompt + 12 completion tokens" in proc.stdout
     assert "invoice LMF-" in proc.stdout

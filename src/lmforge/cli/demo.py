@@ -3,11 +3,12 @@
 1. The built-in model completes a prompt greedily and holds a two-turn chat.
 2. The demo pipeline (`demo_data/pipeline.yaml`, shipped with lmforge) runs through
    `lmforge pipeline run`'s code: 120 kB of Shakespeare becomes a character-level data set, a
-   nanoGPT-sized model is trained on it, evaluated on text it never saw, quantized to int8,
-   registered and priced, and the pipeline's report is written.
-3. `lmforge serve` starts in its own process with the int8 model, a key is created, and the
-   official `openai` client streams a completion from it; the demo prints the answer, the
-   usage, the bill and the lineage of that very request, back to the source file.
+   nanoGPT-sized model is trained on it and quantized to int8; the int8 model is evaluated on
+   text it never saw, promoted to the alias `shakespeare` only if its perplexity passes, the
+   alias is priced, and the pipeline's report is written.
+3. `lmforge serve shakespeare` starts in its own process, a key is created, and the official
+   `openai` client streams a completion from it; the demo prints the answer, the usage, the
+   bill and the lineage of that very request, back to the source file.
 
 Every step runs the real command or the library call behind it, so what the demo shows is what
 the commands do."""
@@ -107,7 +108,7 @@ def _chain(steps: int, tokens: int) -> None:
     train = pipeline.stage("train").options
     train.update(max_steps=steps, eval_every=max(1, steps // 4), ckpt_every=max(1, steps // 2),
                  warmup=min(100, steps // 10))  # fmt: skip
-    out.rule("[bold]pipeline: data → train → eval → quantize → price[/bold]")
+    out.rule("[bold]pipeline: data → train → quantize → eval → register → price[/bold]")
     out.print(f"[dim]{demo_pipeline_file()}[/dim]")
 
     def execute(argv: list[str]) -> int:
@@ -123,7 +124,7 @@ def _chain(steps: int, tokens: int) -> None:
     skipped = [s.stage.id for s in steps_run if s.action == "skip"]
     if skipped:
         out.print(f"[dim]unchanged since the last demo, skipped: {', '.join(skipped)}[/dim]")
-    model = str(pipeline.stage("quantize").options["name"])
+    model = str(pipeline.stage("register").options["alias"])  # served by its alias
 
     out.rule("[bold]serve → key → OpenAI client → usage, bill, lineage[/bold]")
     with _server(model, home) as url:

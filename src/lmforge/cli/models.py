@@ -180,7 +180,8 @@ def show_command(
 )
 def price_command(
     name: Annotated[
-        str | None, typer.Argument(help="The served model name (registry or built-in).")
+        str | None,
+        typer.Argument(help="The served model name (registry model, alias or built-in)."),
     ] = None,
     input_usd: Annotated[
         str | None, typer.Option("--input", help="USD per million prompt tokens.")
@@ -225,11 +226,13 @@ def price_command(
             )
         return
     if name not in BUILTINS:
-        from lmforge.resolve import registry_names
+        from lmforge.resolve import alias_target, registry_names
 
-        if name not in registry_names(lmforge_home()):
+        home = lmforge_home()
+        if name not in registry_names(home) and alias_target(name, home) is None:
             raise LmforgeError(
-                f"no model named {name!r} in the registry (prices are per served model name)"
+                f"no model or alias named {name!r} in the registry (prices are per served "
+                "model name)"
             )
     engine = connect()
     try:
