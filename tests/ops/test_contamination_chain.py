@@ -237,3 +237,17 @@ def test_task_texts_reads_every_string(tmp_path: Path) -> None:
     jsonl = tmp_path / "train.jsonl"
     jsonl.write_text('{"text": "a", "label": 1, "tags": ["b", {"c": "d"}]}\n\n{"x": "e"}\n')
     assert list(task_texts(jsonl)) == ["a", "b", "d", "e"]
+
+
+def test_a_quantized_copy_is_checked_through_its_parent(
+    chain: dict[str, Path], tmp_path: Path
+) -> None:
+    """Regression: a quantized model records no training data of its own; that made every eval
+    of it "incomplete" although its parent's data was checked."""
+    copy = write_model(
+        tmp_path / "base-int8",
+        {"stage": "quantize", "parent": str(chain["base"]), "parent_path": str(chain["base"])},
+    )
+    report = check_contamination(str(copy), EVAL)
+    assert report["complete"] is True and report["flagged_examples"] == [0, 2]
+    assert {s["model"] for s in report["sources"]} == {str(chain["base"])}

@@ -12,6 +12,7 @@ ancestor (`parent` in `lmforge.json`, followed with `ops.lineage.model_chain`) c
 - a fine-tuned model — `"stage": "finetune"`, `"task_data": {"path", "sha256", "format"}`:
   its task file, read generically (`task_texts`): every string value of each `.jsonl`
   object or of a `.json` document (SQuAD), each line of any other file;
+- a quantized copy (`"stage": "quantize"`) — nothing of its own; its parent is checked;
 - the built-in model, a model without `lmforge.json`, or one that records no training data
   (an imported GGUF): a source marked `unknown`.
 
@@ -157,6 +158,8 @@ def _model_sources(facts: ModelFacts) -> list[TrainingSource]:
         return [_note(label, "missing", facts.missing, str(facts.path))]
     if not record:
         return [_note(label, "unknown", "no lmforge.json: made outside lmforge", str(facts.path))]
+    if record.get("stage") == "quantize" and record.get("parent"):
+        return []  # trained on nothing itself: what it knows is its parent's (checked next)
     sources: list[TrainingSource] = []
     dataset = record.get("dataset")
     if isinstance(dataset, dict) and dataset.get("path"):
