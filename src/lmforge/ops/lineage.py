@@ -120,7 +120,7 @@ def find_model(spec: str, *, home: Path | None = None) -> ModelFacts:
         return _builtin(spec, home)
     path = Path(spec).expanduser()
     if path.is_dir():
-        return ModelFacts(spec, "path", path, _read_json(path / LINEAGE_FILE))
+        return ModelFacts(spec, "path", path, read_json_object(path / LINEAGE_FILE))
     if path.exists():
         raise LmforgeError(f"{spec}: lineage needs a model directory, not a file")
     m = _REGISTRY_REF.match(spec)
@@ -156,7 +156,7 @@ def model_chain(facts: ModelFacts, *, home: Path | None = None) -> list[ModelFac
 def _builtin(name: str, home: Path) -> ModelFacts:
     gguf = BUILTINS[name].gguf_path()
     cache = home / "builtin" / name
-    record = _read_json(cache / LINEAGE_FILE)
+    record = read_json_object(cache / LINEAGE_FILE)
     missing = None if gguf else f"not installed: {BUILTINS[name].install}"
     return ModelFacts(
         name, "builtin", cache if record else None, record, gguf=gguf, missing=missing
@@ -166,7 +166,7 @@ def _builtin(name: str, home: Path) -> ModelFacts:
 def _registry(rec: repo.ModelRecord) -> ModelFacts:
     path = Path(rec.path)
     missing = None if path.is_dir() else f"registered at {path}, now gone"
-    record = _read_json(path / LINEAGE_FILE)
+    record = read_json_object(path / LINEAGE_FILE)
     return ModelFacts(rec.ref, "registry", path, record, registry=rec, missing=missing)
 
 
@@ -297,7 +297,7 @@ def _run_node(rec: dict[str, Any], home: Path) -> LineageNode:
     run_dir = Path(str(rec.get("run_dir")))
     missing = None
     if (run_dir / "run.json").is_file():
-        details["status"] = str(_read_json(run_dir / "run.json").get("status", "?"))
+        details["status"] = str(read_json_object(run_dir / "run.json").get("status", "?"))
     else:
         missing = f"run directory {run_dir} is gone (the numbers are from lmforge.json)"
     node = LineageNode("run", str(rec["run_id"]), details, missing=missing)
@@ -315,7 +315,7 @@ def _dataset_node(recorded: dict[str, Any], home: Path) -> LineageNode:
     manifest_file = path / "manifest.json"
     if not manifest_file.is_file():
         return LineageNode("dataset", name, details, missing=f"{manifest_file} is gone")
-    manifest = _read_json(manifest_file)
+    manifest = read_json_object(manifest_file)
     details["manifest sha256"] = _file_sha256(manifest_file)
     if (
         row is not None
@@ -434,7 +434,9 @@ def _served_model(conn: Connection, row: ledger.UsageRecord, home: Path) -> Mode
 # -- files -------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in PATH; {} when it is missing, unreadable or not an object (a record
+    that cannot be read is shown as absent, never as a crash)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -21,7 +21,7 @@ from lmforge.errors import LmforgeError
 from lmforge.eval.card import CARD_FILE
 from lmforge.home import lmforge_home
 from lmforge.ops.billing import build_invoice
-from lmforge.ops.lineage import model_lineage
+from lmforge.ops.lineage import model_lineage, read_json_object
 from lmforge.ops.pricing import format_price
 from lmforge.registry import aliases, evals, repo
 from lmforge.registry.ledger import get_price
@@ -43,21 +43,13 @@ def _home(http: Request) -> Path:
     return _state(http).settings.home or lmforge_home()
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 @router.get("/datasets")
 def datasets(http: Request) -> Any:
     with _state(http).registry.connect() as conn:
         records = repo.list_datasets(conn)
     data = []
     for r in records:
-        manifest = _read_json(r.path / "manifest.json")
+        manifest = read_json_object(r.path / "manifest.json")
         try:
             funnel = [
                 {"step": step, "documents": docs, "chars": chars, "kept": kept}
@@ -91,7 +83,7 @@ def runs(http: Request) -> Any:
     root = _home(http) / "runs"
     data = []
     for run_json in root.glob("*/run.json") if root.is_dir() else []:
-        rec = _read_json(run_json)
+        rec = read_json_object(run_json)
         result = rec.get("result") if isinstance(rec.get("result"), dict) else {}
         data.append(
             {
@@ -120,7 +112,7 @@ def run_metrics(http: Request, run_id: str, after: int = 0) -> Any:
                 continue
             if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > after:
                 rows.append({k: row[k] for k in ("step", "loss", "val_loss", "lr") if k in row})
-    status = _read_json(run_dir / "run.json").get("status")
+    status = read_json_object(run_dir / "run.json").get("status")
     return {"object": "list", "run": run_id, "status": status, "data": rows[-MAX_POINTS:]}
 
 
