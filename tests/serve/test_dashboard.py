@@ -192,6 +192,19 @@ def test_create_a_key_and_see_it_once(page, dash: Dash) -> None:  # type: ignore
     page.click("#nav button[data-tab=keys]")
     page.wait_for_selector("#view-keys table")
     assert "web-ui" in page.inner_text("#view-keys") and secret not in page.content()
+    # Change its limits: rpm 30 → 99, tpm none → 5000.
+    page.click("#view-keys tr:has-text('web-ui') button.edit")
+    page.fill("#edit-key input[name=rpm]", "99")
+    page.fill("#edit-key input[name=tpm]", "5000")
+    page.click("#edit-key button[type=submit]")
+    page.wait_for_selector("#view-keys tr:has-text('web-ui'):has-text('5000')")
+    key = get(dash, "/v1/admin/keys/web-ui").json()
+    assert (key["rpm"], key["tpm"]) == (99, 5000)
+    shot(page, "key-limits")
+    page.click("#view-keys tr:has-text('web-ui') button.revoke")
+    page.wait_for_selector("#view-keys tr:has-text('web-ui'):has-text('revoked')")
+    assert httpx.get(f"{dash.server.url}/v1/models", timeout=30,
+                     headers={"Authorization": f"Bearer {secret}"}).status_code == 401  # fmt: skip
 
 
 def test_a_training_runs_curve_grows_while_it_trains(page, dash: Dash) -> None:  # type: ignore[no-untyped-def]

@@ -155,7 +155,9 @@ const views = {
       table(["name", "key", "status", "admin", "models", "rpm", "tpm", "budget", "spent", ""],
         data.map((k) => [k.name, k.key, k.status, k.admin ? "yes" : "", (k.models || ["all"]).join(", "), k.rpm, k.tpm,
           k.budget ? `${k.budget} (${k.budget_period})` : "", k.spent,
-          k.status === "active" ? el("button", { onclick: async () => { await api(`/v1/admin/keys/${encodeURIComponent(k.name)}`, { method: "DELETE" }); show("keys"); } }, "Revoke") : ""])));
+          k.status === "active" ? el("span", {},
+            el("button", { class: "edit", onclick: () => editLimits(created, k) }, "Limits"), " ",
+            el("button", { class: "revoke", onclick: async () => { await api(`/v1/admin/keys/${encodeURIComponent(k.name)}`, { method: "DELETE" }); show("keys"); } }, "Revoke")) : ""])));
   },
 
   async usage(view) {
@@ -234,6 +236,28 @@ const views = {
     view.append(el("h2", {}, "Playground"), form, status, log);
   },
 };
+
+function editLimits(holder, key) {
+  // Empty fields remove a limit (null), as `lmforge keys update --rpm none` does.
+  const field = (name, value, step) => el("label", {}, `${name} `,
+    el("input", { name, type: "number", min: 0, step: step || 1, value: value ?? "" }));
+  const form = el("form", { class: "inline", id: "edit-key" }, el("strong", {}, key.name),
+    field("rpm", key.rpm), field("tpm", key.tpm),
+    field("budget", key.budget ? key.budget.replace("$", "") : null, "any"),
+    el("button", { type: "submit" }, "Save limits"));
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const f = new FormData(form);
+    const body = { rpm: f.get("rpm") === "" ? null : Number(f.get("rpm")),
+                   tpm: f.get("tpm") === "" ? null : Number(f.get("tpm")),
+                   budget: f.get("budget") === "" ? null : f.get("budget") };
+    try {
+      await api(`/v1/admin/keys/${encodeURIComponent(key.name)}`, { method: "PATCH", body: JSON.stringify(body) });
+      await show("keys");
+    } catch (err) { holder.replaceChildren(form, el("p", { class: "error" }, err.message)); }
+  });
+  holder.replaceChildren(form);
+}
 
 async function stream(path, body, into, chat) {
   const response = await fetch(path, {
