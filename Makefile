@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test browser lint format bench bench-data bench-train bench-serve bench-quantize bench-lm-eval clean
+.PHONY: setup demo test browser reliability lint format bench bench-data bench-train bench-serve bench-quantize bench-lm-eval clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,10 @@ demo: $(STAMP)
 
 test: lint browser
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests
+
+# The reliability suites at full size (`make test` runs them smaller).
+reliability: $(STAMP)
+	LMFORGE_FUZZ_CASES=1200 $(VENV)/bin/pytest -q -s -p no:cacheprovider tests/serve/test_fuzz.py
 
 # The dashboard's browser tests drive Debian's Chromium through Playwright (no browser download).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
