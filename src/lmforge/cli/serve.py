@@ -1,7 +1,8 @@
 """`lmforge serve`: the OpenAI-compatible HTTP server on uvicorn.
 
-SIGTERM (or Ctrl-C) drains: `/ready` turns 503 at once, no new connection is accepted, the
-requests in flight (streams included) run to their end, then the process exits 0.
+SIGTERM (or Ctrl-C) drains: `/ready` and every new request get 503 at once while the requests
+in flight (streams included) run to their end; then the listener closes, the last bytes are
+sent and the process exits 0. A second signal stops at once.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Annotated
 
@@ -21,6 +24,9 @@ if TYPE_CHECKING:
     from lmforge.serve.app import ServerSettings
 
 err = Console(stderr=True, highlight=False)
+
+DRAIN_TIMEOUT_S = 120.0
+"""On SIGTERM, requests still generating after this long are cut off by the shutdown."""
 
 EXAMPLES = """[bold]Examples[/bold]
 
@@ -128,8 +134,23 @@ def serve_command(
 
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig: int, frame: object) -> None:
-            state.draining = True  # /ready says 503 from now on
-            super().handle_exit(sig, frame)  # type: ignore[arg-type]
+            """SIGTERM/SIGINT: drain, then stop. While requests are generating, the listener
+            stays open and new requests get 503 with Retry-After (`/ready` too), so a load
+            balancer moves them elsewhere; once nothing generates, uvicorn's graceful shutdown
+            closes the listener and waits for the last bytes of every stream. A second signal
+            stops at once."""
+            if state.draining:
+                super().handle_exit(sig, frame)  # type: ignore[arg-type]
+                return
+            state.draining = True
+
+            def drain_then_exit() -> None:
+                deadline = time.monotonic() + DRAIN_TIMEOUT_S
+                while state.busy() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                super(DrainingServer, self).handle_exit(sig, frame)  # type: ignore[arg-type]
+
+            threading.Thread(target=drain_then_exit, name="drain", daemon=True).start()
 
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:

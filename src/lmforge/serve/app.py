@@ -217,6 +217,12 @@ class ServerState:
         finally:
             self.loaded.set()
 
+    def busy(self) -> bool:
+        """Whether any model is generating (or a head model computing) right now."""
+        return any(m.engine.num_requests for m in self.models.values()) or any(
+            h.lock.locked() for h in self.heads.values()
+        )
+
     def shutdown(self) -> None:
         for served in self.models.values():
             served.engine.shutdown()
