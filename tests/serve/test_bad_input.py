@@ -286,11 +286,16 @@ def test_huge_top_k_is_a_no_op_not_a_crash(client: httpx.Client) -> None:
     assert_serving(client)
 
 
-def test_content_parts_with_text_still_work(client: httpx.Client) -> None:
-    parts = [{"type": "text", "text": "Pack my"}, {"type": "image_url", "image_url": {"url": "x"}}]
+def test_text_content_parts_work_and_an_image_part_is_refused(client: httpx.Client) -> None:
+    parts = [{"type": "text", "text": "Pack my"}, {"type": "text", "text": " box"}]
     r = post(client, CHAT, chat(messages=[{"role": "user", "content": parts}]))
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["role"] == "assistant"
+    # The image used to be dropped silently: the model answered without what it was asked about.
+    image = [*parts, {"type": "image_url", "image_url": {"url": "x"}}]
+    r = post(client, CHAT, chat(messages=[{"role": "user", "content": image}]))
+    error = assert_error(r, 400, "messages")
+    assert "messages[0].content[2] is a 'image_url' part" in error["message"]
 
 
 def test_server_still_serves_after_bad_fields(client: httpx.Client) -> None:

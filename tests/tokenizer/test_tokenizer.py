@@ -124,6 +124,15 @@ def test_invalid_template_syntax_is_an_lmforge_error():  # type: ignore[no-untyp
         ),
         ([{"role": "user", "content": 5}], "messages[0].content"),
         ([{"role": "user", "content": None}], "messages[0].content"),
+        ([{"role": "user"}], "messages[0].content is missing"),
+        ([{"role": "system"}], "messages[0].content is missing"),
+        # Regressions: a non-text part used to vanish silently, answering another question.
+        (
+            [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}],
+            "messages[0].content[0] is a 'image_url' part",
+        ),
+        ([{"role": "user", "content": [{"type": "text"}]}], "without a 'text' string"),
+        ([{"role": "user", "content": ["hi"]}], "messages[0].content[0] is a 'str' part"),
     ],
 )
 def test_validate_messages_errors(messages, fragment):  # type: ignore[no-untyped-def]
@@ -133,11 +142,7 @@ def test_validate_messages_errors(messages, fragment):  # type: ignore[no-untype
 
 
 def test_validate_messages_joins_text_content_parts():  # type: ignore[no-untyped-def]
-    parts = [
-        {"type": "text", "text": "Hello "},
-        {"type": "image_url"},
-        {"type": "text", "text": "you"},
-    ]
+    parts = [{"type": "text", "text": "Hello "}, {"type": "text", "text": "you"}]
     out = validate_messages([{"role": "user", "content": parts}, {"role": "assistant"}])
     assert out == [{"role": "user", "content": "Hello you"}, {"role": "assistant", "content": ""}]
 

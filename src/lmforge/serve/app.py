@@ -320,7 +320,9 @@ MAX_HEADER_BYTES = 32 * 1024
 
 class SizeLimits:
     """ASGI middleware: 431 for headers over MAX_HEADER_BYTES; read the whole request body up to
-    LIMIT bytes, 413 beyond, then replay it to the app (so no route parses an oversized body)."""
+    LIMIT bytes, 413 beyond; 400 for a body that is not UTF-8 (Python's JSON parser would let
+    encoded surrogates through as text); then replay it to the app (so no route parses an
+    oversized or undecodable body)."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
@@ -356,6 +358,12 @@ class SizeLimits:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            bad = OpenAIError(400, f"the request body is not valid UTF-8 (byte {exc.start})")
+            await error_response(bad)(scope, receive, send)
+            return
         replayed = False
 
         async def replay() -> Message:

@@ -59,7 +59,8 @@ class CompletionRequest(_Sampling):
 
 
 class ContentPart(_Request):
-    """One part of a message's content ({"type": "text", "text": …}; other parts pass through)."""
+    """One part of a message's content ({"type": "text", "text": …}). Other kinds pass schema
+    validation and are refused by `tokenizer.chat.validate_messages` with a message naming them."""
 
     model_config = ConfigDict(strict=True, extra="allow")
     text: str | None = None

@@ -59,13 +59,31 @@ def validate_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]
             raise LmforgeError(f"messages[{i}] must be an object with a 'role'")
         if m["role"] not in ROLES:
             raise LmforgeError(f"messages[{i}].role {m['role']!r} is not one of {', '.join(ROLES)}")
-        content = m.get("content", "")
-        if isinstance(content, list):  # OpenAI content parts: keep the text ones
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        content = m.get("content")
+        if content is None:
+            if m["role"] != "assistant":  # an assistant turn may be empty; a question may not
+                raise LmforgeError(
+                    f"messages[{i}].content is missing (a {m['role']} message needs text)"
+                )
+            content = ""
+        if isinstance(content, list):  # OpenAI content parts: text only
+            content = "".join(_text_part(i, j, p) for j, p in enumerate(content))
         if not isinstance(content, str):
             raise LmforgeError(f"messages[{i}].content must be a string")
         out.append({**m, "content": content})
     return out
+
+
+def _text_part(i: int, j: int, part: Any) -> str:
+    """The text of content part J of message I; any other kind of part is refused (silently
+    dropping an image would answer a question the user did not ask)."""
+    where = f"messages[{i}].content[{j}]"
+    if not isinstance(part, dict) or part.get("type") != "text":
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        raise LmforgeError(f"{where} is a {kind!r} part; this model takes text parts only")
+    if not isinstance(part.get("text"), str):
+        raise LmforgeError(f"{where} is a text part without a 'text' string")
+    return str(part["text"])
 
 
 def render_chat(
