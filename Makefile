@@ -27,7 +27,9 @@ test: lint browser
 
 # The reliability suites at full size (`make test` runs them smaller).
 reliability: $(STAMP)
-	LMFORGE_FUZZ_CASES=1200 $(VENV)/bin/pytest -q -s -p no:cacheprovider tests/serve/test_fuzz.py
+	LMFORGE_FUZZ_CASES=1200 LMFORGE_SOAK_SECONDS=120 $(VENV)/bin/pytest -q -s -p no:cacheprovider \
+	  tests/serve/test_fuzz.py tests/serve/test_soak.py tests/serve/test_hostile.py \
+	  tests/serve/test_disconnects.py tests/serve/test_drain.py tests/test_safety.py
 
 # The dashboard's browser tests drive Debian's Chromium through Playwright (no browser download).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
