@@ -27,9 +27,12 @@ test: lint browser
 
 # The reliability suites at full size (`make test` runs them smaller).
 reliability: $(STAMP)
-	LMFORGE_FUZZ_CASES=1200 LMFORGE_SOAK_SECONDS=120 $(VENV)/bin/pytest -q -s -p no:cacheprovider \
+	LMFORGE_FUZZ_CASES=1200 LMFORGE_SOAK_SECONDS=120 LMFORGE_TRAIN_KILLS=20 \
+	  LMFORGE_KILL_TRIALS=100 $(VENV)/bin/pytest -q -s -p no:cacheprovider \
 	  tests/serve/test_fuzz.py tests/serve/test_soak.py tests/serve/test_hostile.py \
-	  tests/serve/test_disconnects.py tests/serve/test_drain.py tests/test_safety.py
+	  tests/serve/test_disconnects.py tests/serve/test_drain.py tests/test_safety.py \
+	  tests/train/test_kill_resume.py \
+	  tests/serve/test_metering.py::test_sigkill_during_requests_loses_no_succeeded_request
 
 # The dashboard's browser tests drive Debian's Chromium through Playwright (no browser download).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 
 from conftest import LMFORGE, lmforge, run_env, write_token_dataset
 
-STEPS = 60
+KILLS = int(os.environ.get("LMFORGE_TRAIN_KILLS", "6"))  # make reliability: 20
+STEPS = max(60, 10 * KILLS)  # room for every kill (each lets 1-8 steps run)
 
 
 @pytest.fixture
@@ -100,7 +101,8 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(data_dir: Path, tmp_
 
     home = tmp_path / "killed"
     rng = random.Random(1234)
-    moments = ["random", "checkpoint-write", "random", "random", "random", "random"]
+    moments = ["random", "checkpoint-write"] + ["random", "checkpoint-write", "random"] * KILLS
+    moments = moments[:KILLS]
     landed = []
     for moment in moments:
         proc = subprocess.Popen(
