@@ -22,7 +22,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/lmforge demo
 
-test: lint browser
+# Chromium installs (apt) while lint runs; the tests start when both are done.
+test: $(STAMP)
+	@$(MAKE) --no-print-directory browser & browser=$$!; \
+	$(MAKE) --no-print-directory lint; lint=$$?; wait $$browser; browser=$$?; \
+	test $$lint = 0 && test $$browser = 0
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests
 
 # The reliability suites at full size (`make test` runs them smaller).

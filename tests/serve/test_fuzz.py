@@ -2,7 +2,7 @@
 valid and invalid inputs. No 5xx, every error in OpenAI's shape, /health answers after every
 case, and the server's memory stays within 50 MB of its warm baseline.
 
-`LMFORGE_FUZZ_CASES` sets the number of cases (CI: 300; `make reliability`: 1,200)."""
+`LMFORGE_FUZZ_CASES` sets the number of cases (CI: 200; `make reliability`: 1,200)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from served import Server, make_model_dir, start_server, stop_server
 
-CASES = int(os.environ.get("LMFORGE_FUZZ_CASES", "300"))
+CASES = int(os.environ.get("LMFORGE_FUZZ_CASES", "200"))
 RSS_SLACK = 50 * 2**20
 
 

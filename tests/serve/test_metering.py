@@ -21,7 +21,7 @@ from served import Server, create_key, make_model_dir, start_server, stop_server
 
 from lmforge.cli.main import main
 
-KILL_TRIALS = int(os.environ.get("LMFORGE_KILL_TRIALS", "20"))
+KILL_TRIALS = int(os.environ.get("LMFORGE_KILL_TRIALS", "10"))  # make reliability: 100
 
 
 def bearer(key: str) -> dict[str, str]:

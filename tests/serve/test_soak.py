@@ -1,4 +1,4 @@
-"""Soak: 16 concurrent streaming clients on the built-in model for LMFORGE_SOAK_SECONDS (CI: 6;
+"""Soak: 16 concurrent streaming clients on the built-in model for LMFORGE_SOAK_SECONDS (CI: 5;
 `make reliability`: 120). No 5xx, no truncated stream, every stream ends with [DONE], and the
 usage each stream reported equals the ledger's row for it."""
 
@@ -19,7 +19,7 @@ from lmforge.builtin import DEFAULT_MODEL
 from lmforge.registry import db, ledger
 
 CLIENTS = 16
-SECONDS = float(os.environ.get("LMFORGE_SOAK_SECONDS", "6"))
+SECONDS = float(os.environ.get("LMFORGE_SOAK_SECONDS", "5"))
 QUESTIONS = ["What is the capital of France?", "Name three colours.", "Count to five.",
              "Say hello in Spanish.", "What is 2 + 2?", "Write a haiku about rain."]  # fmt: skip
 
