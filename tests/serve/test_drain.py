@@ -18,12 +18,12 @@ from served import make_model_dir, start_server
 from lmforge.registry import db, ledger
 
 STREAMS = 10
-TOKENS = 300
+TOKENS = 200
 
 
 @pytest.mark.slow
 def test_sigterm_with_10_streams_in_flight(tmp_path: Path, tiny_tokenizer: Any) -> None:
-    # A model slow enough (8 layers, 256 wide) that 10 × 300 tokens take a few seconds.
+    # A model slow enough (8 layers, 256 wide) that 10 × 200 tokens take a few seconds.
     model_dir = make_model_dir(tmp_path, tiny_tokenizer, d_model=256, n_layer=8, n_head=4,
                                max_seq_len=512)  # fmt: skip
     server = start_server(model_dir, tmp_path / "home", "--max-batch", "16")

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from conftest import LMFORGE, lmforge, run_env, write_token_dataset
 
-KILLS = int(os.environ.get("LMFORGE_TRAIN_KILLS", "6"))  # make reliability: 20
+KILLS = int(os.environ.get("LMFORGE_TRAIN_KILLS", "4"))  # make reliability: 20
 STEPS = max(60, 10 * KILLS)  # room for every kill (each lets 1-8 steps run)
 
 
