@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +18,16 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
-from served import Server, make_model_dir, start_server, stop_server
+from served import Server, tiny_server
 
 CASES = int(os.environ.get("LMFORGE_FUZZ_CASES", "200"))
 RSS_SLACK = 50 * 2**20
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any) -> Iterator[Server]:
-    root = tmp_path_factory.mktemp("fuzz")
-    server = start_server(make_model_dir(root, tiny_tokenizer), root / "home", "--max-batch", "4")
-    yield server
-    stop_server(server)
+def server(tiny_server: Server) -> Server:
+    """This module's own server (`served.tiny_server` is module-scoped)."""
+    return tiny_server
 
 
 def rss(server: Server) -> int:

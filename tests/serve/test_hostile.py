@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from served import Server, create_key, make_model_dir, start_server, stop_server
+from served import Server, create_key, tiny_server
 
 CMPL, CHAT, EMBED = "/v1/completions", "/v1/chat/completions", "/v1/embeddings"
 
@@ -109,11 +109,9 @@ def cases(model: str) -> Iterator[tuple[str, str, str, Any, dict[str, str]]]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any) -> Iterator[Server]:
-    root = tmp_path_factory.mktemp("hostile")
-    server = start_server(make_model_dir(root, tiny_tokenizer), root / "home", "--max-batch", "4")
-    yield server
-    stop_server(server)
+def server(tiny_server: Server) -> Server:
+    """This module's own server (`served.tiny_server` is module-scoped)."""
+    return tiny_server
 
 
 def test_the_corpus_is_large_enough(server: Server) -> None:
