@@ -286,3 +286,17 @@ def test_ctrl_c_in_a_training_stage_leaves_it_to_resume(tmp_path: Path, lmforge_
     assert state.stages["data"].status == "done" and state.stages["train"].status == "running"
     steps = plan(pipeline, state, lmforge_home)
     assert (steps[1].action, steps[1].argv[-2:]) == ("resume", ["--resume", "auto"])
+
+
+def test_a_run_hashes_each_unchanged_input_once(tmp_path: Path, lmforge_home: Path) -> None:
+    """Re-planning before every stage reuses the input files' hashes while they are unchanged,
+    and sees a file that changed in between."""
+    pipeline = load_pipeline(write_pipeline(tmp_path))
+    state = PipelineState.load(pipeline_dir(lmforge_home, "tiny") / STATE_FILE)
+    hashes: dict[tuple[object, ...], str] = {}
+    first = plan(pipeline, state, lmforge_home, hashes=hashes)
+    assert len(hashes) == 2  # corpus.txt (data) and held-out.txt (eval)
+    assert plan(pipeline, state, lmforge_home, hashes=hashes) == first and len(hashes) == 2
+    (tmp_path / "corpus.txt").write_text(words(201, 0))
+    changed = plan(pipeline, state, lmforge_home, hashes=hashes)
+    assert changed[0].fingerprint != first[0].fingerprint and len(hashes) == 3

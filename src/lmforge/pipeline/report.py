@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -23,11 +22,12 @@ from lmforge.atomic import write_bytes_atomic, write_text_atomic
 from lmforge.data.report import funnel_rows
 from lmforge.errors import LmforgeError
 from lmforge.ops.economics import economics, economics_rows
-from lmforge.ops.lineage import LineageNode, model_lineage
-from lmforge.pipeline.run import PipelineState, pipeline_dir
-from lmforge.pipeline.spec import Pipeline
-from lmforge.registry import evals, repo
+from lmforge.ops.lineage import LineageNode, model_lineage, read_json_object
+from lmforge.pipeline.run import PipelineState, newest_eval, pipeline_dir
+from lmforge.pipeline.spec import Pipeline, Stage
+from lmforge.registry import repo
 from lmforge.registry.db import read_existing
+from lmforge.train.loop import read_metrics
 from lmforge.train.observe import LOSS_PNG, plot_losses
 
 log = logging.getLogger(__name__)
@@ -81,9 +81,9 @@ def gather(pipeline: Pipeline, state: PipelineState, home: Path) -> Facts:
         if artifact == "dataset":
             manifest = home / "datasets" / name / "manifest.json"
             try:
-                facts.funnels.append((name, funnel_rows(_read_json(manifest))))
-            except (LmforgeError, KeyError, IndexError) as exc:
-                facts.notes.append(f"data funnel of {name}: {exc}")
+                facts.funnels.append((name, funnel_rows(read_json_object(manifest))))
+            except (KeyError, IndexError, TypeError):
+                facts.notes.append(f"data funnel of {name}: {manifest} is missing or unreadable")
         if artifact == "model":
             last_model = name
             curve = _loss_curve(name, home)
@@ -92,7 +92,7 @@ def gather(pipeline: Pipeline, state: PipelineState, home: Path) -> Facts:
             elif curve is not None:
                 facts.curves.append((stage.id, *curve))
         if stage.kind == "eval":
-            _add_eval(facts, stage.options, home)
+            _add_eval(facts, stage, home)
     if last_model is not None:
         try:
             result = economics(
@@ -109,16 +109,6 @@ def gather(pipeline: Pipeline, state: PipelineState, home: Path) -> Facts:
     return facts
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise LmforgeError(f"cannot read {path}: {exc}") from None
-    if not isinstance(data, dict):
-        raise LmforgeError(f"{path} is not a JSON object")
-    return data
-
-
 def _loss_curve(name: str, home: Path) -> tuple[Path, str] | str | None:
     """(loss.png, summary) of the run that made model NAME's newest version; a reason if it
     cannot be drawn; None for a model no run made (a quantized copy)."""
@@ -126,17 +116,13 @@ def _loss_curve(name: str, home: Path) -> tuple[Path, str] | str | None:
         record = None if conn is None else repo.get_model(conn, name=name)
     if record is None:
         return "not in the registry"
-    lineage = (
-        _read_json(record.path / "lmforge.json") if (record.path / "lmforge.json").is_file() else {}
-    )
-    run_id = lineage.get("run_id")
+    run_id = read_json_object(record.path / "lmforge.json").get("run_id")
     if not run_id:
         return None
     run_dir = home / "runs" / str(run_id)
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.is_file():
-        return f"{metrics} is missing"
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = read_metrics(run_dir)
+    if not rows:
+        return f"{run_dir / 'metrics.jsonl'} is missing or empty"
     steps = [r for r in rows if "loss" in r]
     vals = [r["val_loss"] for r in rows if "val_loss" in r]
     if not steps:
@@ -150,20 +136,12 @@ def _loss_curve(name: str, home: Path) -> tuple[Path, str] | str | None:
     return png, summary
 
 
-def _add_eval(facts: Facts, options: dict[str, Any], home: Path) -> None:
-    model = str(options["model"])
-    with read_existing(home=home) as conn:
-        found = (
-            []
-            if conn is None
-            else evals.list_evals(
-                conn, model_name=model.split("@")[0], task=options.get("task"), limit=1
-            )
-        )
-    if not found:
+def _add_eval(facts: Facts, stage: Stage, home: Path) -> None:
+    record = newest_eval(stage, home)
+    if record is None:
+        model = stage.options["model"]
         facts.notes.append(f"no recorded eval of {model} (was it run with --no-record?)")
         return
-    record = found[0]
     metrics = {k: v for k, v in record.metrics.items() if isinstance(v, (int, float, str))}
     if record.contamination_rate is not None:
         metrics["contamination"] = f"{record.contamination_rate:.1%}"

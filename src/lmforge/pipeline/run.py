@@ -84,8 +84,16 @@ class Step:
     argv: list[str]
 
 
-def plan(pipeline: Pipeline, state: PipelineState, home: Path) -> list[Step]:
-    """What running PIPELINE now would do, stage by stage (nothing is run)."""
+HashMemo = dict[tuple[Any, ...], str]
+"""Content hashes already computed, keyed by the files' paths, sizes and mtimes."""
+
+
+def plan(
+    pipeline: Pipeline, state: PipelineState, home: Path, *, hashes: HashMemo | None = None
+) -> list[Step]:
+    """What running PIPELINE now would do, stage by stage (nothing is run). HASHES carries
+    the input files' content hashes from one plan to the next (a run re-plans before every
+    stage; an unchanged file is not read again)."""
     made: dict[tuple[str, str], str] = {}  # (artifact, name) → the stage that makes it
     reruns: set[str] = set()  # stages that will run
     recorded: dict[str, str | None] = {}  # stage id → its recorded output (skipped stages)
@@ -106,7 +114,7 @@ def plan(pipeline: Pipeline, state: PipelineState, home: Path) -> list[Step]:
                     upstream.append(earlier.id)
                     inputs[f"stage {earlier.id}"] = recorded.get(earlier.id)
         waiting = [u for u in upstream if u in reruns]
-        fp = fingerprint(stage, inputs)
+        fp = fingerprint(stage, inputs, hashes)
         argv = stage.argv()
         prev = state.stages.get(stage.id)
         if stage.spec.serves:
@@ -170,8 +178,9 @@ def run_pipeline(
 
 def _planned(pipeline: Pipeline, state: PipelineState, home: Path) -> Iterator[Step]:
     """The plan's steps, re-made before each: a stage that ran changes what its readers see."""
+    hashes: HashMemo = {}
     for index in range(len(pipeline.stages)):
-        yield plan(pipeline, state, home)[index]
+        yield plan(pipeline, state, home, hashes=hashes)[index]
 
 
 def _execute(
@@ -202,10 +211,13 @@ def _execute(
 # Identities and fingerprints
 
 
-def fingerprint(stage: Stage, inputs: dict[str, str | None]) -> str:
+def fingerprint(stage: Stage, inputs: dict[str, str | None], hashes: HashMemo | None = None) -> str:
+    memo: HashMemo = {} if hashes is None else hashes
     options = {
         key: (
-            [_content_hash(v) for v in value] if isinstance(value, list) else _content_hash(value)
+            [_content_hash(v, memo) for v in value]
+            if isinstance(value, list)
+            else _content_hash(value, memo)
         )
         if key in stage.spec.paths
         else value
@@ -220,13 +232,19 @@ def output_identity(stage: Stage, home: Path) -> str | None:
     if stage.output is not None:
         return external_identity(*stage.output, home)
     if stage.kind == "eval":
-        with read_existing(home=home) as conn:
-            if conn is None:
-                return None
-            found = evals.list_evals(conn, model_name=str(stage.options["model"]).split("@")[0],
-                                     task=stage.options.get("task"), limit=1)  # fmt: skip
-        return f"eval {found[0].id}" if found else None
+        found = newest_eval(stage, home)
+        return None if found is None else f"eval {found.id}"
     return None
+
+
+def newest_eval(stage: Stage, home: Path) -> evals.EvalRecord | None:
+    """The newest recorded result of eval stage STAGE's model and task."""
+    with read_existing(home=home) as conn:
+        if conn is None:
+            return None
+        found = evals.list_evals(conn, model_name=str(stage.options["model"]).split("@")[0],
+                                 task=stage.options.get("task"), limit=1)  # fmt: skip
+    return found[0] if found else None
 
 
 def external_identity(artifact: str, name: str, home: Path) -> str | None:
@@ -245,20 +263,25 @@ def external_identity(artifact: str, name: str, home: Path) -> str | None:
     return None if record is None else f"model {record.ref} sha256:{record.sha256}"
 
 
-def _content_hash(value: Any) -> str:
+def _content_hash(value: Any, memo: HashMemo) -> str:
     """sha256 of the file (or of every file under the folder) VALUE names; VALUE itself if it
-    names nothing (the command will say what is wrong)."""
+    names nothing (the command will say what is wrong). Files whose path, size and mtime are
+    in MEMO are not read again."""
     p = Path(str(value))
-    h = hashlib.sha256()
     if p.is_file():
         files = [p]
     elif p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file())
     else:
         return str(value)
+    key = (str(p), *((str(f), st.st_size, st.st_mtime_ns) for f in files for st in [f.stat()]))
+    if key in memo:
+        return memo[key]
+    h = hashlib.sha256()
     for f in files:
         h.update(str(f.relative_to(p) if f != p else f.name).encode())
         with f.open("rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
-    return "sha256:" + h.hexdigest()
+    memo[key] = "sha256:" + h.hexdigest()
+    return memo[key]

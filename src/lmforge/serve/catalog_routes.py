@@ -9,7 +9,6 @@ and run ids against their own, so no route can be walked outside `$LMFORGE_HOME`
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from lmforge.registry import aliases, evals, repo
 from lmforge.registry.ledger import get_price
 from lmforge.serve.app import ServerState
 from lmforge.serve.errors import OpenAIError
+from lmforge.train.loop import read_metrics
 
 router = APIRouter(prefix="/v1/admin")
 
@@ -102,16 +102,11 @@ def runs(http: Request) -> Any:
 def run_metrics(http: Request, run_id: str, after: int = 0) -> Any:
     """The run's metrics rows with step > AFTER (poll with the last step seen)."""
     run_dir = _run_dir(http, run_id)
-    rows = []
-    path = run_dir / "metrics.jsonl"
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:  # a line being written
-                continue
-            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > after:
-                rows.append({k: row[k] for k in ("step", "loss", "val_loss", "lr") if k in row})
+    rows = [
+        {k: row[k] for k in ("step", "loss", "val_loss", "lr") if k in row}
+        for row in read_metrics(run_dir)  # skips a line still being written
+        if isinstance(row["step"], int) and row["step"] > after
+    ]
     status = read_json_object(run_dir / "run.json").get("status")
     return {"object": "list", "run": run_id, "status": status, "data": rows[-MAX_POINTS:]}
 
