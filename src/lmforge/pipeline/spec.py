@@ -20,15 +20,15 @@ and says `uses: eval`. Relative file paths are read from the pipeline file's fol
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from lmforge.config import read_yaml
 from lmforge.errors import LmforgeError
+from lmforge.registry.repo import NAME_PATTERN
 
 _ID = re.compile(r"[a-z][a-z0-9_-]{0,39}")
-_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -134,19 +134,19 @@ class Stage:
         argv = list(self.spec.command)
         for key in self.spec.positional:
             value = self.options.get(key)
-            if value is None:
-                continue
-            argv.extend(str(v) for v in value) if isinstance(value, list) else argv.append(
-                str(value)
-            )
+            if isinstance(value, list):
+                argv += [str(v) for v in value]
+            elif value is not None:
+                argv.append(str(value))
         for key, value in self.options.items():
             if key in self.spec.positional or value is None:
                 continue
-            flag = "--" + key.replace("_", "-")
+            name = key.replace("_", "-")
+            flag = f"--{name}"
             if value is True:
                 argv.append(flag)
             elif value is False:
-                argv.append("--no-" + key.replace("_", "-"))
+                argv.append(f"--no-{name}")
             elif isinstance(value, list):
                 for item in value:
                     argv += [flag, str(item)]
@@ -189,7 +189,7 @@ def load_pipeline(path: str | Path) -> Pipeline:
     if unknown:
         raise LmforgeError(f"{p}: unknown key(s) {', '.join(unknown)} (want name, stages, report)")
     name = raw.get("name", p.stem.lower())
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise LmforgeError(f"{p}: name must be 1-64 of a-z 0-9 . _ - , got {name!r}")
     stages_raw = raw.get("stages")
     if not isinstance(stages_raw, dict) or not stages_raw:
@@ -258,8 +258,7 @@ def _report(path: Path, raw: Any) -> ReportSettings:
         return ReportSettings()
     if not isinstance(raw, dict):
         raise LmforgeError(f"{path}: 'report' must be a mapping")
-    fields_ = {"hourly_usd", "margin", "measure_seconds"}
-    unknown = sorted(set(raw) - fields_)
+    unknown = sorted(set(raw) - {f.name for f in fields(ReportSettings)})
     if unknown:
         raise LmforgeError(f"{path}: unknown report key(s) {', '.join(unknown)}")
     values = {}
