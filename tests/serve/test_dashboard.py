@@ -106,6 +106,9 @@ def test_catalog_routes_show_what_the_chain_recorded(dash: Dash) -> None:
     assert [r["step"] for r in after] == [16, 17, 18, 19, 20]
     for bad in ("..", "%2e%2e", "words-x", "..%2fregistry.db"):
         assert get(dash, f"/v1/admin/runs/{bad}/metrics").status_code == 404, bad
+    (listed,) = get(dash, "/v1/admin/models").json()["data"]
+    assert (listed["name"], listed["version"]) == ("words", 1)
+    assert listed["price"] == {"input_per_million": "$1.00", "output_per_million": "$2.00"}
     model = get(dash, "/v1/admin/models/words").json()
     assert model["price"] == {"input_per_million": "$1.00", "output_per_million": "$2.00"}
     assert (

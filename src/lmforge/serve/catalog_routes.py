@@ -23,7 +23,7 @@ from lmforge.ops.billing import build_invoice
 from lmforge.ops.lineage import model_lineage, read_json_object
 from lmforge.ops.pricing import format_price
 from lmforge.registry import aliases, evals, repo
-from lmforge.registry.ledger import get_price
+from lmforge.registry.ledger import get_price, list_prices
 from lmforge.serve.app import ServerState
 from lmforge.serve.errors import OpenAIError
 from lmforge.train.loop import read_metrics
@@ -115,7 +115,7 @@ def run_metrics(http: Request, run_id: str, after: int = 0) -> Any:
 def models(http: Request) -> Any:
     with _state(http).registry.connect() as conn:
         records = repo.list_models(conn)
-        prices = {r.name: get_price(conn, model=r.name) for r in records}
+        prices = {p.model: p for p in list_prices(conn)}  # one query, not one per model
         pointed = aliases.list_aliases(conn)
     return {
         "object": "list",
@@ -127,7 +127,7 @@ def models(http: Request) -> Any:
                 "arch": r.arch,
                 "n_params": r.n_params,
                 "created_at": r.created_at,
-                "price": _price(prices[r.name]),
+                "price": _price(prices.get(r.name)),
                 "aliases": [a.name for a in pointed if a.model == r.name],
             }
             for r in records
