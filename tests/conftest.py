@@ -52,6 +52,17 @@ def tiny_tokenizer():  # type: ignore[no-untyped-def]
     )
 
 
+def syllable_text(n: int, seed: int = 0) -> str:
+    """N paragraphs of eight made-up words from 8 syllables (seeded): a tiny corpus with a
+    small character set and no duplicate lines, for data → train → eval chains."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    syllables = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "vi"]
+    lines = [" ".join("".join(rng.choice(syllables, size=2)) for _ in range(8)) for _ in range(n)]
+    return ".\n\n".join(lines) + ".\n"
+
+
 def tiny_config(arch: str, **overrides):  # type: ignore[no-untyped-def]
     from lmforge.model.transformer import ModelConfig
 

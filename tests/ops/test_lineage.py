@@ -9,10 +9,9 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from conftest import assert_one_line_error, lmforge, tiny_config
+from conftest import assert_one_line_error, lmforge, syllable_text, tiny_config
 from lmforge.builtin import BUILTINS
 from lmforge.cli.main import main
 from lmforge.errors import LmforgeError
@@ -24,15 +23,6 @@ TINY = ("--batch-size", "4", "--block-size", "32", "--eval-batches", "1", "-q")
 GGUF = Path(str(BUILTINS["smollm2-135m-instruct"].gguf_path()))
 
 
-def words(n: int, seed: int) -> str:
-    rng = np.random.default_rng(seed)
-    syllables = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "vi"]
-    lines = [
-        " ".join("".join(rng.choice(syllables, size=2)) for _ in range(8)) + "." for _ in range(n)
-    ]
-    return "\n\n".join(lines) + "\n"
-
-
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A home with data set `words` (two source files), `words@1` trained on it from scratch
@@ -41,7 +31,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     sources = [home / "raw" / "a.txt", home / "raw" / "b.txt"]
     sources[0].parent.mkdir()
     for i, path in enumerate(sources):
-        path.write_text(words(150, i))
+        path.write_text(syllable_text(150, i))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LMFORGE_HOME", str(home))
         prepare = ["data", "prepare", *map(str, sources), "--name", "words", "--tokenizer"]

@@ -12,11 +12,10 @@ import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
-from conftest import LMFORGE, assert_one_line_error, lmforge_here, run_env
+from conftest import LMFORGE, assert_one_line_error, lmforge_here, run_env, syllable_text
 from lmforge.pipeline.run import STATE_FILE, PipelineState, pipeline_dir, plan
 from lmforge.pipeline.spec import load_pipeline
 from lmforge.registry import evals, repo
@@ -27,18 +26,11 @@ PROBE = "<img src=x onerror=alert(1)>.txt"  # a source file name that is also HT
 TINY_TRAIN = {"model": "tiny", "batch_size": 4, "block_size": 32, "eval_batches": 1, "quiet": True}
 
 
-def words(n: int, seed: int) -> str:
-    rng = np.random.default_rng(seed)
-    syllables = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "vi"]
-    lines = [" ".join("".join(rng.choice(syllables, size=2)) for _ in range(8)) for _ in range(n)]
-    return ".\n\n".join(lines) + ".\n"
-
-
 def write_pipeline(folder: Path, *, steps: int = 3, corpus: str = "corpus.txt") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / corpus).exists():
-        (folder / corpus).write_text(words(200, 0))
-    (folder / "held-out.txt").write_text(words(30, 1))
+        (folder / corpus).write_text(syllable_text(200, 0))
+    (folder / "held-out.txt").write_text(syllable_text(30, 1))
     spec = {
         "name": "tiny",
         "stages": {
@@ -123,7 +115,7 @@ def test_runs_reports_skips_and_reruns_what_changed(
     ]
 
     # The source file's content changed (same name, same options): data runs again.
-    (tmp_path / "project" / PROBE).write_text(words(200, 7))
+    (tmp_path / "project" / PROBE).write_text(syllable_text(200, 7))
     steps = plan(load_pipeline(path), PipelineState.load(out / STATE_FILE), lmforge_home)
     assert steps[0].action == "run" and steps[0].reason == "options or inputs changed"
 
@@ -143,7 +135,7 @@ def test_until_and_a_failed_stage_then_going_on(
     state = PipelineState.load(pipeline_dir(lmforge_home, "tiny") / STATE_FILE)
     assert state.stages["eval"].status == "failed" and "quantize" not in state.stages
 
-    (tmp_path / "held-out.txt").write_text(words(30, 1))
+    (tmp_path / "held-out.txt").write_text(syllable_text(30, 1))
     proc = lmforge_here(capsys, "pipeline", "run", str(path))
     assert proc.returncode == 0, proc.stderr
     assert "skipped (unchanged) data, train" in flat(proc.stdout)
@@ -297,6 +289,6 @@ def test_a_run_hashes_each_unchanged_input_once(tmp_path: Path, lmforge_home: Pa
     first = plan(pipeline, state, lmforge_home, hashes=hashes)
     assert len(hashes) == 2  # corpus.txt (data) and held-out.txt (eval)
     assert plan(pipeline, state, lmforge_home, hashes=hashes) == first and len(hashes) == 2
-    (tmp_path / "corpus.txt").write_text(words(201, 0))
+    (tmp_path / "corpus.txt").write_text(syllable_text(201, 0))
     changed = plan(pipeline, state, lmforge_home, hashes=hashes)
     assert changed[0].fingerprint != first[0].fingerprint and len(hashes) == 3

@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 from served import Server, create_key, start_server, stop_server
 
-from conftest import LMFORGE, lmforge, run_env
+from conftest import LMFORGE, lmforge, run_env, syllable_text
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("LMFORGE_TEST_ARTIFACTS", ROOT / "test-artifacts")) / "dashboard"
@@ -35,22 +34,15 @@ class Dash:
     user_key: str  # a key without admin rights
 
 
-def words(n: int, seed: int = 0) -> str:
-    rng = np.random.default_rng(seed)
-    syllables = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "vi"]
-    lines = [" ".join("".join(rng.choice(syllables, size=2)) for _ in range(8)) for _ in range(n)]
-    return ".\n\n".join(lines) + ".\n"
-
-
 @pytest.fixture(scope="module")
 def dash(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dash]:
     """A home with a data set made from a file whose name is HTML, a model trained on it,
     evaluated and priced, served; and an admin key (the server's) and a plain one."""
     home = tmp_path_factory.mktemp("dash")
     source = home / f"{PROBE}.txt"
-    source.write_text(words(400))
+    source.write_text(syllable_text(400))
     held_out = home / "held-out.txt"
-    held_out.write_text(words(40, seed=1))
+    held_out.write_text(syllable_text(40, seed=1))
     for args in (
         ["data", "prepare", str(source), "--name", "words", "--tokenizer", "char", "--split",
          "tail", "--workers", "1", "-q"],
