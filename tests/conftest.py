@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import pgtest
+
 TINY_TEXT = (
     "The quick brown fox jumps over the lazy dog. "
     "Pack my box with five dozen liquor jugs! "
@@ -26,7 +28,19 @@ TINY_TEXT = (
 def lmforge_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "lmforge-home"
     monkeypatch.setenv("LMFORGE_HOME", str(home))
+    for name, value in pgtest.env_for(home).items():  # make test-pg: the home's own schema
+        monkeypatch.setenv(name, value)
     return home
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under `make test-pg`, tests of SQLite itself (files, pragmas) are skipped."""
+    if pgtest.server_url() is None:
+        return
+    skip = pytest.mark.skip(reason="tests SQLite itself; make test-pg runs on PostgreSQL")
+    for item in items:
+        if item.get_closest_marker("sqlite_only"):
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -119,6 +133,7 @@ def run_env(home: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["LMFORGE_HOME"] = str(home)
     env.pop("LMFORGE_DEBUG", None)
+    env.update(pgtest.env_for(home))
     return env
 
 

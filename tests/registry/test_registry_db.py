@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, UniqueConstraint, inspect, text
 
+import pgtest
 from lmforge.errors import LmforgeError
 from lmforge.registry import db
 from lmforge.registry.migrations import MIGRATIONS, Migration, applied_migrations, migrate
@@ -16,11 +17,12 @@ from lmforge.registry.tables import metadata
 
 @pytest.fixture
 def engine(tmp_path: Path) -> Iterator[Engine]:
-    engine = db.connect(f"sqlite:///{tmp_path / 'registry.db'}")
+    engine = db.connect(home=tmp_path)  # make test-pg: PostgreSQL, by $LMFORGE_DB
     yield engine
     engine.dispose()
 
 
+@pytest.mark.sqlite_only
 def test_default_url_is_registry_db_under_lmforge_home(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -32,6 +34,7 @@ def test_default_url_is_registry_db_under_lmforge_home(
     assert (tmp_path / "a" / "b" / "registry.db").is_file()
 
 
+@pytest.mark.sqlite_only
 def test_every_connection_uses_wal_full_sync_foreign_keys_busy_timeout(engine: Engine) -> None:
     for _ in range(2):  # a fresh pooled connection as well as the one migrate used
         with engine.connect() as conn:
@@ -48,6 +51,7 @@ def test_every_connection_uses_wal_full_sync_foreign_keys_busy_timeout(engine: E
         engine.dispose()
 
 
+@pytest.mark.sqlite_only  # PostgreSQL's default isolation (read committed) takes new snapshots
 def test_transactions_cover_ddl_and_reads(engine: Engine) -> None:
     # pysqlite's legacy mode would autocommit the CREATE TABLE and not BEGIN before a SELECT.
     with pytest.raises(RuntimeError), engine.begin() as conn:
@@ -71,7 +75,7 @@ def test_migrations_are_numbered_one_to_n() -> None:
 
 
 def test_migrations_are_recorded_once_and_idempotent_on_reconnect(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    url = pgtest.registry_url(tmp_path)
     first = db.connect(url)
     assert migrate(first) == []  # connect already applied everything
     first.dispose()
@@ -92,13 +96,16 @@ def test_failed_migration_leaves_neither_tables_nor_record(engine: Engine) -> No
 
 
 def test_database_from_a_newer_lmforge_is_refused(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'registry.db'}"
-    engine = db.connect(url)
+    engine = db.connect(home=tmp_path)
     with engine.begin() as conn:
         conn.execute(text("INSERT INTO schema_migrations VALUES (999, 'future', 'x')"))
     engine.dispose()
     with pytest.raises(LmforgeError, match="999"):
-        db.connect(url)
+        db.connect(home=tmp_path)
+
+
+# PostgreSQL's spelling of the migrations' SQLite types (see `registry.dialects.ddl`).
+_SAME_TYPE = {"BIGINT": "INTEGER", "DOUBLE PRECISION": "REAL", 'TEXT COLLATE "C"': "TEXT"}
 
 
 def test_tables_mirror_the_migrated_schema(engine: Engine) -> None:
@@ -108,7 +115,11 @@ def test_tables_mirror_the_migrated_schema(engine: Engine) -> None:
         # SQLite reports an INTEGER PRIMARY KEY as nullable, so nullability of keys is skipped.
         keys = set(inspector.get_pk_constraint(table.name)["constrained_columns"])
         reflected = {
-            c["name"]: (str(c["type"]), c["nullable"] or c["name"] in keys, c["name"] in keys)
+            c["name"]: (
+                _SAME_TYPE.get(str(c["type"]), str(c["type"])),
+                c["nullable"] or c["name"] in keys,
+                c["name"] in keys,
+            )
             for c in inspector.get_columns(table.name)
         }
         declared = {
@@ -125,6 +136,7 @@ def test_tables_mirror_the_migrated_schema(engine: Engine) -> None:
         assert unique == declared_unique, table.name
 
 
+@pytest.mark.sqlite_only
 def test_garbage_file_is_refused_with_one_line_naming_it(tmp_path: Path) -> None:
     path = tmp_path / "registry.db"
     garbage = b"this is not a database\n" * 500
@@ -137,11 +149,40 @@ def test_garbage_file_is_refused_with_one_line_naming_it(tmp_path: Path) -> None
     assert path.read_bytes() == garbage  # refused without writing to it
 
 
-def test_non_sqlite_url_is_refused() -> None:
-    with pytest.raises(LmforgeError, match="postgresql"):
-        db.connect("postgresql://user@localhost/registry")
+def test_other_databases_are_refused_naming_the_supported_ones() -> None:
+    with pytest.raises(LmforgeError, match=r"only sqlite:/// and postgresql:// URLs"):
+        db.connect("mysql://user@localhost/registry")
+    with pytest.raises(LmforgeError, match="not a database URL"):
+        db.connect("::not a url::")
 
 
+def test_an_unreachable_postgresql_is_one_line_without_the_password() -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(LmforgeError) as raised:
+        db.connect(f"postgresql://lmf:s3cret-pw@127.0.0.1:{port}/registry?connect_timeout=2")
+    message = str(raised.value)
+    assert "s3cret-pw" not in message and "***" in message
+    assert f"127.0.0.1:{port}/registry" in message
+    assert "\n" not in message
+
+
+def test_lmforge_db_names_the_registry_for_every_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    monkeypatch.setenv("LMFORGE_DB", url)
+    for home in (tmp_path / "a", tmp_path / "b"):
+        engine = db.connect(home=home)
+        assert engine.url.database == str(tmp_path / "shared.db")
+        engine.dispose()
+        assert not (home / "registry.db").exists()
+
+
+@pytest.mark.sqlite_only
 def test_read_existing_never_creates_a_registry(tmp_path: Path) -> None:
     from lmforge.registry import repo
     from lmforge.registry.db import connect, read_existing

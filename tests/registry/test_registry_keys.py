@@ -1,4 +1,5 @@
-"""registry.keys: admission windows, reservations and settlement, against a real SQLite file."""
+"""registry.keys: admission windows, reservations and settlement, against a real SQLite file
+(and a real PostgreSQL under `make test-pg`)."""
 
 from __future__ import annotations
 
@@ -133,10 +134,10 @@ def test_the_ledger_refuses_changes_and_duplicates(engine: Engine) -> None:
             conn.exec_driver_sql(statement)
 
 
-def _admit_in_process(path: str, key_name: str, count: int, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+def _admit_in_process(home: str, key_name: str, count: int, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
     import time
 
-    engine = connect(f"sqlite:///{path}")
+    engine = connect(home=Path(home))  # the test's registry: SQLite, or PostgreSQL by $LMFORGE_DB
     with engine.connect() as conn:
         key = k.get_key(conn, name=key_name)
     assert key is not None
@@ -157,9 +158,7 @@ def test_four_processes_share_one_requests_window(engine: Engine, tmp_path: Path
     _key(engine, "shared", rpm=25)
     queue: multiprocessing.Queue[int] = multiprocessing.Queue()
     procs = [
-        multiprocessing.Process(
-            target=_admit_in_process, args=(str(tmp_path / "registry.db"), "shared", 20, queue)
-        )
+        multiprocessing.Process(target=_admit_in_process, args=(str(tmp_path), "shared", 20, queue))
         for _ in range(4)
     ]
     for p in procs:

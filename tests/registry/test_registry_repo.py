@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
+import pgtest
 from lmforge.errors import LmforgeError
 from lmforge.registry import db
 from lmforge.registry.repo import (
@@ -130,7 +131,7 @@ _WORKER = textwrap.dedent(
 
 
 def test_two_processes_registering_one_name_get_versions_1_to_40(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    url = pgtest.registry_url(tmp_path)
     go = tmp_path / "go"
     workers = [
         subprocess.Popen(
@@ -161,6 +162,7 @@ def test_two_processes_registering_one_name_get_versions_1_to_40(tmp_path: Path)
         assert [r.path for r in mine] == [Path(f"/m/{name}/{i}") for i in range(20)]
 
 
+@pytest.mark.sqlite_only
 def test_many_connections_opening_a_fresh_file_at_once_all_succeed(tmp_path: Path) -> None:
     # Regression: switching a fresh file to WAL can fail with "database is locked" without
     # SQLite calling the busy handler; CI saw it with two processes. Threads race the same way.

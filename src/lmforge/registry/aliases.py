@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, insert, select, update
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from lmforge.errors import LmforgeError
+from lmforge.registry import dialects
 from lmforge.registry.audit import record_audit
 from lmforge.registry.repo import validate_name
 from lmforge.registry.tables import alias_events, aliases, models, utc_now
@@ -92,7 +92,7 @@ def promote(
     if conn.execute(select(models.c.id).where(models.c.name == name)).first() is not None:
         raise LmforgeError(f"{name!r} is a model's name; an alias needs a name of its own")
     conn.execute(
-        sqlite_insert(aliases)
+        dialects.insert(conn, aliases)
         .values(name=name, model=model, version=version, updated_at=now)
         .on_conflict_do_update(
             index_elements=[aliases.c.name],
@@ -181,8 +181,10 @@ def rollback(conn: Connection, *, name: str, actor: str) -> Alias:
 
 
 def _lock(conn: Connection, name: str) -> None:
-    """Start the transaction with a write (a no-op UPDATE still takes SQLite's write lock), so
-    what it reads next cannot change under it before it commits (see `repo`)."""
+    """Start the transaction with a write (a no-op UPDATE still takes SQLite's write lock; on
+    PostgreSQL an advisory lock per alias), so what it reads next cannot change under it
+    before it commits (see `repo`)."""
+    dialects.serialize(conn, f"alias:{name}")
     conn.execute(
         update(aliases).where(aliases.c.name == name).values(updated_at=aliases.c.updated_at)
     )

@@ -1,8 +1,13 @@
 """Opening the registry database: URL, SQLite settings, migrations.
 
-`connect()` returns a SQLAlchemy `Engine` for `sqlite:///$LMFORGE_HOME/registry.db` (or the URL
-given) with the migrations applied. The caller owns the engine (build it once, e.g. in the
-server's lifespan, and pass it in) and disposes of it.
+`connect()` returns a SQLAlchemy `Engine` with the migrations applied, for the URL given, else
+`$LMFORGE_DB`, else `sqlite:///$LMFORGE_HOME/registry.db`. The caller owns the engine (build it
+once, e.g. in the server's lifespan, and pass it in) and disposes of it.
+
+PostgreSQL (`postgresql://user:password@host/db`, driven by psycopg 3) is for several server
+replicas, or several machines, sharing one registry: the limits, budgets and the ledger are
+enforced by conditional UPDATEs in the database (see `keys`), so they hold across processes on
+either database. Passwords never appear in messages or logs.
 
 SQLite the boring way: every connection runs in WAL mode with `synchronous=FULL`, foreign keys on
 and a 5 s busy timeout. pysqlite's legacy transaction handling (no BEGIN before DDL or SELECT) is
@@ -13,6 +18,7 @@ driver" in SQLAlchemy's SQLite dialect documentation.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +34,7 @@ from lmforge.errors import LmforgeError
 from lmforge.home import lmforge_home
 from lmforge.registry.migrations import migrate
 
+DB_ENV = "LMFORGE_DB"  # the registry's URL, when it is not the SQLite file under the home
 _LOCK_WAIT_S = 5.0
 _PRAGMAS = (
     "PRAGMA busy_timeout=5000",  # first, so that switching to WAL waits for other processes
@@ -37,20 +44,43 @@ _PRAGMAS = (
 )
 
 
+def registry_url() -> str | None:
+    """The registry URL `$LMFORGE_DB` names, or None for the SQLite file under the home."""
+    return os.environ.get(DB_ENV) or None
+
+
+def describe(url: str | URL) -> str:
+    """URL as it may be shown: its password masked."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "(an invalid URL)"
+
+
 def connect(url: str | None = None, *, home: Path | None = None) -> Engine:
     """Open the registry at URL, migrated to the latest schema.
 
-    URL defaults to `sqlite:///HOME/registry.db`, HOME to `$LMFORGE_HOME` (`~/.lmforge`); HOME is
-    ignored when URL is given. Only SQLite URLs are supported so far (the migrations are written
-    in SQLite's dialect). Raises `LmforgeError` naming the file when it cannot be used, e.g. when
-    it is not a SQLite database.
+    URL defaults to `$LMFORGE_DB`, then to `sqlite:///HOME/registry.db`, HOME to
+    `$LMFORGE_HOME` (`~/.lmforge`); HOME is ignored when a URL is given either way. SQLite and
+    PostgreSQL URLs are supported. Raises `LmforgeError` naming the database (never its
+    password) when it cannot be used: not a SQLite file, a server that does not answer, …
     """
+    url = url or registry_url()
     if url is None:
         sa_url = URL.create("sqlite", database=str((home or lmforge_home()) / "registry.db"))
     else:
-        sa_url = make_url(url)
-    if sa_url.get_backend_name() != "sqlite":
-        raise LmforgeError(f"registry URL {sa_url!r}: only sqlite:/// URLs are supported")
+        try:
+            sa_url = make_url(url)
+        except Exception as e:
+            raise LmforgeError(f"registry URL {describe(url)!r} is not a database URL") from e
+    backend = sa_url.get_backend_name()
+    if backend == "postgresql":
+        return _connect_postgresql(sa_url)
+    if backend != "sqlite":
+        raise LmforgeError(
+            f"registry URL {describe(sa_url)!r}: only sqlite:/// and postgresql:// URLs are "
+            "supported"
+        )
     database = sa_url.database or ":memory:"
     if database != ":memory:" and not database.startswith("file:"):
         try:
@@ -71,14 +101,39 @@ def connect(url: str | None = None, *, home: Path | None = None) -> Engine:
     return engine
 
 
+def _connect_postgresql(sa_url: URL) -> Engine:
+    if sa_url.drivername == "postgresql":
+        sa_url = sa_url.set(drivername="postgresql+psycopg")
+    shown = describe(sa_url)
+    if sa_url.drivername != "postgresql+psycopg":
+        raise LmforgeError(f"registry URL {shown!r}: use postgresql:// (driven by psycopg 3)")
+    try:
+        import psycopg  # noqa: F401 - only to name the missing package clearly
+    except ImportError as e:
+        raise LmforgeError(
+            f"registry {shown}: PostgreSQL needs psycopg (pip install 'psycopg[binary]')"
+        ) from e
+    query = dict(sa_url.query)
+    query.setdefault("connect_timeout", "10")
+    engine = create_engine(sa_url.set(query=query), pool_pre_ping=True)
+    try:
+        migrate(engine)
+    except DBAPIError as e:
+        engine.dispose()
+        reason = " ".join(str(e.orig).split()).replace(sa_url.password or "\0", "***")
+        raise LmforgeError(f"registry {shown}: cannot use it: {reason}") from e
+    return engine
+
+
 @contextmanager
 def read_existing(*, home: Path | None = None) -> Iterator[Connection | None]:
-    """A connection for reads from the registry under HOME, or None when there is none yet.
+    """A connection for reads from the registry (see `connect`), or None when there is none yet.
 
-    For callers that only look (model lists, name resolution): a missing registry is an empty
-    one, and looking never creates it. The engine is disposed of on exit.
+    For callers that only look (model lists, name resolution): a missing registry file is an
+    empty one, and looking never creates it. A registry named by `$LMFORGE_DB` is always
+    opened. The engine is disposed of on exit.
     """
-    if not ((home or lmforge_home()) / "registry.db").exists():
+    if registry_url() is None and not ((home or lmforge_home()) / "registry.db").exists():
         yield None
         return
     engine = connect(home=home)

@@ -35,6 +35,7 @@ from typing import Any
 from sqlalchemy import Connection, insert, select, text, update
 
 from lmforge.errors import LmforgeError
+from lmforge.registry import dialects
 from lmforge.registry.repo import NAME_PATTERN
 from lmforge.registry.tables import api_keys, reservations, utc_now
 
@@ -150,7 +151,7 @@ def create_key(
     key = new_key()
     now = utc_now()
     statement = (
-        insert(api_keys)
+        dialects.insert(conn, api_keys)
         .values(
             name=name,
             prefix=key[:PREFIX_LEN],
@@ -166,7 +167,7 @@ def create_key(
             updated_at=now,
             spend_period=budget_period_of(budget_period, datetime.now(UTC).timestamp()),
         )
-        .prefix_with("OR IGNORE")
+        .on_conflict_do_nothing()
         .returning(*api_keys.c)
     )
     row = conn.execute(statement).one_or_none()
@@ -331,8 +332,9 @@ _SETTLE_KEY = text(
     UPDATE api_keys SET
         reserved_nusd = reserved_nusd - :reserved_cost,
         spent_nusd = spent_nusd + :cost,
-        tok_used = CASE WHEN tok_window = :tok_window
-                        THEN max(0, tok_used - :reserved_tokens + :tokens) ELSE tok_used END
+        tok_used = CASE WHEN tok_window <> :tok_window THEN tok_used
+                        WHEN tok_used - :reserved_tokens + :tokens < 0 THEN 0
+                        ELSE tok_used - :reserved_tokens + :tokens END
     WHERE id = :key_id
     """
 )

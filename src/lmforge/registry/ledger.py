@@ -13,10 +13,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, Connection, and_, func, insert, literal, select
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Connection,
+    and_,
+    cast,
+    func,
+    insert,
+    literal,
+    select,
+)
 
 from lmforge.errors import LmforgeError
+from lmforge.registry import dialects
 from lmforge.registry.repo import validate_name
 from lmforge.registry.tables import api_keys, prices, usage, utc_now
 
@@ -66,7 +76,7 @@ def record_usage(
 ) -> bool:
     """Append REQUEST_ID's row; False (and nothing written) if the ledger already has it."""
     statement = (
-        sqlite_insert(usage)
+        dialects.insert(conn, usage)
         .values(
             request_id=request_id,
             key_id=key_id,
@@ -85,8 +95,9 @@ def record_usage(
             created_at=utc_now(),
         )
         .on_conflict_do_nothing(index_elements=[usage.c.request_id])
+        .returning(usage.c.id)  # rowcount is not reliable here on PostgreSQL: a row or none
     )
-    return bool(conn.execute(statement).rowcount)
+    return conn.execute(statement).first() is not None
 
 
 def _usage_query() -> Any:
@@ -170,16 +181,16 @@ def usage_totals(
         select(
             group.label("group"),
             func.count().label("requests"),
-            func.coalesce(func.sum((usage.c.status == "ok").cast(usage.c.id.type)), 0).label("ok"),
-            func.coalesce(func.sum(usage.c.prompt_tokens), 0).label("prompt_tokens"),
-            func.coalesce(func.sum(usage.c.completion_tokens), 0).label("completion_tokens"),
-            func.coalesce(func.sum(usage.c.cost_nusd), 0).label("cost_nusd"),
+            _total((usage.c.status == "ok").cast(usage.c.id.type)).label("ok"),
+            _total(usage.c.prompt_tokens).label("prompt_tokens"),
+            _total(usage.c.completion_tokens).label("completion_tokens"),
+            _total(usage.c.cost_nusd).label("cost_nusd"),
         )
         .select_from(usage.outerjoin(api_keys, usage.c.key_id == api_keys.c.id))
         .where(and_(True, *_filters(key, model, since, until)))
-        .group_by(group)
-        .order_by(group)
     )
+    if group_by is not None:  # PostgreSQL refuses a constant in GROUP BY
+        query = query.group_by(group).order_by(group)
     rows = [UsageGroup(**row._mapping) for row in conn.execute(query)]
     return [r for r in rows if r.requests]
 
@@ -260,9 +271,9 @@ def invoice_lines(
             usage.c.price_input,
             usage.c.price_output,
             func.count().label("requests"),
-            func.sum(usage.c.prompt_tokens).label("prompt_tokens"),
-            func.sum(usage.c.completion_tokens).label("completion_tokens"),
-            func.sum(usage.c.cost_nusd).label("cost_nusd"),
+            _total(usage.c.prompt_tokens).label("prompt_tokens"),
+            _total(usage.c.completion_tokens).label("completion_tokens"),
+            _total(usage.c.cost_nusd).label("cost_nusd"),
         )
         .select_from(usage.join(api_keys, usage.c.key_id == api_keys.c.id))
         .where(and_(True, *_filters(key, None, since, until)))
@@ -287,8 +298,13 @@ def ledger_total(
         else usage.outerjoin(api_keys, usage.c.key_id == api_keys.c.id)
     )
     query = (
-        select(func.coalesce(func.sum(usage.c.cost_nusd), 0))
+        select(_total(usage.c.cost_nusd))
         .select_from(joined)
         .where(and_(True, *_filters(key, None, since, until)))
     )
     return int(conn.execute(query).scalar_one())
+
+
+def _total(column: Any) -> Any:
+    """SUM(COLUMN) as a 64-bit integer, 0 over no rows (PostgreSQL's SUM of BIGINT is NUMERIC)."""
+    return cast(func.coalesce(func.sum(column), 0), BigInteger)

@@ -1,4 +1,4 @@
-"""Ordered, recorded schema migrations for the registry (SQLite SQL).
+"""Ordered, recorded schema migrations for the registry (SQLite SQL, translated for PostgreSQL).
 
 `MIGRATIONS` is append-only history: never edit a released migration, add the next number.
 `migrate(engine)` records each applied migration in `schema_migrations` and applies the missing
@@ -6,6 +6,10 @@ ones in order, each in its own transaction: the first statement claims the numbe
 does nothing if another process already has it), so two processes migrating the same fresh file
 apply each migration exactly once, and a failing migration leaves neither its tables nor its
 record behind. (After simonw/llm `migrations.py`.)
+
+The statements are SQLite's SQL; `dialects.ddl` gives PostgreSQL the same schema in its types,
+and on PostgreSQL the whole run holds an advisory lock, since there two processes creating
+`schema_migrations` at once can collide in the system catalogs.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from dataclasses import dataclass
 from sqlalchemy import Engine, text
 
 from lmforge.errors import LmforgeError
+from lmforge.registry.dialects import POSTGRESQL, POSTGRESQL_PRELUDE, AppendOnly, ddl
 from lmforge.registry.tables import utc_now
 
 log = logging.getLogger(__name__)
@@ -26,7 +31,7 @@ log = logging.getLogger(__name__)
 class Migration:
     number: int  # 1, 2, 3, … in order, never reused
     name: str
-    statements: tuple[str, ...]
+    statements: tuple[str | AppendOnly, ...]
 
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -142,14 +147,7 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
             "CREATE INDEX usage_created ON usage (created_at)",
             "CREATE INDEX usage_key_created ON usage (key_id, created_at)",
-            """
-            CREATE TRIGGER usage_no_update BEFORE UPDATE ON usage
-            BEGIN SELECT RAISE(ABORT, 'the usage ledger is append-only'); END
-            """,
-            """
-            CREATE TRIGGER usage_no_delete BEFORE DELETE ON usage
-            BEGIN SELECT RAISE(ABORT, 'the usage ledger is append-only'); END
-            """,
+            AppendOnly("usage", "usage", "the usage ledger is append-only"),
             # Prices per million tokens in micro-USD; every change is a new row (the newest rules).
             """
             CREATE TABLE prices (
@@ -171,14 +169,7 @@ MIGRATIONS: tuple[Migration, ...] = (
                 details TEXT NULL
             )
             """,
-            """
-            CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit_log
-            BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END
-            """,
-            """
-            CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit_log
-            BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END
-            """,
+            AppendOnly("audit_log", "audit", "the audit log is append-only"),
             # Moderation: rule sets are versioned; a change writes version N+1 in full (its
             # rules, possibly none), so a verdict can name the exact rules it was made under.
             """
@@ -291,8 +282,28 @@ def applied_migrations(engine: Engine) -> list[int]:
 
 def migrate(engine: Engine, migrations: Sequence[Migration] = MIGRATIONS) -> list[int]:
     """Apply the MIGRATIONS that ENGINE's database lacks, in order; return their numbers."""
+    dialect = engine.dialect.name
+    with engine.connect() as lock:
+        if dialect == POSTGRESQL:  # held until migrations end (a session lock, not a transaction's)
+            lock.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _MIGRATION_LOCK})
+            lock.commit()
+        try:
+            return _migrate(engine, migrations)
+        finally:
+            if dialect == POSTGRESQL:
+                lock.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _MIGRATION_LOCK})
+                lock.commit()
+
+
+_MIGRATION_LOCK = (1 << 40) - 1
+
+
+def _migrate(engine: Engine, migrations: Sequence[Migration]) -> list[int]:
+    dialect = engine.dialect.name
     with engine.begin() as conn:
-        conn.exec_driver_sql(_CREATE_SCHEMA_MIGRATIONS)
+        conn.exec_driver_sql(ddl(_CREATE_SCHEMA_MIGRATIONS, dialect)[0])
+        if dialect == POSTGRESQL:
+            conn.exec_driver_sql(POSTGRESQL_PRELUDE)
     done = set(applied_migrations(engine))
     known = {m.number for m in migrations}
     if unknown := sorted(done - known):
@@ -308,8 +319,9 @@ def migrate(engine: Engine, migrations: Sequence[Migration] = MIGRATIONS) -> lis
             claim = {"number": migration.number, "name": migration.name, "applied_at": utc_now()}
             if conn.execute(text(_CLAIM), claim).rowcount == 0:
                 continue  # another process applied it since we looked
-            for statement in migration.statements:
-                conn.exec_driver_sql(statement)
+            for step in migration.statements:
+                for statement in ddl(step, dialect):
+                    conn.exec_driver_sql(statement)
         log.info("registry: applied migration %d (%s)", migration.number, migration.name)
         applied.append(migration.number)
     return applied

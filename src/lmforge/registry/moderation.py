@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, case, func, insert, literal, select
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from lmforge.errors import LmforgeError
+from lmforge.registry import dialects
 from lmforge.registry.audit import record_audit
 from lmforge.registry.tables import (
     moderation_policies,
@@ -205,7 +205,11 @@ def remove_rule(
 
 
 def _new_version(conn: Connection, *, actor: str) -> int:
-    """Insert the next ruleset row (max + 1, computed by SQLite) and return its version."""
+    """Insert the next ruleset row (max + 1, computed by the database) and return its version.
+
+    It is the transaction's first statement: from here to the commit no other writer of rule
+    sets runs (see `dialects.serialize`), so version - 1 is still the newest when it commits."""
+    dialects.serialize(conn, "moderation_rulesets")
     next_version = select(
         func.coalesce(func.max(moderation_rulesets.c.version), 0) + 1
     ).scalar_subquery()
@@ -270,7 +274,7 @@ def set_policy(conn: Connection, *, scope: str, input: str, output: str, actor: 
             )
     values = {"input": input, "output": output, "updated_at": utc_now()}
     statement = (
-        sqlite_insert(moderation_policies)
+        dialects.insert(conn, moderation_policies)
         .values(scope=scope, **values)
         .on_conflict_do_update(index_elements=[moderation_policies.c.scope], set_=values)
         .returning(*moderation_policies.c)

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, func, insert, select
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from lmforge.errors import LmforgeError
+from lmforge.registry import dialects
 from lmforge.registry.tables import datasets, models, utc_now
 
 # Names become directory names: no slashes, no leading dot, so no "..".
@@ -75,7 +75,8 @@ def register_model(
     """Record a new version of NAME (previous highest version + 1, or 1) and return it.
 
     The version is computed inside the INSERT itself, so two processes registering the same name
-    at once get distinct consecutive versions.
+    at once get distinct consecutive versions (on PostgreSQL, which does not serialize the
+    INSERT's read, after taking a lock on the name first).
     """
     validate_name(name)
     if not _SHA256_PATTERN.fullmatch(sha256):
@@ -85,6 +86,7 @@ def register_model(
         .where(models.c.name == name)
         .scalar_subquery()
     )
+    dialects.serialize(conn, f"model:{name}")
     statement = (
         insert(models)
         .values(
@@ -194,7 +196,7 @@ def put_dataset(
         "updated_at": now,
     }
     statement = (
-        sqlite_insert(datasets)
+        dialects.insert(conn, datasets)
         .values(name=name, created_at=now, **values)
         .on_conflict_do_update(index_elements=[datasets.c.name], set_=values)
         .returning(*datasets.c)

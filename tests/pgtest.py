@@ -1,0 +1,52 @@
+"""PostgreSQL for `make test-pg`: one schema per $LMFORGE_HOME on the server it names.
+
+`make test-pg` starts a throwaway PostgreSQL cluster (`tests/pg_cluster.sh`) and runs the
+registry, limits, budget and metering tests with `LMFORGE_TEST_PG` set to a database URL on it.
+Every home a test uses then gets its own schema there (named after the home's path, so the
+test process and the servers and commands it starts find the same one), and `$LMFORGE_DB`
+points lmforge at it. Without `LMFORGE_TEST_PG` (plain `make test`) nothing here does anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from urllib.parse import quote
+
+PG_ENV = "LMFORGE_TEST_PG"
+
+
+def server_url() -> str | None:
+    """The postgresql:// URL of the test database, or None when the tests run on SQLite."""
+    return os.environ.get(PG_ENV) or None
+
+
+def schema_url(home: Path) -> str:
+    """A URL for HOME's own schema on the test database (created if missing)."""
+    from sqlalchemy import create_engine, text
+
+    base = server_url()
+    assert base is not None, f"{PG_ENV} is not set"
+    schema = "t_" + hashlib.sha1(str(home).encode()).hexdigest()[:24]
+    engine = create_engine(base.replace("postgresql://", "postgresql+psycopg://", 1))
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {schema}"))
+    finally:
+        engine.dispose()
+    separator = "&" if "?" in base else "?"
+    return f"{base}{separator}options={quote(f'-csearch_path={schema}')}"
+
+
+def env_for(home: Path) -> dict[str, str]:
+    """The environment that points lmforge at HOME's registry: {} on SQLite."""
+    return {"LMFORGE_DB": schema_url(home)} if server_url() else {}
+
+
+def registry_url(directory: Path) -> str:
+    """A registry URL of its own for a test: `DIRECTORY/registry.db`, or a schema named after
+    DIRECTORY under `make test-pg`."""
+    if server_url() is None:
+        return f"sqlite:///{directory / 'registry.db'}"
+    return schema_url(directory)
