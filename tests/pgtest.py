@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sqlite3
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 PG_ENV = "LMFORGE_TEST_PG"
@@ -50,3 +52,21 @@ def registry_url(directory: Path) -> str:
     if server_url() is None:
         return f"sqlite:///{directory / 'registry.db'}"
     return schema_url(directory)
+
+
+def query(home: Path, sql: str, *args: object) -> list[tuple[Any, ...]]:
+    """Run SQL (with `?` placeholders) on HOME's registry, SQLite or PostgreSQL; its rows."""
+    if server_url() is None:
+        with sqlite3.connect(home / "registry.db") as conn:
+            return conn.execute(sql, args).fetchall()
+    import psycopg
+
+    with psycopg.connect(schema_url(home)) as conn:
+        return [tuple(row) for row in conn.execute(sql.replace("?", "%s"), args).fetchall()]
+
+
+def use_home(monkeypatch: Any, home: Path) -> None:
+    """Make HOME this process's $LMFORGE_HOME, and its registry the one lmforge opens."""
+    monkeypatch.setenv("LMFORGE_HOME", str(home))
+    for name, value in env_for(home).items():
+        monkeypatch.setenv(name, value)

@@ -6,11 +6,11 @@ import csv
 import hashlib
 import io
 import json
-import sqlite3
 from pathlib import Path
 
 import pytest
 
+import pgtest
 from lmforge.cli.main import main
 from lmforge.registry.db import connect
 from lmforge.registry.ledger import record_usage
@@ -51,10 +51,10 @@ def test_keys_lifecycle_prints_the_key_once_and_stores_only_its_hash(
     assert code == 0 and "shown only now" in err
     key = out.strip()
     assert key.startswith("lmf-") and len(key) == 47
-    raw = (lmforge_home / "registry.db").read_bytes()
-    assert key.encode() not in raw
-    with sqlite3.connect(lmforge_home / "registry.db") as conn:
-        stored = conn.execute("SELECT key_hash, prefix FROM api_keys").fetchall()
+    if pgtest.server_url() is None:
+        raw = (lmforge_home / "registry.db").read_bytes()
+        assert key.encode() not in raw
+    stored = pgtest.query(lmforge_home, "SELECT key_hash, prefix FROM api_keys")
     assert stored == [(hashlib.sha256(key.encode()).hexdigest(), key[:12])]
 
     code, out, _ = run(capsys, "keys", "list")
@@ -83,8 +83,7 @@ def test_keys_lifecycle_prints_the_key_once_and_stores_only_its_hash(
     assert code == 0 and view["rpm"] is None and view["tpm"] == 500 and view["models"] is None
     assert run(capsys, "keys", "revoke", "app")[0] == 0
     assert json.loads(run(capsys, "keys", "show", "app", "--json")[1])["status"] == "revoked"
-    with sqlite3.connect(lmforge_home / "registry.db") as conn:
-        actions = conn.execute("SELECT action, target, actor FROM audit_log ORDER BY id").fetchall()
+    actions = pgtest.query(lmforge_home, "SELECT action, target, actor FROM audit_log ORDER BY id")
     assert [a[:2] for a in actions] == [
         ("key.create", "app"),
         ("key.update", "app"),
@@ -228,13 +227,12 @@ def test_models_price_sets_shows_and_audits(
     code, out, _ = run(capsys, "models", "price", "smollm2-135m-instruct")
     assert "$0.15" in out
     assert "smollm2-135m-instruct" in run(capsys, "models", "price", "--list")[1]
-    with sqlite3.connect(lmforge_home / "registry.db") as conn:
-        assert conn.execute("SELECT input_musd, output_musd FROM prices").fetchall() == [
-            (150_000, 600_000)
-        ]
-        (details,) = conn.execute(
-            "SELECT details FROM audit_log WHERE action = 'price.set'"
-        ).fetchone()
+    assert pgtest.query(lmforge_home, "SELECT input_musd, output_musd FROM prices") == [
+        (150_000, 600_000)
+    ]
+    ((details,),) = pgtest.query(
+        lmforge_home, "SELECT details FROM audit_log WHERE action = 'price.set'"
+    )
     assert json.loads(details) == {"input": "$0.15", "output": "$0.60"}
     one_line_error(
         capsys,

@@ -105,7 +105,12 @@ def test_database_from_a_newer_lmforge_is_refused(tmp_path: Path) -> None:
 
 
 # PostgreSQL's spelling of the migrations' SQLite types (see `registry.dialects.ddl`).
-_SAME_TYPE = {"BIGINT": "INTEGER", "DOUBLE PRECISION": "REAL", 'TEXT COLLATE "C"': "TEXT"}
+_SAME_TYPE = {
+    "BIGINT": "INTEGER",
+    "DOUBLE PRECISION": "REAL",
+    "DOUBLE": "REAL",
+    'TEXT COLLATE "C"': "TEXT",
+}
 
 
 def test_tables_mirror_the_migrated_schema(engine: Engine) -> None:
@@ -123,7 +128,11 @@ def test_tables_mirror_the_migrated_schema(engine: Engine) -> None:
             for c in inspector.get_columns(table.name)
         }
         declared = {
-            c.name: (c.type.compile(engine.dialect), c.nullable or c.primary_key, c.primary_key)
+            c.name: (
+                _SAME_TYPE.get(c.type.compile(engine.dialect), c.type.compile(engine.dialect)),
+                c.nullable or c.primary_key,
+                c.primary_key,
+            )
             for c in table.columns
         }
         assert reflected == declared, table.name

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+import pgtest
 from conftest import LMFORGE, run_env, tiny_config
 
 TINY_NAME = "tiny-llama"
@@ -52,7 +53,7 @@ def create_key(home: Path, name: str, **limits: object) -> str:
     from lmforge.ops.accounts import create_key as create
     from lmforge.registry.db import connect
 
-    engine = connect(home=home)
+    engine = connect(pgtest.registry_url(home))
     try:
         return create(engine, actor="test", name=name, **limits)[1]  # type: ignore[arg-type]
     finally:

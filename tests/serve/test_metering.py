@@ -19,6 +19,7 @@ import httpx
 import pytest
 from served import Server, create_key, make_model_dir, start_server, stop_server
 
+import pgtest
 from lmforge.cli.main import main
 
 KILL_TRIALS = int(os.environ.get("LMFORGE_KILL_TRIALS", "10"))  # make reliability: 100
@@ -29,8 +30,7 @@ def bearer(key: str) -> dict[str, str]:
 
 
 def ledger(home: Path, query: str, *args: Any) -> list[tuple[Any, ...]]:
-    with sqlite3.connect(home / "registry.db") as conn:
-        return conn.execute(query, args).fetchall()
+    return pgtest.query(home, query, *args)
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +156,7 @@ def test_ledger_equals_metrics_equals_invoice_after_mixed_load(
     statuses = dict(ledger(s.home, "SELECT status, count(*) FROM usage GROUP BY status"))
     assert statuses["cancelled"] == 4 and statuses["rate_limited"] == 1
 
-    monkeypatch.setenv("LMFORGE_HOME", str(s.home))
+    pgtest.use_home(monkeypatch, s.home)
     period = datetime.now(UTC).strftime("%Y-%m")
     assert main(["bill", "--period", period, "--out", str(tmp_path)]) == 0
     invoice = json.loads((tmp_path / f"LMF-{period}.json").read_text())
@@ -181,7 +181,7 @@ def test_request_lineage_starts_at_the_x_request_id(
         headers=metered.headers,
     )
     rid = r.headers["x-request-id"]
-    monkeypatch.setenv("LMFORGE_HOME", str(metered.home))
+    pgtest.use_home(monkeypatch, metered.home)
     capsys.readouterr()
     assert main(["lineage", rid, "--json"]) == 0
     tree = json.loads(capsys.readouterr().out)
@@ -194,7 +194,7 @@ def test_moderation_blocks_input_and_withholds_output(
 ) -> None:
     s = metered
     key = create_key(s.home, "moderated")
-    monkeypatch.setenv("LMFORGE_HOME", str(s.home))
+    pgtest.use_home(monkeypatch, s.home)
 
     def set_policy(input: str, output: str) -> None:
         argv = ["moderation", "policy", "set", "--key", "moderated"]
@@ -286,8 +286,9 @@ def _kill_trials(home: Path, model_dir: Path, trials: int, seed: int) -> list[st
         stop.set()
         for t in clients:
             t.join()
-        with sqlite3.connect(home / "registry.db") as conn:
-            assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)], trial
+        if pgtest.server_url() is None:  # SQLite's own check of its file
+            with sqlite3.connect(home / "registry.db") as conn:
+                assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)], trial
     return succeeded
 
 
@@ -318,12 +319,12 @@ def test_sigkill_during_requests_loses_no_succeeded_request(
     for home in homes:
         succeeded = results[home]
         assert len(succeeded) > KILL_TRIALS // 2  # the loops did run
-        with sqlite3.connect(home / "registry.db") as conn:
-            rows = dict(
-                conn.execute(
-                    "SELECT request_id, count(*) FROM usage WHERE status = 'ok' GROUP BY request_id"
-                ).fetchall()
+        rows = dict(
+            pgtest.query(
+                home,
+                "SELECT request_id, count(*) FROM usage WHERE status = 'ok' GROUP BY request_id",
             )
+        )
         missing = [rid for rid in succeeded if rows.get(rid) != 1]
         assert not missing, (
             f"{len(missing)} of {len(succeeded)} succeeded requests not in the ledger"

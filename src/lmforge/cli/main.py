@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Annotated
 
 import typer
 
@@ -50,6 +51,7 @@ app = typer.Typer(
         "  lmforge generate 'The capital of France is'\n\n"
         "  lmforge chat\n\n"
         "  lmforge serve --port 8000\n\n"
+        "  LMFORGE_DB=postgresql://lmforge@db/lmforge lmforge serve --host 0.0.0.0\n\n"
         "  lmforge models list\n\n"
         "  lmforge pipeline run pipeline.yaml\n\n"
         "  lmforge demo"
@@ -60,6 +62,30 @@ app = typer.Typer(
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+@app.callback()
+def _root(
+    db: Annotated[
+        str | None,
+        typer.Option(
+            "--db",
+            envvar="LMFORGE_DB",
+            show_envvar=True,
+            help=(
+                "The registry's database for this command: sqlite:///PATH or "
+                "postgresql://USER:PASSWORD@HOST:PORT/DB (several servers sharing keys, limits, "
+                "budgets and one ledger). Default: $LMFORGE_HOME/registry.db. Prefer the "
+                "environment variable for URLs with a password (command lines are visible to "
+                "other users)."
+            ),
+        ),
+    ] = None,
+) -> None:
+    if db:
+        os.environ["LMFORGE_DB"] = db  # read by registry.db.connect, in this process and children
+
+
 generate.register(app)
 train.register(app)
 finetune.register(app)

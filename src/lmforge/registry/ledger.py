@@ -18,6 +18,7 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     and_,
+    case,
     cast,
     func,
     insert,
@@ -181,7 +182,7 @@ def usage_totals(
         select(
             group.label("group"),
             func.count().label("requests"),
-            _total((usage.c.status == "ok").cast(usage.c.id.type)).label("ok"),
+            _total(case((usage.c.status == "ok", 1), else_=0)).label("ok"),
             _total(usage.c.prompt_tokens).label("prompt_tokens"),
             _total(usage.c.completion_tokens).label("completion_tokens"),
             _total(usage.c.cost_nusd).label("cost_nusd"),

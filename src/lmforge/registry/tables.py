@@ -9,14 +9,30 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import REAL, Column, ForeignKey, Integer, MetaData, Table, Text, UniqueConstraint
+from sqlalchemy import (
+    REAL,
+    BigInteger,
+    Column,
+    Double,
+    ForeignKey,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+# The migrations' INTEGER and REAL are 64-bit in SQLite; on PostgreSQL the same columns are
+# BIGINT and DOUBLE PRECISION (see `dialects.ddl`), and bound values are cast to these.
+INT64 = BigInteger().with_variant(Integer(), "sqlite")
+FLOAT64: Double[float] = Double().with_variant(REAL(), "sqlite")
 
 metadata = MetaData()
 
 schema_migrations = Table(
     "schema_migrations",
     metadata,
-    Column("number", Integer, primary_key=True, autoincrement=False),
+    Column("number", INT64, primary_key=True, autoincrement=False),
     Column("name", Text, nullable=False),
     Column("applied_at", Text, nullable=False),
 )
@@ -24,14 +40,14 @@ schema_migrations = Table(
 models = Table(
     "models",
     metadata,
-    Column("id", Integer, primary_key=True),
+    Column("id", INT64, primary_key=True),
     Column("name", Text, nullable=False),
-    Column("version", Integer, nullable=False),
+    Column("version", INT64, nullable=False),
     Column("path", Text, nullable=False),
     Column("sha256", Text, nullable=False),
     Column("parent", Text, nullable=True),  # free text: "smollm2-135m-instruct" or "name@3"
     Column("arch", Text, nullable=True),
-    Column("n_params", Integer, nullable=True),
+    Column("n_params", INT64, nullable=True),
     Column("source", Text, nullable=True),  # where it was imported from
     Column("created_at", Text, nullable=False),
     UniqueConstraint("name", "version"),
@@ -40,15 +56,15 @@ models = Table(
 datasets = Table(
     "datasets",
     metadata,
-    Column("id", Integer, primary_key=True),
+    Column("id", INT64, primary_key=True),
     Column("name", Text, nullable=False),
     Column("path", Text, nullable=False),
     Column("content_key", Text, nullable=False),  # sha256 of inputs + options: same key = same data
     Column("manifest_sha256", Text, nullable=False),
     Column("tokenizer", Text, nullable=False),  # "bpe", "char", "byte" or where it came from
-    Column("vocab_size", Integer, nullable=False),
-    Column("documents", Integer, nullable=False),  # kept, all splits
-    Column("tokens", Integer, nullable=False),  # all splits
+    Column("vocab_size", INT64, nullable=False),
+    Column("documents", INT64, nullable=False),  # kept, all splits
+    Column("tokens", INT64, nullable=False),  # all splits
     Column("created_at", Text, nullable=False),
     Column("updated_at", Text, nullable=False),  # a re-prepare with --overwrite moves this
     UniqueConstraint("name"),
@@ -60,27 +76,27 @@ datasets = Table(
 api_keys = Table(
     "api_keys",
     metadata,
-    Column("id", Integer, primary_key=True),
+    Column("id", INT64, primary_key=True),
     Column("name", Text, nullable=False),
     Column("prefix", Text, nullable=False),  # the key's first characters, to show and look up
     Column("key_hash", Text, nullable=False),  # sha256 of the whole key, lowercase hex
     Column("models", Text, nullable=True),  # JSON list of model names; NULL: every model
-    Column("rpm", Integer, nullable=True),  # requests per minute; NULL: no limit
-    Column("tpm", Integer, nullable=True),  # tokens per minute
-    Column("budget_nusd", Integer, nullable=True),
+    Column("rpm", INT64, nullable=True),  # requests per minute; NULL: no limit
+    Column("tpm", INT64, nullable=True),  # tokens per minute
+    Column("budget_nusd", INT64, nullable=True),
     Column("budget_period", Text, nullable=False),  # "month" | "total"
     Column("expires_at", Text, nullable=True),
-    Column("admin", Integer, nullable=False),
+    Column("admin", INT64, nullable=False),
     Column("created_at", Text, nullable=False),
     Column("updated_at", Text, nullable=False),
     Column("revoked_at", Text, nullable=True),
-    Column("req_window", REAL, nullable=False),  # unix time the requests window started
-    Column("req_used", Integer, nullable=False),
-    Column("tok_window", REAL, nullable=False),
-    Column("tok_used", Integer, nullable=False),  # reserved at admission, settled after
+    Column("req_window", FLOAT64, nullable=False),  # unix time the requests window started
+    Column("req_used", INT64, nullable=False),
+    Column("tok_window", FLOAT64, nullable=False),
+    Column("tok_used", INT64, nullable=False),  # reserved at admission, settled after
     Column("spend_period", Text, nullable=False),  # "2026-11" or "total"
-    Column("spent_nusd", Integer, nullable=False),  # settled spend in spend_period
-    Column("reserved_nusd", Integer, nullable=False),  # held by requests in flight
+    Column("spent_nusd", INT64, nullable=False),  # settled spend in spend_period
+    Column("reserved_nusd", INT64, nullable=False),  # held by requests in flight
     UniqueConstraint("name"),
     UniqueConstraint("key_hash"),
 )
@@ -89,31 +105,31 @@ reservations = Table(
     "reservations",
     metadata,
     Column("request_id", Text, primary_key=True),
-    Column("key_id", Integer, ForeignKey("api_keys.id"), nullable=False),
-    Column("tokens", Integer, nullable=False),
-    Column("cost_nusd", Integer, nullable=False),
-    Column("tok_window", REAL, nullable=False),  # the tokens window the tokens were taken from
-    Column("expires", REAL, nullable=False),  # unix time after which a sweep releases it
+    Column("key_id", INT64, ForeignKey("api_keys.id"), nullable=False),
+    Column("tokens", INT64, nullable=False),
+    Column("cost_nusd", INT64, nullable=False),
+    Column("tok_window", FLOAT64, nullable=False),  # the tokens window the tokens were taken from
+    Column("expires", FLOAT64, nullable=False),  # unix time after which a sweep releases it
 )
 
 usage = Table(
     "usage",
     metadata,
-    Column("id", Integer, primary_key=True),
+    Column("id", INT64, primary_key=True),
     Column("request_id", Text, nullable=False),
-    Column("key_id", Integer, ForeignKey("api_keys.id"), nullable=True),
+    Column("key_id", INT64, ForeignKey("api_keys.id"), nullable=True),
     Column("endpoint", Text, nullable=False),
     Column("model", Text, nullable=True),
     Column("model_version", Text, nullable=True),  # "name@3", or "name@sha256:<12 hex>"
-    Column("prompt_tokens", Integer, nullable=False),
-    Column("completion_tokens", Integer, nullable=False),
-    Column("ttft_ms", REAL, nullable=True),
-    Column("latency_ms", REAL, nullable=False),
+    Column("prompt_tokens", INT64, nullable=False),
+    Column("completion_tokens", INT64, nullable=False),
+    Column("ttft_ms", FLOAT64, nullable=True),
+    Column("latency_ms", FLOAT64, nullable=False),
     Column("status", Text, nullable=False),
-    Column("http_status", Integer, nullable=False),
-    Column("cost_nusd", Integer, nullable=False),
-    Column("price_input", Integer, nullable=True),  # micro-USD per million tokens, as billed
-    Column("price_output", Integer, nullable=True),
+    Column("http_status", INT64, nullable=False),
+    Column("cost_nusd", INT64, nullable=False),
+    Column("price_input", INT64, nullable=True),  # micro-USD per million tokens, as billed
+    Column("price_output", INT64, nullable=True),
     Column("created_at", Text, nullable=False),
     UniqueConstraint("request_id"),
 )
@@ -121,17 +137,17 @@ usage = Table(
 prices = Table(
     "prices",
     metadata,
-    Column("id", Integer, primary_key=True),
+    Column("id", INT64, primary_key=True),
     Column("model", Text, nullable=False),
-    Column("input_musd", Integer, nullable=False),
-    Column("output_musd", Integer, nullable=False),
+    Column("input_musd", INT64, nullable=False),
+    Column("output_musd", INT64, nullable=False),
     Column("created_at", Text, nullable=False),
 )
 
 audit_log = Table(
     "audit_log",
     metadata,
-    Column("id", Integer, primary_key=True),
+    Column("id", INT64, primary_key=True),
     Column("at", Text, nullable=False),
     Column("actor", Text, nullable=False),  # "cli:<user>" or "key:<name>"
     Column("action", Text, nullable=False),  # "key.create", "price.set", …
@@ -142,7 +158,7 @@ audit_log = Table(
 moderation_rulesets = Table(
     "moderation_rulesets",
     metadata,
-    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("version", INT64, primary_key=True, autoincrement=False),
     Column("actor", Text, nullable=False),
     Column("created_at", Text, nullable=False),
 )
@@ -150,8 +166,8 @@ moderation_rulesets = Table(
 moderation_rules = Table(
     "moderation_rules",
     metadata,
-    Column("id", Integer, primary_key=True),
-    Column("version", Integer, ForeignKey("moderation_rulesets.version"), nullable=False),
+    Column("id", INT64, primary_key=True),
+    Column("version", INT64, ForeignKey("moderation_rulesets.version"), nullable=False),
     Column("category", Text, nullable=False),
     Column("kind", Text, nullable=False),  # "word" | "regex"
     Column("pattern", Text, nullable=False),
@@ -172,7 +188,7 @@ moderation_policies = Table(
 eval_results = Table(
     "eval_results",
     metadata,
-    Column("id", Integer, primary_key=True),
+    Column("id", INT64, primary_key=True),
     Column("model", Text, nullable=False),  # the spec as resolved: "sst2@2", a path, a built-in
     Column("model_name", Text, nullable=False),
     Column("model_path", Text, nullable=False),
@@ -180,11 +196,11 @@ eval_results = Table(
     Column("task", Text, nullable=False),  # "perplexity" | "classify" | "qa" | "bleu"
     Column("data_path", Text, nullable=False),
     Column("data_sha256", Text, nullable=False),
-    Column("examples", Integer, nullable=False),
+    Column("examples", INT64, nullable=False),
     Column("metrics", Text, nullable=False),  # JSON object
-    Column("contamination_rate", REAL, nullable=True),  # flagged examples / examples
+    Column("contamination_rate", FLOAT64, nullable=True),  # flagged examples / examples
     Column("contamination", Text, nullable=True),  # JSON object; NULL: not checked
-    Column("seconds", REAL, nullable=False),
+    Column("seconds", FLOAT64, nullable=False),
     Column("created_at", Text, nullable=False),
 )
 
@@ -201,21 +217,21 @@ aliases = Table(
     metadata,
     Column("name", Text, primary_key=True),
     Column("model", Text, nullable=False),  # a registry model name
-    Column("version", Integer, nullable=False),
+    Column("version", INT64, nullable=False),
     Column("updated_at", Text, nullable=False),
 )
 
 alias_events = Table(
     "alias_events",
     metadata,
-    Column("id", Integer, primary_key=True),
+    Column("id", INT64, primary_key=True),
     Column("alias", Text, nullable=False),
     Column("action", Text, nullable=False),  # "promote" | "rollback"
     Column("from_model", Text, nullable=True),  # None: the alias's first promotion
-    Column("from_version", Integer, nullable=True),
+    Column("from_version", INT64, nullable=True),
     Column("to_model", Text, nullable=False),
-    Column("to_version", Integer, nullable=False),
-    Column("undone", Integer, nullable=False, default=0),  # a promotion a rollback took back
+    Column("to_version", INT64, nullable=False),
+    Column("undone", INT64, nullable=False, default=0),  # a promotion a rollback took back
     Column("checks", Text, nullable=True),  # JSON: the eval requirements and what they found
     Column("actor", Text, nullable=False),
     Column("created_at", Text, nullable=False),
