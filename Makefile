@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test browser reliability lint format bench bench-data bench-train bench-serve bench-quantize bench-lm-eval clean
+.PHONY: setup demo test test-pg postgres browser reliability lint format bench bench-data bench-train bench-serve bench-quantize bench-lm-eval clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,26 @@ reliability: $(STAMP)
 	  tests/serve/test_disconnects.py tests/serve/test_drain.py tests/test_safety.py \
 	  tests/train/test_kill_resume.py \
 	  tests/serve/test_metering.py::test_sigkill_during_requests_loses_no_succeeded_request
+
+# The registry, keys, limits, budgets and metering tests again, on PostgreSQL, plus the replicas
+# test that needs it: a throwaway cluster (Debian's postgresql, installed if missing) on
+# 127.0.0.1 and a free port, removed afterwards.
+PG_TESTS := tests/registry tests/cli/test_cli_keys.py tests/serve/test_keys_limits.py \
+	tests/serve/test_metering.py tests/serve/test_replicas.py
+test-pg: $(STAMP) postgres
+	@dir=$$(mktemp -d); \
+	port=$$($(PY) -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'); \
+	tests/pg_cluster.sh start $$dir $$port || { rm -rf $$dir; exit 1; }; \
+	LMFORGE_TEST_PG=postgresql://postgres@127.0.0.1:$$port/lmforge_test \
+	  $(VENV)/bin/pytest -q -p no:cacheprovider $(PG_TESTS); rc=$$?; \
+	tests/pg_cluster.sh stop $$dir; rm -rf $$dir; exit $$rc
+
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  echo "installing Debian's postgresql for make test-pg"; \
+	  $(SUDO) apt-get install -y -q postgresql >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q postgresql >/dev/null; } || \
+	  { echo "error: cannot install postgresql (apt-get install postgresql)"; exit 1; }; }
 
 # The dashboard's browser tests drive Debian's Chromium through Playwright (no browser download).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

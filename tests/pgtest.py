@@ -33,7 +33,8 @@ def schema_url(home: Path) -> str:
     schema = "t_" + hashlib.sha1(str(home).encode()).hexdigest()[:24]
     engine = create_engine(base.replace("postgresql://", "postgresql+psycopg://", 1))
     try:
-        with engine.begin() as conn:
+        with engine.begin() as conn:  # one at a time: IF NOT EXISTS races in the catalog
+            conn.execute(text("SELECT pg_advisory_xact_lock(42)"))
             conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {schema}"))
     finally:
         engine.dispose()
