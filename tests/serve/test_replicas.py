@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pgtest
 import pytest
-from conftest import lmforge
 from served import Server, create_key, make_model_dir, start_server, stop_server
 
+import pgtest
+from conftest import lmforge
 from lmforge.ops.pricing import cost_nusd
 
 pytestmark = pytest.mark.skipif(
