@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-pg postgres browser reliability lint format bench bench-data bench-train bench-serve bench-quantize bench-lm-eval clean
+.PHONY: setup demo test test-pg test-ray postgres browser reliability lint format bench bench-data bench-train bench-serve bench-quantize bench-lm-eval clean
 
 setup: $(STAMP)
 
@@ -50,6 +50,10 @@ test-pg: $(STAMP) postgres
 	LMFORGE_TEST_PG=postgresql://postgres@127.0.0.1:$$port/lmforge_test \
 	  $(VENV)/bin/pytest -q -p no:cacheprovider $(PG_TESTS); rc=$$?; \
 	tests/pg_cluster.sh stop $$dir; rm -rf $$dir; exit $$rc
+
+# `data prepare --executor ray` against a Ray head node the test starts on 127.0.0.1.
+test-ray: $(STAMP)
+	LMFORGE_TEST_RAY=1 $(VENV)/bin/pytest -q -p no:cacheprovider tests/data/test_ray_executor.py
 
 postgres:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \

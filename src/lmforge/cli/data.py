@@ -44,6 +44,8 @@ PREPARE_EXAMPLES = """[bold]Examples[/bold]
   lmforge data prepare chats.jsonl --name chats --tokenizer smollm2-135m-instruct
 
   lmforge data prepare reviews.csv --text-field review --on-error skip --name reviews
+
+  lmforge data prepare 'shards/*.jsonl.zst' --name web --executor ray --ray-address auto
 """
 
 
@@ -155,6 +157,20 @@ def prepare_command(
         str, typer.Option(help="fail on a bad record, or skip (and count) it.")
     ] = "fail",
     workers: Annotated[int, typer.Option(help="Worker processes (0: one per core).")] = 0,
+    executor: Annotated[
+        str,
+        typer.Option(
+            help="local (worker processes here) or ray (Ray Data tasks on a Ray cluster; "
+            "same manifest and shards; pip install 'lmforge[ray]')."
+        ),
+    ] = "local",
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="The Ray cluster for --executor ray, e.g. auto or 10.0.0.5:6379 "
+            "(default: $RAY_ADDRESS, else a local Ray for this run)."
+        ),
+    ] = None,
     shard_tokens: Annotated[int, typer.Option(help="Tokens per shard file at most.")] = 100_000_000,
     save_removed: Annotated[
         bool, typer.Option("--save-removed", help="Keep removed documents in removed.jsonl.gz.")
@@ -190,6 +206,8 @@ def prepare_command(
         min_chars=min_chars,
         on_error=on_error,  # type: ignore[arg-type]
         workers=workers,
+        executor=executor,  # type: ignore[arg-type]
+        ray_address=ray_address,
         shard_tokens=shard_tokens,
         save_removed=save_removed,
     )

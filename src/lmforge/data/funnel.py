@@ -203,7 +203,13 @@ def _batches(
 def _processed_batches(
     config: PrepareConfig, files: list[Path], tally: SourceTally
 ) -> Iterator[tuple[list[Document], list[Processed]]]:
-    """(documents, results) batch by batch, in corpus order, WORKERS processes working."""
+    """(documents, results) batch by batch, in corpus order, WORKERS processes working (or the
+    Ray cluster, with --executor ray)."""
+    if config.executor == "ray":
+        from lmforge.data import ray_executor
+
+        yield from ray_executor.processed_batches(config, files, tally)
+        return
     options = SourceOptions(text_field=config.text_field, on_error=config.on_error)
     batches = _batches(files, options, tally)
     workers = worker_count(config)

@@ -91,6 +91,8 @@ class PrepareConfig:
     min_chars: int = 20
     on_error: Literal["skip", "fail"] = "fail"
     workers: int = 0  # 0: one per CPU core
+    executor: Literal["local", "ray"] = "local"  # ray: the work runs as Ray tasks (ray_executor)
+    ray_address: str | None = None  # None: $RAY_ADDRESS, else a local Ray for this run
     save_removed: bool = False  # write removed documents to removed.jsonl.gz
     shard_tokens: int = 100_000_000  # tokens per shard file at most
 
@@ -121,6 +123,10 @@ class PrepareConfig:
             raise LmforgeError(
                 f"--tokenizer-sample-mb must be at least 1, not {self.tokenizer_sample_mb}"
             )
+        if self.executor not in ("local", "ray"):
+            raise LmforgeError(f"--executor must be local or ray, not {self.executor!r}")
+        if self.ray_address is not None and self.executor != "ray":
+            raise LmforgeError("--ray-address needs --executor ray")
         if self.workers < 0:
             raise LmforgeError(f"--workers must be 0 (one per core) or more, not {self.workers}")
         if self.shard_tokens < 1024:
@@ -140,7 +146,7 @@ class PrepareConfig:
     def output_options(self) -> dict[str, Any]:
         """The options that change the output (not workers or save_removed) — for the key."""
         options = asdict(self)
-        for name in ("sources", "workers", "save_removed"):
+        for name in ("sources", "workers", "save_removed", "executor", "ray_address"):
             options.pop(name)
         if self.tokenizer not in TRAINED_TOKENIZERS:
             options["tokenizer"] = "path"
@@ -211,6 +217,10 @@ def prepare(
             f"data set {name!r} already exists with other inputs or options; "
             "use --overwrite to replace it, or another --name"
         )
+    if config.executor == "ray":
+        from lmforge.data.ray_executor import init_ray
+
+        init_ray(config.ray_address)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_builds(out_dir)
     build = Path(
@@ -381,6 +391,7 @@ def _build(
         "shards": shards_dict(shards),
         "token_lengths": histogram,
         "timing": {
+            "executor": config.executor,
             "workers": worker_count(config),
             "text_bytes": funnel.read_bytes,
             "stages": stage_seconds,

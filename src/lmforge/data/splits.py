@@ -143,7 +143,12 @@ def write_splits(
 ) -> tuple[dict[str, dict[str, int]], list[ShardInfo], np.ndarray]:
     """Tokenize the kept documents into split shards; returns split counts, shards, doc lengths."""
     dtype = token_dtype(tokenizer.vocab_size)
-    encode = _encoder(tokenizer)
+    if config.executor == "ray":
+        from lmforge.data import ray_executor
+
+        encode = ray_executor.encoder(tokenizer)
+    else:
+        encode = encoder_for(tokenizer)
     writers = [ShardWriter(build, s, dtype, config.shard_tokens) for s in SPLITS]
     counts = {s: {"documents": 0, "chars": 0, "tokens": 0} for s in SPLITS}
     eos = tokenizer.eos_id
@@ -197,7 +202,7 @@ def write_splits(
     return counts, shards, np.asarray(doc_tokens, dtype=np.int64)
 
 
-def _encoder(tokenizer: Tokenizer) -> Callable[[list[str]], list[np.ndarray]]:
+def encoder_for(tokenizer: Tokenizer) -> Callable[[list[str]], list[np.ndarray]]:
     """texts → id arrays: a lookup table for char tokenizers, HF's batch encoder otherwise."""
     if is_char_tokenizer(tokenizer):
         table = CharEncoder(tokenizer)
