@@ -1,6 +1,6 @@
-"""Graceful drain of a real `lmforge serve`: SIGTERM with 10 streams in flight. New requests
-get 503 with Retry-After while they run, every stream finishes with its full usage and
-[DONE], the ledger has all 10, and the process exits 0."""
+"""Graceful drain of a real `lmforge serve`, one process and two workers: SIGTERM with 10
+streams in flight. New requests get 503 with Retry-After while they run, every stream finishes
+with its full usage and [DONE], the ledger has all 10, and the process exits 0."""
 
 from __future__ import annotations
 
@@ -22,11 +22,21 @@ TOKENS = 200
 
 
 @pytest.mark.slow
-def test_sigterm_with_10_streams_in_flight(tmp_path: Path, tiny_tokenizer: Any) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_with_10_streams_in_flight(
+    tmp_path: Path, tiny_tokenizer: Any, workers: int
+) -> None:
     # A model slow enough (8 layers, 256 wide) that 10 × 200 tokens take a few seconds.
     model_dir = make_model_dir(tmp_path, tiny_tokenizer, d_model=256, n_layer=8, n_head=4,
                                max_seq_len=512)  # fmt: skip
-    server = start_server(model_dir, tmp_path / "home", "--max-batch", "16")
+    server = start_server(
+        model_dir, tmp_path / "home", "--max-batch", "16", "--workers", str(workers)
+    )
+    ready_in_a_row, deadline = 0, time.monotonic() + 60
+    while ready_in_a_row < 30:  # every worker has loaded (connections land on any of them)
+        assert time.monotonic() < deadline, "the workers did not all become ready"
+        ok = httpx.get(f"{server.url}/ready", timeout=10).status_code == 200
+        ready_in_a_row = ready_in_a_row + 1 if ok else 0
     body = {"model": server.model, "prompt": "drain me", "max_tokens": TOKENS, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}}  # fmt: skip
     events: list[list[str]] = [[] for _ in range(STREAMS)]
