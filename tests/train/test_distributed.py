@@ -1,5 +1,5 @@
 """torchrun with 2 CPU processes (gloo): DDP and FSDP train, checkpoint and resume, and match
-one process with the same global batch within 1e-4 over 20 steps."""
+one process with the same global batch within 1e-4 over 20 steps; also as two one-process nodes."""
 
 from __future__ import annotations
 
@@ -105,3 +105,44 @@ def test_ddp_resumes_from_its_checkpoint(
     ours = np.array([r["loss"] for r in records])
     reference = np.array([r["loss"] for r in single])
     assert np.abs(ours - reference).max() < 1e-4
+
+
+def test_two_nodes_rendezvous_as_the_readme_shows(
+    data_dir: Path,
+    single: list[dict],
+    tmp_path: Path,  # type: ignore[type-arg]
+) -> None:
+    """Two torchrun launchers as two nodes of one process each (`--nnodes 2`, c10d rendezvous
+    on 127.0.0.1), sharing $LMFORGE_HOME: the same run as two processes on one node."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    home = tmp_path / "nodes"
+    runner = str(Path(sys.executable).parent / "torchrun")
+    env = run_env(home) | {"OMP_NUM_THREADS": "1"}
+    nodes = [
+        subprocess.Popen(
+            [
+                *(runner, "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1"),
+                *("--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}"),
+                *("--rdzv-id", "lmforge-test", "-m", "lmforge"),
+                *args(data_dir, "nodes", "--strategy", "ddp"),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    for node in nodes:
+        _, stderr = node.communicate(timeout=300)
+        assert node.returncode == 0, stderr[-3000:]
+    records = metrics(home)
+    ours = np.array([r["loss"] for r in records])
+    reference = np.array([r["loss"] for r in single])
+    assert len(ours) == STEPS and np.abs(ours - reference).max() < 1e-4
+    (model,) = (home / "models" / "nodes").iterdir()
+    assert json.loads((model / "lmforge.json").read_text())["world_size"] == 2
