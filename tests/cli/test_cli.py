@@ -207,6 +207,14 @@ def test_models_import_list_show_generate(
     assert code == 1 and err.count("\n") == 1 and "../evil" in err
     assert not (lmforge_home / "evil").exists()
     assert not (lmforge_home.parent / "evil").exists()
+    # An alias's name is not free for a model (it would hide the alias); nothing is left behind.
+    assert cli("models", "promote", "tiny@1", "--alias", "prod")[0] == 0
+    code, _, err = cli("models", "import", str(tiny_model_dir), "--name", "prod")
+    assert code == 1 and err.count("\n") == 1 and "'prod' is an alias (of tiny@1)" in err
+    assert not (lmforge_home / "models" / "prod").exists() or not any(
+        (lmforge_home / "models" / "prod").iterdir()
+    )
+    assert json.loads(cli("generate", "prod", "The", "-n", "2", "--json")[1])["model"] == "tiny@1"
 
 
 def test_demo_runs(builtin_home: Path, tmp_path: Path) -> None:

@@ -147,3 +147,15 @@ def test_cli_promote_rollback_and_their_errors(
     ]:  # fmt: skip
         assert_one_line_error(lmforge_here(capsys, *args), needle)
     assert target(engine) == "shakes@3" and target(engine, "p2") is None
+
+
+def test_a_model_cannot_be_registered_under_an_alias_name(engine: Engine) -> None:
+    # Regression: registering a model named like an alias silently hid the alias from resolve.
+    with engine.begin() as conn:
+        aliases.promote(conn, name="prod", model="shakes", version=2, actor="test")
+    refused = pytest.raises(LmforgeError, match=r"'prod' is an alias \(of shakes@2\)")
+    with refused, engine.begin() as conn:
+        repo.register_model(conn, name="prod", path="/m", sha256=sha("other"))
+    with engine.connect() as conn:
+        assert repo.get_model(conn, name="prod") is None
+    assert target(engine) == "shakes@2"

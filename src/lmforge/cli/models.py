@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -360,6 +361,9 @@ def store_model(
                 n_params=n_params,
                 source=source,
             )
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)  # not registered: nothing points at it
+        raise
     finally:
         engine.dispose()
 

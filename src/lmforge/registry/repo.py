@@ -24,7 +24,7 @@ from sqlalchemy import Connection, func, insert, select
 
 from lmforge.errors import LmforgeError
 from lmforge.registry import dialects
-from lmforge.registry.tables import datasets, models, utc_now
+from lmforge.registry.tables import aliases, datasets, models, utc_now
 
 # Names become directory names: no slashes, no leading dot, so no "..".
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
@@ -102,7 +102,16 @@ def register_model(
         )
         .returning(*models.c)
     )
-    return _record(conn.execute(statement).one()._mapping)
+    record = _record(conn.execute(statement).one()._mapping)
+    # Checked after the write (SQLite: a transaction starts with its write), so this error
+    # rolls the caller's transaction back: a model of that name would hide the alias.
+    alias = conn.execute(select(aliases.c.model, aliases.c.version).where(aliases.c.name == name))
+    if (target := alias.first()) is not None:
+        raise LmforgeError(
+            f"{name!r} is an alias (of {target.model}@{target.version}); "
+            "register the model under a name of its own"
+        )
+    return record
 
 
 def get_model(conn: Connection, *, name: str, version: int | None = None) -> ModelRecord | None:
