@@ -71,11 +71,14 @@ def resolve(spec: str | None, *, home: Path | None = None) -> ModelRef:
 
 
 def registry_names(home: Path) -> list[str]:
-    from lmforge.registry import repo
+    """The registry's model names and alias names (for suggestions)."""
+    from lmforge.registry import aliases, repo
     from lmforge.registry.db import read_existing
 
     with read_existing(home=home) as conn:
-        return repo.model_names(conn) if conn is not None else []
+        if conn is None:
+            return []
+        return repo.model_names(conn) + [a.name for a in aliases.list_aliases(conn)]
 
 
 def alias_target(name: str, home: Path | None = None) -> tuple[str, int] | None:

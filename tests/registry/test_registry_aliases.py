@@ -159,3 +159,12 @@ def test_a_model_cannot_be_registered_under_an_alias_name(engine: Engine) -> Non
     with engine.connect() as conn:
         assert repo.get_model(conn, name="prod") is None
     assert target(engine) == "shakes@2"
+
+
+def test_unknown_names_suggest_close_aliases(engine: Engine) -> None:
+    from lmforge.errors import ModelNotFoundError
+
+    with engine.begin() as conn:
+        aliases.promote(conn, name="production", model="shakes", version=1, actor="test")
+    with pytest.raises(ModelNotFoundError, match="did you mean production"):
+        resolve("productoin")

@@ -227,10 +227,9 @@ def price_command(
             )
         return
     if name not in BUILTINS:
-        from lmforge.resolve import alias_target, registry_names
+        from lmforge.resolve import registry_names
 
-        home = lmforge_home()
-        if name not in registry_names(home) and alias_target(name, home) is None:
+        if name not in registry_names(lmforge_home()):  # models and aliases
             raise LmforgeError(
                 f"no model or alias named {name!r} in the registry (prices are per served "
                 "model name)"
