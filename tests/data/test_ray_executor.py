@@ -172,3 +172,27 @@ def test_an_unreachable_ray_cluster_is_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("error: cannot reach the Ray cluster")
     assert not (tmp_path / "home" / "datasets" / "w").exists()
+
+
+def test_a_bad_record_fails_in_one_line_as_it_does_locally(
+    tmp_path: Path, ray_cluster: dict[str, str]
+) -> None:
+    files = _corpus(tmp_path)
+    with open(files[1], "a") as f:
+        f.write('{"text": broken\n')
+    from conftest import LMFORGE, run_env
+
+    home = tmp_path / "home"
+    argv = [*LMFORGE, "data", "prepare", *map(str, files), "--name", "w", "--vocab-size", "300"]
+    local = subprocess.run(argv, env=run_env(home), capture_output=True, text=True, timeout=300)
+    remote = subprocess.run(
+        [*argv, "--executor", "ray"],
+        env={**run_env(home), **ray_cluster},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert local.returncode == remote.returncode == 1
+    assert remote.stderr.strip() == local.stderr.strip()  # one line, naming file and line
+    assert remote.stderr.count("\n") == 1 and "part1.jsonl:122: malformed JSON" in remote.stderr
+    assert not (home / "datasets" / "w").exists()

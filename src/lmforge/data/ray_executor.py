@@ -18,7 +18,8 @@ The same steps as the local executor, in the same code (`funnel.DocumentProcesso
 
 Parallelism of the first step is across source files (a file is read by one task), as with
 Ray Data's own file readers: give a big corpus as several files. The outcome — manifest and
-shards — is byte-identical to the local executor's but for timings (tested).
+shards — is byte-identical to the local executor's but for timings, and a bad record fails the
+run with the local executor's one-line message (tested).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,6 +60,9 @@ def init_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     _quiet_ray()
+    # No address: $RAY_ADDRESS, else a new local Ray ("local"; Ray's own default would look for
+    # a cluster `ray start` left behind, and wait minutes on a stale one).
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
     _check_reachable(address)
     try:
         ray.init(
@@ -70,12 +76,12 @@ def init_ray(address: str | None) -> None:
     log.info("ray: %s", ray.cluster_resources())
 
 
-def _check_reachable(address: str | None) -> None:
+def _check_reachable(address: str) -> None:
     """Fail in one line, now, if ADDRESS is a HOST:PORT nothing answers on (Ray itself would
     retry for minutes)."""
     import socket
 
-    if not address or address == "auto" or "://" in address or ":" not in address:
+    if address in ("auto", "local") or "://" in address or ":" not in address:
         return
     host, _, port = address.rpartition(":")
     try:
@@ -86,10 +92,10 @@ def _check_reachable(address: str | None) -> None:
 
 
 def _quiet_ray() -> None:
-    """Ray's own INFO and progress logs only with LMFORGE_LOG=info."""
+    """Ray's own logs only with LMFORGE_LOG=info (a failed task is reported as one line)."""
     if not log.isEnabledFor(logging.INFO):
         for name in ("ray", "ray.data"):  # ray.data has handlers of its own
-            logging.getLogger(name).setLevel(logging.ERROR)
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 # -- sources → clean → PII → dedup keys --------------------------------------------------------
@@ -186,14 +192,52 @@ def processed_batches(
         [{"origin": i, "path": str(p)} for i, p in enumerate(files)],
         override_num_blocks=len(files),
     )
-    results = inputs.map_batches(
-        _ReadAndProcess,
-        fn_constructor_args=(config,),
-        batch_size=1,
-        concurrency=workers,
-        zero_copy_batch=False,
-        max_restarts=0,  # a failed read fails the run, as it does locally
-    )
+    with warnings.catch_warnings():  # remote args as keywords: deprecated in Ray 2.60, working
+        warnings.simplefilter("ignore")
+        results = inputs.map_batches(
+            _with_config(config),  # the config travels with the class, not as actor arguments
+            batch_size=1,
+            concurrency=workers,
+            zero_copy_batch=False,
+            max_restarts=0,  # a failed read fails the run, as locally (and Ray does not warn
+            # that a restarted actor may lack its arguments)
+        )
+    try:
+        yield from _consume(results, tally)
+    except Exception as e:  # Ray wraps what a task raised; a bad record is one line here too
+        original = _original_error(e)
+        if original is None or original is e:
+            raise
+        message = str(original.args[0] if original.args else original)
+        raise LmforgeError(message.splitlines()[0]) from None  # Ray appends retry advice
+
+
+def _with_config(config: PrepareConfig) -> type[_ReadAndProcess]:
+    class ReadAndProcess(_ReadAndProcess):
+        def __init__(self) -> None:
+            super().__init__(config)
+
+    return ReadAndProcess
+
+
+def _original_error(error: BaseException) -> LmforgeError | None:
+    """The LmforgeError a Ray task raised, from the exception Ray raised here (or None)."""
+    import ray.exceptions
+
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [error]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, LmforgeError) and not isinstance(e, ray.exceptions.RayError):
+            return e
+        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return None
+
+
+def _consume(results: Any, tally: SourceTally) -> Iterator[tuple[list[Document], list[Processed]]]:
     for batch in results.iter_batches(batch_format="numpy", batch_size=None):
         docs: list[Document] = []
         done: list[Processed] = []
