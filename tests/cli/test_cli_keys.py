@@ -245,3 +245,22 @@ def test_models_price_sets_shows_and_audits(
         "1",
         needle="input price",
     )
+
+
+def test_db_option_names_the_registry_and_bad_urls_are_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LMFORGE_DB", raising=False)  # restored after the test
+    shared = f"sqlite:///{tmp_path / 'shared.db'}"
+    assert run(capsys, "--db", shared, "keys", "create", "--name", "there")[0] == 0
+    monkeypatch.delenv("LMFORGE_DB", raising=False)  # --db set it for this process
+    listed = json.loads(run(capsys, "--db", shared, "keys", "list", "--json")[1])
+    assert [k["name"] for k in listed] == ["there"]
+    assert (tmp_path / "shared.db").is_file()
+    monkeypatch.delenv("LMFORGE_DB", raising=False)
+    one_line_error(capsys, "--db", "mysql://u@h/db", "keys", "list", needle="only sqlite")
+    monkeypatch.delenv("LMFORGE_DB", raising=False)
+    code, _, err = run(
+        capsys, "--db", "postgresql://u:s3cret@127.0.0.1:1/db?connect_timeout=2", "keys", "list"
+    )
+    assert code == 1 and err.count("\n") == 1 and "s3cret" not in err and "***" in err
