@@ -1,8 +1,9 @@
 """`lmforge serve`: the OpenAI-compatible HTTP server on uvicorn.
 
-SIGTERM (or Ctrl-C) drains: `/ready` and every new request get 503 at once while the requests
-in flight (streams included) run to their end; then the listener closes, the last bytes are
-sent and the process exits 0. A second signal stops at once.
+SIGTERM (or Ctrl-C) drains, with --workers too (see `serve.supervisor`): `/ready` and every new
+request get 503 at once while the requests in flight (streams included) run to their end; then
+the listener closes, the last bytes are sent and the process exits 0. A second signal stops at
+once.
 """
 
 from __future__ import annotations
@@ -74,8 +75,9 @@ def serve_command(
     workers: Annotated[
         int,
         typer.Option(
-            help="uvicorn worker processes, each with its own copy of the models; keys, limits "
-            "and budgets hold across them (they live in the registry database)."
+            help="Worker processes on one port, each with its own copy of the models; keys, "
+            "limits and budgets hold across them (they live in the registry database), and "
+            "SIGTERM drains every one."
         ),
     ] = 1,
     no_auth: Annotated[

@@ -49,8 +49,8 @@ _ENCODE_PIECES_MIN_CHARS = 64 << 10  # a tokenize task gets at least this much t
 
 
 def init_ray(address: str | None) -> None:
-    """Connect to the Ray cluster at ADDRESS ("auto": the one `ray start` runs here, None:
-    $RAY_ADDRESS or a local one started for this run)."""
+    """Connect to the Ray cluster at ADDRESS (HOST:PORT, ray://…, or "auto": the one `ray start`
+    runs here; None: $RAY_ADDRESS, else a new local Ray for this run)."""
     try:
         import ray
     except ImportError as e:
@@ -117,7 +117,7 @@ class _ReadAndProcess:
                 if len(rows) >= 512:
                     yield _columns(rows)
                     rows = []
-            # The file's tally rides on its last row (a row with no document if it had none).
+            # The file's tally follows its documents, in a row of its own.
             rows.append({**_EMPTY_ROW, "origin": int(origin), "tally": _tally_json(tally)})
             yield _columns(rows)
 
