@@ -28,6 +28,7 @@ TINY_TEXT = (
 def lmforge_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "lmforge-home"
     monkeypatch.setenv("LMFORGE_HOME", str(home))
+    monkeypatch.delenv("LMFORGE_DB", raising=False)  # never a registry from the caller's shell
     for name, value in pgtest.env_for(home).items():  # make test-pg: the home's own schema
         monkeypatch.setenv(name, value)
     return home
@@ -133,6 +134,7 @@ def run_env(home: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["LMFORGE_HOME"] = str(home)
     env.pop("LMFORGE_DEBUG", None)
+    env.pop("LMFORGE_DB", None)
     env.update(pgtest.env_for(home))
     return env
 
