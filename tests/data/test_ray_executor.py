@@ -148,9 +148,10 @@ def test_ray_executor_gives_the_local_data_set(tmp_path: Path, ray_cluster: dict
 
     # The planted duplicates were found, across files as well as inside them.
     dedup = ray_manifest["dedup"]
-    assert dedup["exact_duplicates"] == 11 and dedup["near_duplicates"] >= 25
+    assert dedup["exact_duplicates"] == 11  # 10 of file 1 in file 2, 1 of file 0 in file 1
+    assert dedup["near_duplicates"] == 31  # 30 of file 0 in file 2, 1 inside file 0
     part2 = ray_manifest["sources"][2]
-    assert part2["documents_read"] == 60 and part2["documents_kept"] <= 25
+    assert part2["documents_read"] == 60 and part2["documents_kept"] == 20  # only the new ones
     assert ray_manifest["pii"]["found"]
 
 
