@@ -250,16 +250,18 @@ def test_models_price_sets_shows_and_audits(
 def test_db_option_names_the_registry_and_bad_urls_are_one_line(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv("LMFORGE_DB", raising=False)  # restored after the test
+    # `--db` sets $LMFORGE_DB for the process; setenv (not delenv, which records nothing for
+    # an unset variable) makes monkeypatch put the original back after the test.
+    monkeypatch.setenv("LMFORGE_DB", "")
     shared = f"sqlite:///{tmp_path / 'shared.db'}"
     assert run(capsys, "--db", shared, "keys", "create", "--name", "there")[0] == 0
-    monkeypatch.delenv("LMFORGE_DB", raising=False)  # --db set it for this process
+    monkeypatch.setenv("LMFORGE_DB", "")
     listed = json.loads(run(capsys, "--db", shared, "keys", "list", "--json")[1])
     assert [k["name"] for k in listed] == ["there"]
     assert (tmp_path / "shared.db").is_file()
-    monkeypatch.delenv("LMFORGE_DB", raising=False)
+    monkeypatch.setenv("LMFORGE_DB", "")
     one_line_error(capsys, "--db", "mysql://u@h/db", "keys", "list", needle="only sqlite")
-    monkeypatch.delenv("LMFORGE_DB", raising=False)
+    monkeypatch.setenv("LMFORGE_DB", "")
     code, _, err = run(
         capsys, "--db", "postgresql://u:s3cret@127.0.0.1:1/db?connect_timeout=2", "keys", "list"
     )
