@@ -142,6 +142,15 @@ def run_env(home: Path) -> dict[str, str]:
 LMFORGE = [sys.executable, "-m", "lmforge.cli.main"]
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (free when this returns)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def lmforge(
     *args: str, home: Path, stdin: str | None = None, timeout: float = 180
 ) -> subprocess.CompletedProcess[str]:

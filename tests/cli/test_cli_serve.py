@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, free_port
 
 
 def _serve(args: list[str], capsys: pytest.CaptureFixture[str]) -> subprocess.CompletedProcess[str]:
@@ -59,9 +59,7 @@ def test_an_lstm_model_is_refused_with_one_line(
 
     model = LSTMLanguageModel(LSTMConfig(vocab_size=384, d_model=16, n_layer=1)).eval()
     directory = save_model(model, tiny_tokenizer, tmp_path / "lstm")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     # The server starts, the background load fails, the server stops and says why.
     assert_one_line_error(_serve([str(directory), "--port", str(port)], capsys), "LSTM")
 
@@ -70,9 +68,7 @@ def test_a_model_that_fails_to_load_stops_the_server(
     tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (tiny_model_dir / "model.safetensors").write_bytes(b"not safetensors")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = _serve([str(tiny_model_dir), "--port", str(port)], capsys)
     # The server started (its log lines come first), the background load failed, it stopped.
     assert proc.returncode == 1 and "Traceback" not in proc.stderr

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import lmforge
+from conftest import free_port, lmforge
 
 pytestmark = pytest.mark.skipif(
     not os.environ.get("LMFORGE_TEST_RAY"), reason="starts a Ray cluster: make test-ray"
@@ -57,7 +57,7 @@ def _corpus(root: Path) -> list[Path]:
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A Ray head node on 127.0.0.1; yields the environment a client needs to use it."""
     ray_bin = Path(sys.executable).with_name("ray")
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     log_path = tmp_path_factory.mktemp("ray") / "ray.log"
     with open(log_path, "w") as log:
@@ -93,14 +93,6 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     except subprocess.TimeoutExpired:
         head.kill()
         head.wait()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _prepare(home: Path, files: list[Path], env: dict[str, str] | None, *extra: str) -> Path:
@@ -163,7 +155,7 @@ def test_an_unreachable_ray_cluster_is_one_line(tmp_path: Path) -> None:
     proc = subprocess.run(
         [
             *(*LMFORGE, "data", "prepare", str(files[0]), "--name", "w"),
-            *("--executor", "ray", "--ray-address", f"127.0.0.1:{_free_port()}"),
+            *("--executor", "ray", "--ray-address", f"127.0.0.1:{free_port()}"),
         ],
         env={**run_env(tmp_path / "home"), **env},
         capture_output=True,

@@ -15,7 +15,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import LMFORGE, assert_one_line_error, lmforge_here, run_env, syllable_text
+from conftest import (
+    LMFORGE,
+    assert_one_line_error,
+    free_port,
+    lmforge_here,
+    run_env,
+    syllable_text,
+)
 from lmforge.pipeline.run import STATE_FILE, PipelineState, pipeline_dir, plan
 from lmforge.pipeline.spec import load_pipeline
 from lmforge.registry import evals, repo
@@ -222,14 +229,10 @@ def test_unknown_until_stage_and_missing_file(
 
 @pytest.mark.slow
 def test_serve_stage_comes_last_after_the_report(tmp_path: Path, lmforge_home: Path) -> None:
-    import socket
-
     import httpx
 
     path = write_pipeline(tmp_path)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     spec = yaml.safe_load(path.read_text())
     spec["stages"]["serve"] = {"model": "prod", "port": port, "threads": 1}
     path.write_text(yaml.safe_dump(spec, sort_keys=False))

@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import Engine, UniqueConstraint, inspect, text
 
 import pgtest
+from conftest import free_port
 from lmforge.errors import LmforgeError
 from lmforge.registry import db
 from lmforge.registry.migrations import MIGRATIONS, Migration, applied_migrations, migrate
@@ -166,11 +167,7 @@ def test_other_databases_are_refused_naming_the_supported_ones() -> None:
 
 
 def test_an_unreachable_postgresql_is_one_line_without_the_password() -> None:
-    import socket
-
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with pytest.raises(LmforgeError) as raised:
         db.connect(f"postgresql://lmf:s3cret-pw@127.0.0.1:{port}/registry?connect_timeout=2")
     message = str(raised.value)

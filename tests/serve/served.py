@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -13,7 +12,7 @@ import httpx
 import pytest
 
 import pgtest
-from conftest import LMFORGE, run_env, tiny_config
+from conftest import LMFORGE, free_port, run_env, tiny_config
 
 TINY_NAME = "tiny-llama"
 
@@ -58,12 +57,6 @@ def create_key(home: Path, name: str, **limits: object) -> str:
         return create(engine, actor="test", name=name, **limits)[1]  # type: ignore[arg-type]
     finally:
         engine.dispose()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def make_model_dir(root: Path, tokenizer, **overrides: object) -> Path:  # type: ignore[no-untyped-def]

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import lmforge, run_env, write_token_dataset
+from conftest import free_port, lmforge, run_env, write_token_dataset
 
 STEPS = 20
 pytestmark = pytest.mark.skipif(
@@ -114,11 +114,7 @@ def test_two_nodes_rendezvous_as_the_readme_shows(
 ) -> None:
     """Two torchrun launchers as two nodes of one process each (`--nnodes 2`, c10d rendezvous
     on 127.0.0.1), sharing $LMFORGE_HOME: the same run as two processes on one node."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     home = tmp_path / "nodes"
     runner = str(Path(sys.executable).parent / "torchrun")
     env = run_env(home) | {"OMP_NUM_THREADS": "1"}
