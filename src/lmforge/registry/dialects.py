@@ -46,10 +46,13 @@ def serialize(conn: Connection, scope: str) -> None:
     transaction's first write already excludes every other writer, so nothing is done here.
     """
     if conn.dialect.name == POSTGRESQL:
-        # Advisory lock keys are 64-bit integers: a stable 32-bit hash of the scope, offset so
-        # lmforge's locks stay clear of small numbers other applications tend to use.
-        key = (1 << 40) + zlib.crc32(scope.encode("utf-8"))
-        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": advisory_key(scope)})
+
+
+def advisory_key(scope: str) -> int:
+    """PostgreSQL's advisory lock key for SCOPE: a stable 32-bit hash of it, offset so that
+    lmforge's locks stay clear of the small numbers other applications tend to use."""
+    return (1 << 40) + zlib.crc32(scope.encode("utf-8"))
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,13 @@ from dataclasses import dataclass
 from sqlalchemy import Engine, text
 
 from lmforge.errors import LmforgeError
-from lmforge.registry.dialects import POSTGRESQL, POSTGRESQL_PRELUDE, AppendOnly, ddl
+from lmforge.registry.dialects import (
+    POSTGRESQL,
+    POSTGRESQL_PRELUDE,
+    AppendOnly,
+    advisory_key,
+    ddl,
+)
 from lmforge.registry.tables import utc_now
 
 log = logging.getLogger(__name__)
@@ -282,20 +288,17 @@ def applied_migrations(engine: Engine) -> list[int]:
 
 def migrate(engine: Engine, migrations: Sequence[Migration] = MIGRATIONS) -> list[int]:
     """Apply the MIGRATIONS that ENGINE's database lacks, in order; return their numbers."""
-    dialect = engine.dialect.name
-    with engine.connect() as lock:
-        if dialect == POSTGRESQL:  # held until migrations end (a session lock, not a transaction's)
-            lock.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _MIGRATION_LOCK})
-            lock.commit()
+    if engine.dialect.name != POSTGRESQL:  # SQLite: the claim in each transaction is enough
+        return _migrate(engine, migrations)
+    key = {"key": advisory_key("migrations")}
+    with engine.connect() as lock:  # held until migrations end (a session lock)
+        lock.execute(text("SELECT pg_advisory_lock(:key)"), key)
+        lock.commit()
         try:
             return _migrate(engine, migrations)
         finally:
-            if dialect == POSTGRESQL:
-                lock.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _MIGRATION_LOCK})
-                lock.commit()
-
-
-_MIGRATION_LOCK = (1 << 40) - 1
+            lock.execute(text("SELECT pg_advisory_unlock(:key)"), key)
+            lock.commit()
 
 
 def _migrate(engine: Engine, migrations: Sequence[Migration]) -> list[int]:
