@@ -24,6 +24,9 @@ def server_url() -> str | None:
     return os.environ.get(PG_ENV) or None
 
 
+_created: set[str] = set()  # schemas this process made sure of (run_env asks for each command)
+
+
 def schema_url(home: Path) -> str:
     """A URL for HOME's own schema on the test database (created if missing)."""
     from sqlalchemy import create_engine, text
@@ -31,13 +34,15 @@ def schema_url(home: Path) -> str:
     base = server_url()
     assert base is not None, f"{PG_ENV} is not set"
     schema = "t_" + hashlib.sha1(str(home).encode()).hexdigest()[:24]
-    engine = create_engine(base.replace("postgresql://", "postgresql+psycopg://", 1))
-    try:
-        with engine.begin() as conn:  # one at a time: IF NOT EXISTS races in the catalog
-            conn.execute(text("SELECT pg_advisory_xact_lock(42)"))
-            conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {schema}"))
-    finally:
-        engine.dispose()
+    if schema not in _created:
+        engine = create_engine(base.replace("postgresql://", "postgresql+psycopg://", 1))
+        try:
+            with engine.begin() as conn:  # one at a time: IF NOT EXISTS races in the catalog
+                conn.execute(text("SELECT pg_advisory_xact_lock(42)"))
+                conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {schema}"))
+        finally:
+            engine.dispose()
+        _created.add(schema)
     separator = "&" if "?" in base else "?"
     return f"{base}{separator}options={quote(f'-csearch_path={schema}')}"
 
