@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -98,6 +100,27 @@ def start_server(model_dir: Path, home: Path, *extra: str, key: str | None = Non
         assert time.monotonic() < deadline, "the server did not become ready"
         time.sleep(0.1)
     return Server(url, model_dir.stem, model_dir, process, key, home, log_path)
+
+
+def burst(servers: list[Server], key: str, n: int, body: dict[str, Any]) -> list[int]:
+    """N completions with KEY released at once by a barrier, alternating between SERVERS;
+    their status codes."""
+    barrier = threading.Barrier(n)
+    codes: list[int] = []
+
+    def call(i: int) -> None:
+        server = servers[i % len(servers)]
+        headers = {"Authorization": f"Bearer {key}"}
+        with httpx.Client(base_url=server.url, headers=headers, timeout=120) as c:
+            barrier.wait()
+            codes.append(c.post("/v1/completions", json=body).status_code)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return codes
 
 
 def stop_server(server: Server) -> None:

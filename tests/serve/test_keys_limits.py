@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import httpx
 import pytest
 from served import (
     Server,
+    burst,
     create_key,
     make_model_dir,
     start_server,
@@ -194,21 +194,7 @@ def test_budget_race_admits_at_most_what_the_budget_covers(tmp_path: Path, tiny_
             name = f"budget-{concurrency}"
             budget = f"{3 * one / 10**9:.9f}"
             key = create_key(home, name, budget=budget)
-            barrier = threading.Barrier(concurrency)
-            results: list[int] = []
-
-            def call(
-                key: str = key, barrier: threading.Barrier = barrier, results: list[int] = results
-            ) -> None:
-                with httpx.Client(base_url=server.url, headers=bearer(key), timeout=120) as c:
-                    barrier.wait()
-                    results.append(c.post("/v1/completions", json=body).status_code)
-
-            threads = [threading.Thread(target=call) for _ in range(concurrency)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            results = burst([server], key, concurrency, body)
             assert results.count(200) <= 3 and results.count(200) >= 1, results
             assert results.count(200) + results.count(429) == concurrency, results
             view = admin.get(f"/v1/admin/keys/{name}").json()

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from served import Server, create_key, make_model_dir, start_server, stop_server
+from served import Server, burst, create_key, make_model_dir, start_server, stop_server
 
 import pgtest
 from conftest import lmforge
@@ -51,26 +51,6 @@ def replicas(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> Iterat
         stop_server(server)
 
 
-def _burst(servers: list[Server], key: str, n: int, body: dict[str, Any]) -> list[int]:
-    """N requests at once, alternating between the replicas; their status codes."""
-    barrier = threading.Barrier(n)
-    codes: list[int] = []
-
-    def call(i: int) -> None:
-        server = servers[i % len(servers)]
-        headers = {"Authorization": f"Bearer {key}"}
-        with httpx.Client(base_url=server.url, headers=headers, timeout=120) as c:
-            barrier.wait()
-            codes.append(c.post("/v1/completions", json=body).status_code)
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return codes
-
-
 def _body(server: Server) -> dict[str, Any]:
     return {
         "model": server.model,
@@ -102,7 +82,7 @@ def test_rpm_10_over_two_replicas_admits_exactly_10_of_100(replicas: list[Server
     home = replicas[0].home
     key = create_key(home, "rpm-ten", rpm=10)
     before = [_requests_total(s) for s in replicas]
-    codes = _burst(replicas, key, 100, _body(replicas[0]))
+    codes = burst(replicas, key, 100, _body(replicas[0]))
     assert (codes.count(200), codes.count(429)) == (10, 90), codes
     assert _key_rows(home, "rpm-ten") == [("ok", 10), ("rate_limited", 90)]
     served = [_requests_total(s) - b for s, b in zip(replicas, before, strict=True)]
@@ -113,7 +93,7 @@ def test_tpm_over_two_replicas_admits_exactly_what_fits(replicas: list[Server]) 
     home = replicas[0].home
     per_request = len(PROMPT) + MAX_TOKENS
     key = create_key(home, "tpm-five", tpm=5 * per_request)
-    codes = _burst(replicas, key, 40, _body(replicas[0]))
+    codes = burst(replicas, key, 40, _body(replicas[0]))
     assert (codes.count(200), codes.count(429)) == (5, 35), codes
     ((tokens,),) = pgtest.query(
         home,
@@ -133,7 +113,7 @@ def test_budget_over_two_replicas_is_spent_exactly_and_not_beyond(
     ).is_success
     one = cost_nusd(len(PROMPT), MAX_TOKENS, 100 * 10**6, 300 * 10**6)
     key = create_key(home, "three-requests", budget=f"{3 * one / 10**9:.9f}")
-    codes = _burst(replicas, key, 40, _body(replicas[0]))
+    codes = burst(replicas, key, 40, _body(replicas[0]))
     assert (codes.count(200), codes.count(429)) == (3, 37), codes
     ((spent, reserved, budget),) = pgtest.query(
         home,
