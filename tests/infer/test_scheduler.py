@@ -654,6 +654,9 @@ LEGAL = {
     (S.RUNNING, S.FINISHED_ABORTED),
     (S.PREEMPTED, S.RUNNING),
     (S.PREEMPTED, S.FINISHED_ABORTED),
+    (S.WAITING, S.FINISHED_ERROR),
+    (S.RUNNING, S.FINISHED_ERROR),
+    (S.PREEMPTED, S.FINISHED_ERROR),
 }
 ALL_PAIRS = [(a, b) for a in RequestStatus for b in RequestStatus]
 

@@ -33,6 +33,49 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+class RequestFailedError(LmforgeError):
+    """One request failed inside the engine (its logits processing, sampling, a non-finite
+    value); the others in its step went on. `AsyncEngine.generate` raises it for that request
+    alone (HTTP 500 with this message)."""
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What a caller needs to know of an engine: its model's vocabulary and its limits."""
+
+    vocab_size: int
+    max_model_len: int
+    """Tokens (prompt + output) one request may hold."""
+    max_queue: int
+    """Requests waiting at most; more are refused (`QueueFullError`)."""
+    max_batch: int
+    """Requests running at once."""
+
+
+@dataclass(frozen=True)
+class EngineMetrics:
+    """A snapshot of an engine's gauges and counters (for /metrics), safe to read from any
+    thread: the engine thread publishes a new one after every step."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage_tokens: int = 0
+    """Tokens whose keys and values running requests hold."""
+    kv_cache_blocks_used: int = 0
+    kv_cache_blocks_total: int = 0
+    steps: int = 0
+    prompt_tokens: int = 0
+    """Prompt tokens computed (recomputes included, cache hits not)."""
+    generated_tokens: int = 0
+    preemptions: int = 0
+    prefix_cache_queries: int = 0
+    """Prompt tokens looked up in the prefix cache."""
+    prefix_cache_hits: int = 0
+    """Of those, tokens found (not computed)."""
+    failed_requests: int = 0
+    """Requests finished by an error of their own (the others went on)."""
+
+
 @dataclass
 class EngineStats:
     steps: int = 0
@@ -97,6 +140,28 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_work
 
+    @property
+    def info(self) -> EngineInfo:
+        return EngineInfo(
+            vocab_size=self.model.config.vocab_size,
+            max_model_len=self.config.max_model_len,
+            max_queue=self.config.max_queue,
+            max_batch=self.config.max_batch,
+        )
+
+    def metrics(self) -> EngineMetrics:
+        """The gauges and counters now (call it from the engine's own thread)."""
+        scheduler, stats = self.scheduler, self.stats
+        return EngineMetrics(
+            num_running=len(scheduler.running),
+            num_waiting=len(scheduler.waiting),
+            kv_cache_usage_tokens=scheduler.cache_used,
+            steps=stats.steps,
+            prompt_tokens=stats.prompt_tokens,
+            generated_tokens=stats.generated_tokens,
+            preemptions=stats.preemptions,
+        )
+
     def step(self) -> list[RequestOutput]:
         scheduled = self.scheduler.schedule()
         if scheduled.empty:
@@ -152,13 +217,27 @@ class Engine:
 
 
 class EngineClient(Protocol):
-    """What the server needs from an engine."""
+    """What the server needs from an engine (`AsyncEngine`, or a fake in route tests)."""
+
+    @property
+    def info(self) -> EngineInfo: ...
+
+    @property
+    def num_requests(self) -> int:
+        """Requests in the engine now (waiting or running)."""
+        ...
+
+    def metrics(self) -> EngineMetrics: ...
+
+    def shutdown(self, timeout: float = 10.0) -> None: ...
 
     def generate(
         self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str
     ) -> AsyncIterator[RequestOutput]:
         """Outputs for one request as they come; the last has a finish_reason. Closing the
-        iterator early aborts the request."""
+        iterator early aborts the request. Raises `LmforgeError` for a bad request before the
+        first output (`QueueFullError` when the queue is full) and `RequestFailedError` when
+        this request fails in the engine."""
         ...
 
     async def abort(self, request_id: str) -> None: ...
@@ -178,6 +257,8 @@ class AsyncEngine:
         self._calls: list[tuple[Callable[[], Any], Future[Any]]] = []
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = {}
         self._stopping = False
+        self._info = engine.info
+        self._metrics = engine.metrics()  # replaced (not mutated) by the engine thread
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -198,6 +279,9 @@ class AsyncEngine:
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                if item.error is not None:
+                    finished = True
+                    raise RequestFailedError(item.error)
                 yield item
                 if item.finished:
                     finished = True
@@ -219,6 +303,13 @@ class AsyncEngine:
     @property
     def num_requests(self) -> int:
         return len(self.engine.requests)
+
+    @property
+    def info(self) -> EngineInfo:
+        return self._info
+
+    def metrics(self) -> EngineMetrics:
+        return self._metrics
 
     def shutdown(self, timeout: float = 10.0) -> None:
         with self._wake:
@@ -283,6 +374,7 @@ class AsyncEngine:
                 continue
             for output in outputs:
                 self._deliver(output)
+            self._metrics = self.engine.metrics()
 
     def _deliver(self, output: RequestOutput) -> None:
         target = self._queues.get(output.request_id)

@@ -44,6 +44,9 @@ class SamplingParams:
     """Also return the k most likely alternatives per position (0-20)."""
     echo: bool = False
     """Also return the log-probability of every prompt token (the first has none)."""
+    logit_bias: dict[int, float] | None = None
+    """Token id → value in [-100, 100] added to its logit before sampling (OpenAI's meaning:
+    -100 bans the token, +100 forces it). The engine checks the ids against its vocabulary."""
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_tokens) or self.max_tokens < 0:
@@ -81,6 +84,18 @@ class SamplingParams:
             raise LmforgeError(
                 f"stop_token_ids must be a list of token ids >= 0, got {self.stop_token_ids!r}"
             )
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise LmforgeError(
+                    f"logit_bias must map token ids to numbers, got {self.logit_bias!r}"
+                )
+            for token, bias in self.logit_bias.items():
+                if not _is_int(token) or token < 0:
+                    raise LmforgeError(f"logit_bias: {token!r} is not a token id (an integer >= 0)")
+                if not _is_real(bias) or not math.isfinite(bias) or not -100 <= bias <= 100:
+                    raise LmforgeError(
+                        f"logit_bias: the bias of token {token} must be in [-100, 100], got {bias!r}"
+                    )
         # A bare str would be taken as one stop string per character.
         if isinstance(self.stop, str) or any(not isinstance(s, str) or not s for s in self.stop):
             raise LmforgeError(f"stop must be a list of non-empty strings, got {self.stop!r}")

@@ -12,7 +12,7 @@ Status moves only along these edges (anything else is a bug and raises):
        │          │  ▲
        │          ▼  │
        │       PREEMPTED          (lost its cache slot; recomputes prompt + output later)
-       └──────────┴──────► FINISHED_ABORTED
+       └──────────┴──────► FINISHED_ABORTED | FINISHED_ERROR (this request alone failed)
 
 Torch-free: the scheduler and the server import it.
 """
@@ -33,6 +33,7 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "finished_stopped"
     FINISHED_LENGTH = "finished_length"
     FINISHED_ABORTED = "finished_aborted"
+    FINISHED_ERROR = "finished_error"
 
     @property
     def finished(self) -> bool:
@@ -40,7 +41,8 @@ class RequestStatus(enum.Enum):
 
     @property
     def finish_reason(self) -> str | None:
-        """OpenAI's finish_reason: "stop", "length" or "abort"; None while unfinished."""
+        """OpenAI's finish_reason: "stop", "length", "abort" or (this request failed alone)
+        "error"; None while unfinished."""
         return _FINISH_REASONS.get(self)
 
 
@@ -48,17 +50,27 @@ _FINISH_REASONS = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
 }
 
 _EDGES = {
-    RequestStatus.WAITING: {RequestStatus.RUNNING, RequestStatus.FINISHED_ABORTED},
+    RequestStatus.WAITING: {
+        RequestStatus.RUNNING,
+        RequestStatus.FINISHED_ABORTED,
+        RequestStatus.FINISHED_ERROR,
+    },
     RequestStatus.RUNNING: {
         RequestStatus.PREEMPTED,
         RequestStatus.FINISHED_STOPPED,
         RequestStatus.FINISHED_LENGTH,
         RequestStatus.FINISHED_ABORTED,
+        RequestStatus.FINISHED_ERROR,
     },
-    RequestStatus.PREEMPTED: {RequestStatus.RUNNING, RequestStatus.FINISHED_ABORTED},
+    RequestStatus.PREEMPTED: {
+        RequestStatus.RUNNING,
+        RequestStatus.FINISHED_ABORTED,
+        RequestStatus.FINISHED_ERROR,
+    },
 }
 
 
@@ -132,11 +144,15 @@ class RequestOutput:
     request_id: str
     new_token_ids: list[int]
     new_logprobs: list[TokenLogprob]
-    finish_reason: str | None  # None while going on: "stop", "length" or "abort" at the end
+    finish_reason: str | None  # None while going on: "stop", "length", "abort" or "error"
     num_prompt_tokens: int
     num_output_tokens: int
     prompt_logprobs: list[TokenLogprob | None] | None = None
     """Sent once, in the first output of a request with `params.echo`."""
+    num_cached_tokens: int = 0
+    """Prompt tokens whose keys and values came from the prefix cache (not computed)."""
+    error: str | None = None
+    """With finish_reason "error": what failed, in one line."""
 
     @property
     def finished(self) -> bool:
