@@ -684,7 +684,7 @@ def test_legal_transition(src: RequestStatus, dst: RequestStatus) -> None:
 def test_illegal_transitions_cover_the_examples() -> None:
     assert (S.WAITING, S.FINISHED_LENGTH) not in LEGAL
     assert all((f, s) not in LEGAL for f in S if f.finished for s in S)
-    assert len(ALL_PAIRS) - len(LEGAL) == 28
+    assert len(ALL_PAIRS) - len(LEGAL) == 38
 
 
 # -- SchedulerConfig -----------------------------------------------------------------------------

@@ -94,7 +94,8 @@ class SamplingParams:
                     raise LmforgeError(f"logit_bias: {token!r} is not a token id (an integer >= 0)")
                 if not _is_real(bias) or not math.isfinite(bias) or not -100 <= bias <= 100:
                     raise LmforgeError(
-                        f"logit_bias: the bias of token {token} must be in [-100, 100], got {bias!r}"
+                        f"logit_bias: the bias of token {token} must be in [-100, 100], "
+                        f"got {bias!r}"
                     )
         # A bare str would be taken as one stop string per character.
         if isinstance(self.stop, str) or any(not isinstance(s, str) or not s for s in self.stop):
