@@ -137,7 +137,7 @@ def test_echo_with_max_tokens_zero_scores_the_prompt_only(tiny_model: Transforme
     assert [lp.logprob for lp in request.prompt_logprobs[1:] if lp] == pytest.approx(want, abs=1e-4)
 
 
-def test_abort_frees_the_slot_and_the_cache(tiny_model: Transformer) -> None:
+def test_abort_frees_the_blocks_and_the_cache(tiny_model: Transformer) -> None:
     engine = Engine(tiny_model, SchedulerConfig(max_batch=2, max_model_len=64))
     a = engine.add_request([1, 2, 3], SamplingParams(max_tokens=50))
     b = engine.add_request([4, 5, 6], SamplingParams(max_tokens=5))
@@ -145,13 +145,13 @@ def test_abort_frees_the_slot_and_the_cache(tiny_model: Transformer) -> None:
     engine.step()
     out = engine.abort(a.request_id)
     assert out is not None and out.finish_reason == "abort"
-    assert a.status is RequestStatus.FINISHED_ABORTED and a.slot is None
+    assert a.status is RequestStatus.FINISHED_ABORTED and a.block_ids == []
     generated = len(a.output_ids)
     while engine.has_work:
         engine.step()
     assert len(a.output_ids) == generated  # nothing more after the abort
     assert b.output_ids == _single(tiny_model, [4, 5, 6], SamplingParams(max_tokens=5))
-    assert engine.scheduler.cache_used == 0 and engine.scheduler.free_slots == [0, 1]
+    assert engine.scheduler.cache_used == 0 and engine.scheduler.blocks.num_used == 0
     assert engine.abort("no-such-request") is None
 
 

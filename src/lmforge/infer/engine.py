@@ -22,9 +22,10 @@ from typing import Any, Protocol, TypeVar
 
 from lmforge.errors import LmforgeError
 from lmforge.infer.generate import check_prompt
+from lmforge.infer.logits import LogitsProcessor
 from lmforge.infer.params import SamplingParams
 from lmforge.infer.request import Request, RequestOutput
-from lmforge.infer.runner import ModelRunner
+from lmforge.infer.runner import ModelRunner, StepResult
 from lmforge.infer.scheduler import Scheduler, SchedulerConfig
 from lmforge.model.transformer import Transformer
 
@@ -79,14 +80,15 @@ class EngineMetrics:
 @dataclass
 class EngineStats:
     steps: int = 0
-    prompt_tokens: int = 0  # computed in prefill chunks (recomputes included)
+    prompt_tokens: int = 0  # computed in prefill chunks (recomputes included, cache hits not)
     generated_tokens: int = 0
     preemptions: int = 0
+    failed_requests: int = 0  # finished by an error of their own
+    failed_steps: int = 0  # forward passes that failed (their requests failed with them)
 
 
 DEFAULT_MAX_MODEL_LEN = 2048
-"""Tokens per request when not given: the model's context, up to this (the KV cache has
-`max_batch` rows of it)."""
+"""Tokens per request when not given: the model's context, up to this."""
 
 
 def default_max_model_len(model: Transformer) -> int:
@@ -94,7 +96,12 @@ def default_max_model_len(model: Transformer) -> int:
 
 
 class Engine:
-    """Continuous batching over one model, token ids in and out."""
+    """Continuous batching over one model, token ids in and out.
+
+    A request's own failure (its logits processors, sampling, a non-finite value) finishes
+    that request alone with finish_reason "error"; a failure of the shared forward pass fails
+    the requests of that step, and the next step runs as usual.
+    """
 
     def __init__(self, model: Transformer, config: SchedulerConfig | None = None) -> None:
         config = config or SchedulerConfig(max_model_len=default_max_model_len(model))
@@ -106,7 +113,7 @@ class Engine:
         self.config = config
         self.model = model
         self.scheduler = Scheduler(config)
-        self.runner = ModelRunner(model, config.max_batch, config.max_model_len)
+        self.runner = ModelRunner(model, config)
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
         self._emitted: dict[str, int] = {}  # request id → output tokens already sent
@@ -114,17 +121,28 @@ class Engine:
         self._ids = itertools.count()
 
     def add_request(
-        self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        *,
+        processors: Sequence[LogitsProcessor] = (),
     ) -> Request:
-        """Queue a request; raises `LmforgeError` for a bad prompt and `QueueFullError` (a
-        subclass) when the queue is full."""
+        """Queue a request; raises `LmforgeError` for a bad prompt or parameter and
+        `QueueFullError` (a subclass) when the queue is full. PROCESSORS act on its logits
+        before sampling (`infer.logits`)."""
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise LmforgeError(f"request id {request_id!r} is already in use")
         # The length against max_model_len is the scheduler's check.
         check_prompt(prompt_ids, None, self.model.config.vocab_size)
         request = Request(request_id, list(prompt_ids), params)
-        self.scheduler.add(request)
+        self.runner.add(request, processors)  # checks logit_bias against the vocabulary
+        try:
+            self.scheduler.add(request)
+        except LmforgeError:
+            self.runner.release(request_id)
+            raise
         self.requests[request_id] = request
         self._emitted[request_id] = 0
         return request
@@ -151,28 +169,55 @@ class Engine:
 
     def metrics(self) -> EngineMetrics:
         """The gauges and counters now (call it from the engine's own thread)."""
-        scheduler, stats = self.scheduler, self.stats
+        scheduler, stats, blocks = self.scheduler, self.stats, self.scheduler.blocks
         return EngineMetrics(
             num_running=len(scheduler.running),
             num_waiting=len(scheduler.waiting),
             kv_cache_usage_tokens=scheduler.cache_used,
+            kv_cache_blocks_used=blocks.num_used,
+            kv_cache_blocks_total=blocks.num_blocks,
             steps=stats.steps,
             prompt_tokens=stats.prompt_tokens,
             generated_tokens=stats.generated_tokens,
             preemptions=stats.preemptions,
+            prefix_cache_queries=blocks.stats.queries,
+            prefix_cache_hits=blocks.stats.hits,
+            failed_requests=stats.failed_requests,
         )
 
     def step(self) -> list[RequestOutput]:
         scheduled = self.scheduler.schedule()
+        self.stats.preemptions += len(scheduled.preempted)
         if scheduled.empty:
             return []
-        sampled, prompt_logprobs = self.runner.run(scheduled)
-        touched = self.scheduler.update(scheduled, sampled, prompt_logprobs)
+        try:
+            result = self.runner.run(scheduled)
+        except Exception as e:  # the shared forward pass: its requests fail, the engine goes on
+            log.exception("the forward pass failed; its %d request(s) fail", len(scheduled.chunks))
+            self.stats.failed_steps += 1
+            why = f"the model's forward pass failed: {type(e).__name__}: {e}"
+            result = StepResult(failed={c.request.request_id: why for c in scheduled.chunks})
+        for request_id in result.poisoned:
+            self._quarantine(self.requests[request_id])
+        touched = self.scheduler.update(
+            scheduled, result.sampled, result.prompt_logprobs, result.failed
+        )
         self.stats.steps += 1
         self.stats.prompt_tokens += sum(c.length for c in scheduled.prefills)
-        self.stats.generated_tokens += len(sampled)
-        self.stats.preemptions += len(scheduled.preempted)
+        self.stats.generated_tokens += len(result.sampled)
+        self.stats.failed_requests += len(result.failed)
+        for request_id, error in result.failed.items():
+            log.warning("request %s failed: %s", request_id, error)
         return [self._output(r) for r in touched if r.finished or self._has_news(r)]
+
+    def _quarantine(self, request: Request) -> None:
+        """Zero the blocks only REQUEST holds (its logits were not finite, so they may hold NaN,
+        which attention's masked reads would spread to their next owner) and drop them from the
+        prefix cache. Shared prefix blocks were computed by others and stay."""
+        pool = self.scheduler.blocks
+        private = [b for b in request.block_ids if pool.ref_counts[b] == 1]
+        pool.forget(private)
+        self.runner.cache.zero_blocks(private)
 
     def generate(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
@@ -202,6 +247,8 @@ class Engine:
             num_prompt_tokens=len(request.prompt_ids),
             num_output_tokens=len(request.output_ids),
             prompt_logprobs=request.prompt_logprobs if first else None,
+            num_cached_tokens=request.num_cached_tokens,
+            error=request.error,
         )
         self._emitted[rid] = len(request.output_ids)
         if request.finished:
@@ -265,7 +312,12 @@ class AsyncEngine:
     # -- EngineClient -------------------------------------------------------------------------
 
     async def generate(
-        self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: str,
+        *,
+        processors: Sequence[LogitsProcessor] = (),
     ) -> AsyncIterator[RequestOutput]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -274,7 +326,9 @@ class AsyncEngine:
             # Added by a call into the engine thread: errors (bad prompt, full queue) raise
             # here, before the first output. Cancelled while waiting, the request may still be
             # added: the abort below then removes it.
-            await self._call(lambda: self._add(prompt_ids, params, request_id, loop, queue))
+            await self._call(
+                lambda: self._add(prompt_ids, params, request_id, processors, loop, queue)
+            )
             while True:
                 item = await queue.get()
                 if isinstance(item, BaseException):
@@ -324,10 +378,11 @@ class AsyncEngine:
         prompt_ids: Sequence[int],
         params: SamplingParams,
         request_id: str,
+        processors: Sequence[LogitsProcessor],
         loop: asyncio.AbstractEventLoop,
         queue: asyncio.Queue[Any],
     ) -> None:
-        self.engine.add_request(prompt_ids, params, request_id)
+        self.engine.add_request(prompt_ids, params, request_id, processors=processors)
         self._queues[request_id] = (loop, queue)
 
     def _abort_soon(self, request_id: str) -> None:

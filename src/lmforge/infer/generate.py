@@ -14,13 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.infer.sampling import (
-    SamplingParams,
-    TokenHistory,
-    apply_penalties,
-    make_generator,
-    sample,
-)
+from lmforge.infer.logits import LogitsProcessor
+from lmforge.infer.sampling import SamplingParams, SequenceSampler
 from lmforge.model import lstm
 from lmforge.model.kv_cache import KVCache
 from lmforge.model.lstm import LSTMLanguageModel
@@ -56,41 +51,48 @@ def check_prompt(prompt_ids: Sequence[int], max_seq_len: int | None, vocab_size:
 
 
 def generate_ids(
-    model: Transformer | LSTMLanguageModel, prompt_ids: Sequence[int], params: SamplingParams
+    model: Transformer | LSTMLanguageModel,
+    prompt_ids: Sequence[int],
+    params: SamplingParams,
+    *,
+    processors: Sequence[LogitsProcessor] = (),
 ) -> Iterator[GenerationStep]:
     """Yield new tokens one by one; the last step carries the finish reason.
 
     Stops at a stop token (unless `ignore_eos`), after `max_tokens`, or at the context end
-    (a Transformer's `max_seq_len`; an LSTM has none).
+    (a Transformer's `max_seq_len`; an LSTM has none). Tokens are chosen by the one sampling
+    path (`SequenceSampler`: PROCESSORS and `logit_bias`, penalties, temperature, …); a
+    sampling failure raises `SamplingError`.
     """
     context = context_length(model)
     check_prompt(prompt_ids, context, model.config.vocab_size)
+    device = next(model.parameters()).device
+    sampler = SequenceSampler(
+        params, list(prompt_ids), model.config.vocab_size, processors=processors, device=device
+    )
     if params.max_tokens == 0:
         return
     budget = params.max_tokens
     if context is not None:
         budget = min(budget, context - len(prompt_ids))
     stop_ids = set() if params.ignore_eos else set(params.stop_token_ids)
-    generator = make_generator(params)
     # prefill and decode_step enter inference mode themselves: holding it across `yield`
     # would leak the mode into the caller's code between tokens.
-    prompt = torch.tensor([list(prompt_ids)])
+    prompt = torch.tensor([list(prompt_ids)], device=device)
     if isinstance(model, LSTMLanguageModel):
         logits, state = lstm.prefill(model, prompt)
     else:
         # The last sampled token is never fed back, so the cache needs prompt + budget - 1 slots.
         slots = len(prompt_ids) + budget - 1
         dtype = model.model.embed_tokens.weight.dtype  # the activations' (not a quantized head's)
-        cache = KVCache.allocate(model.config, 1, slots, dtype=dtype)
+        cache = KVCache.allocate(model.config, 1, slots, dtype=dtype, device=device)
         logits = prefill(model, prompt, cache)
     pos = len(prompt_ids)
-    history = TokenHistory([list(prompt_ids)], logits.shape[-1]) if params.penalized else None
+    output: list[int] = []
     for i in range(budget):
-        if history is not None:
-            logits = apply_penalties(logits, history.output_counts, history.seen, params)
-        tid = int(sample(logits, params, generator)[0])
-        if history is not None:
-            history.add(torch.tensor([tid]))
+        with torch.inference_mode():
+            tid = sampler.choose(logits[0], output)
+        output.append(tid)
         if tid in stop_ids:
             yield GenerationStep(tid, "stop")
             return
@@ -98,8 +100,9 @@ def generate_ids(
             yield GenerationStep(tid, "length")
             return
         yield GenerationStep(tid, None)
+        ids = torch.tensor([tid], device=device)
         if isinstance(model, LSTMLanguageModel):
-            logits, state = lstm.decode_step(model, torch.tensor([tid]), state)
+            logits, state = lstm.decode_step(model, ids, state)
         else:
-            logits = decode_step(model, torch.tensor([tid]), torch.tensor([pos]), cache)
+            logits = decode_step(model, ids, torch.tensor([pos], device=device), cache)
         pos += 1

@@ -63,8 +63,8 @@ class SamplingParams:
             raise LmforgeError(f"top_p must be in (0, 1], got {self.top_p}")
         if not _is_real(self.min_p) or not math.isfinite(self.min_p) or not 0 <= self.min_p < 1:
             raise LmforgeError(f"min_p must be in [0, 1), got {self.min_p}")
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
-            raise LmforgeError(f"seed must be an integer in [0, 2**63), got {self.seed}")
+        if self.seed is not None and (not _is_int(self.seed) or not -(2**63) <= self.seed < 2**64):
+            raise LmforgeError(f"seed must be an integer in [-2**63, 2**64), got {self.seed}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not _is_real(value) or not math.isfinite(value) or not -2 <= value <= 2:

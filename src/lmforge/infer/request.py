@@ -11,7 +11,7 @@ Status moves only along these edges (anything else is a bug and raises):
     WAITING ──► RUNNING ──► FINISHED_STOPPED | FINISHED_LENGTH
        │          │  ▲
        │          ▼  │
-       │       PREEMPTED          (lost its cache slot; recomputes prompt + output later)
+       │       PREEMPTED          (lost its cache blocks; recomputes prompt + output later)
        └──────────┴──────► FINISHED_ABORTED | FINISHED_ERROR (this request alone failed)
 
 Torch-free: the scheduler and the server import it.
@@ -93,8 +93,16 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
     """Tokens (from the start of prompt + output) whose keys and values are in the cache."""
-    slot: int | None = None
-    """The KV cache row while RUNNING."""
+    block_ids: list[int] = field(default_factory=list)
+    """The block table while RUNNING: the KV cache blocks of tokens 0.., in order."""
+    block_hashes: list[bytes] = field(default_factory=list)
+    """Prefix hashes of the full blocks of prompt + output (computed as they are needed)."""
+    num_registered: int = 0
+    """Blocks of `block_ids` already put in the prefix cache."""
+    num_cached_tokens: int = 0
+    """Prompt tokens found in the prefix cache when the request was first admitted."""
+    error: str | None = None
+    """Why the request failed (status FINISHED_ERROR)."""
     logprobs: list[TokenLogprob] = field(default_factory=list)
     """One per output token when `params.logprobs`."""
     prompt_logprobs: list[TokenLogprob | None] | None = None

@@ -1,124 +1,131 @@
 """`ModelRunner`: runs one scheduled step on the model and samples the next tokens.
 
-It owns the KV cache (`max_batch` rows × `max_model_len` positions, one row per running
-request) and passes it to `Transformer.forward`. A step is:
+It owns the paged KV cache (`PagedKVCache`: the pool of blocks the scheduler hands out) and
+passes each forward call a `PagedBatch` — the rows' block tables and the cache slot of every
+new token. A step is:
 
-- one batched decode forward over cache rows [0, last decode slot]: each decoding request
-  feeds its last sampled token at its own position (per-row positions, masked attention);
-  rows in that range that do not decode get a harmless dummy token (see
-  `SchedulerOutput.parked`). Running it before the prefills keeps that true.
-- the first chunks of newly admitted requests as one right-padded batch (through a scratch
-  cache, copied to their rows), and any other prefill chunk in a forward of its own on its row.
+- one forward over the decodes: each decoding request feeds its last sampled token at its own
+  position, [B, 1];
+- the prefill chunks (first chunks, continued ones and recomputes alike), grouped into
+  right-padded batches [P, T] while padding stays small: one pass over the weights for
+  several prompts. Padding tokens write to the cache's trash slot and read nothing real.
 
-Then, for each chunk that reaches its request's last token, the next token is chosen: greedy
-rows by one argmax over the batch, the others one by one with their penalties and their own
-seeded generator. Log-probabilities are those of the model (before penalties and temperature).
+Then, for each chunk that reaches its request's last token, the next token is chosen by the
+request's `SequenceSampler` (processors, penalties, temperature…), greedy rows without any of
+that by one argmax over the batch. A failure there — a processor that raises, a NaN, nothing
+left to choose — fails that request alone (`StepResult.failed`). Log-probabilities are those
+of the model (before processors, penalties and temperature).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
+from lmforge.infer.logits import LogitsProcessor
 from lmforge.infer.request import Request, TokenLogprob
-from lmforge.infer.sampling import TokenHistory, apply_penalties, make_generator, sample
-from lmforge.infer.scheduler import Chunk, Sampled, SchedulerOutput
-from lmforge.model.kv_cache import KVCache
+from lmforge.infer.sampling import SamplingError, SequenceSampler
+from lmforge.infer.scheduler import Chunk, Sampled, SchedulerConfig, SchedulerOutput
+from lmforge.model.kv_cache import PagedKVCache
 from lmforge.model.transformer import Transformer
+
+MAX_PADDING = 0.25
+"""A prefill batch takes another chunk while its padding stays under this share of its tokens."""
 
 
 @dataclass
-class _Sequence:
-    """Sampling state that outlives a preemption: the draws continue, the counts stay."""
+class StepResult:
+    sampled: dict[str, Sampled] = field(default_factory=dict)
+    """The next token of every request whose chunk samples (and did not fail)."""
+    prompt_logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)
+    """Prompt logprobs newly computed for echo requests."""
+    failed: dict[str, str] = field(default_factory=dict)
+    """Requests that failed on their own this step → why."""
+    poisoned: list[str] = field(default_factory=list)
+    """Of those, the ones whose logits were not finite: their cache blocks may hold NaN."""
 
-    generator: torch.Generator | None
-    history: TokenHistory | None
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, max_batch: int, max_model_len: int) -> None:
+    def __init__(self, model: Transformer, config: SchedulerConfig) -> None:
         if not isinstance(model, Transformer):
             raise TypeError("the engine runs Transformer models (an LSTM has no KV cache)")
         self.model = model
         self.vocab_size = model.config.vocab_size
+        self.device = model_device(model)
+        self.block_size = config.block_size
         dtype = model.model.embed_tokens.weight.dtype  # not lm_head's: a quantized one has none
-        self.cache = KVCache.allocate(model.config, max_batch, max_model_len, dtype=dtype)
-        self._sequences: dict[str, _Sequence] = {}
+        self.cache = PagedKVCache.allocate(
+            model.config, config.num_blocks, config.block_size, dtype=dtype, device=self.device
+        )
+        self._processors: dict[str, list[LogitsProcessor]] = {}
+        self._samplers: dict[str, SequenceSampler] = {}
+
+    def add(self, request: Request, processors: Sequence[LogitsProcessor] = ()) -> None:
+        """Make REQUEST's sampler (its processors, seeded generator, penalty counts); raises
+        `LmforgeError` for parameters the model cannot take (a logit_bias id out of range)."""
+        sampler = SequenceSampler(
+            request.params,
+            request.prompt_ids,
+            self.vocab_size,
+            processors=processors,
+            device=self.device,
+        )
+        sampler.replay(request.output_ids)
+        self._samplers[request.request_id] = sampler
 
     def release(self, request_id: str) -> None:
         """Forget a finished or aborted request's sampling state."""
-        self._sequences.pop(request_id, None)
+        self._samplers.pop(request_id, None)
 
     @torch.inference_mode()
-    def run(
-        self, step: SchedulerOutput
-    ) -> tuple[dict[str, Sampled], dict[str, list[TokenLogprob]]]:
-        """Compute STEP; return the sampled tokens and the echo requests' prompt logprobs."""
+    def run(self, step: SchedulerOutput) -> StepResult:
+        """Compute STEP's chunks; sample where they reach their request's last token."""
+        result = StepResult()
         to_sample: list[tuple[Request, torch.Tensor]] = []  # (request, logits [V])
-        prompt_logprobs: dict[str, list[TokenLogprob]] = {}
         if step.decodes:
-            logits = self._decode(step)
-            to_sample.extend((c.request, logits[c.request.slot or 0]) for c in step.decodes)
-        fresh = [c for c in step.prefills if c.start == 0]
-        if len(fresh) < 2:
-            fresh = []
-        rest = [c for c in step.prefills if c not in fresh]
-        results = (self._prefill_fresh(fresh) if fresh else []) + [self._prefill(c) for c in rest]
-        for chunk, (last, lps) in zip(fresh + rest, results, strict=True):
-            if lps:
-                prompt_logprobs[chunk.request.request_id] = lps
-            if last is not None:
-                to_sample.append((chunk.request, last))
-        return self._sample(to_sample), prompt_logprobs
+            hidden = self._forward(step.decodes)[:, 0]  # [B, C]
+            logits = self.model.lm_head(hidden).float()  # [B, V]
+            to_sample.extend((c.request, logits[i]) for i, c in enumerate(step.decodes))
+        for group in _prefill_groups(step.prefills):
+            hidden = self._forward(group)  # [P, T, C]
+            for i, chunk in enumerate(group):
+                last, lps = self._chunk_outputs(chunk, hidden[i, : chunk.length])
+                if lps:
+                    result.prompt_logprobs[chunk.request.request_id] = lps
+                if last is not None:
+                    to_sample.append((chunk.request, last))
+        self._sample(to_sample, result)
+        return result
 
     # -- forward passes -----------------------------------------------------------------------
 
-    def _decode(self, step: SchedulerOutput) -> torch.Tensor:
-        rows = max(c.request.slot or 0 for c in step.decodes) + 1
-        ids = torch.zeros(rows, 1, dtype=torch.long)
-        positions = torch.zeros(rows, 1, dtype=torch.long)
-        for slot, position in step.parked.items():
-            positions[slot, 0] = position
-        for chunk in step.decodes:
-            slot = chunk.request.slot or 0
-            ids[slot, 0] = chunk.request.token(chunk.start)
-            positions[slot, 0] = chunk.start
-        cache = KVCache(self.cache.k[:, :rows], self.cache.v[:, :rows])
-        return self.model(ids, positions, cache)[:, -1].float()  # [rows, V]
+    def _forward(self, chunks: list[Chunk]) -> torch.Tensor:
+        """Hidden states [B, T, C] of CHUNKS as one right-padded batch on the paged cache."""
+        size = self.block_size
+        width = max(c.length for c in chunks)
+        n_blocks = max(-(-(c.start + c.length) // size) for c in chunks)
+        trash = self.cache.trash_slot
+        ids, positions, slots, tables = [], [], [], []
+        for c in chunks:
+            request, pad = c.request, width - c.length
+            pos = list(range(c.start, c.start + c.length))
+            table = request.block_ids[: -(-(c.start + c.length) // size)]
+            ids.append(request.tokens(c.start, c.start + c.length) + [0] * pad)
+            positions.append(pos + [pos[-1]] * pad)  # padding sees what the last token sees
+            slots.append([table[p // size] * size + p % size for p in pos] + [trash] * pad)
+            tables.append(table + [0] * (n_blocks - len(table)))  # 0: the null block
 
-    def _prefill(self, chunk: Chunk) -> tuple[torch.Tensor | None, list[TokenLogprob]]:
-        """Run CHUNK on its cache row; its `_chunk_outputs`."""
-        request = chunk.request
-        slot = request.slot or 0
-        start, stop = chunk.start, chunk.start + chunk.length
-        ids = torch.tensor([request.tokens(start, stop)])
-        positions = torch.arange(start, stop)
-        cache = KVCache(self.cache.k[:, slot : slot + 1], self.cache.v[:, slot : slot + 1])
-        return self._chunk_outputs(chunk, self.model.hidden_states(ids, positions, cache)[0])
+        def tensor(rows: list[list[int]]) -> torch.Tensor:
+            return torch.tensor(rows, dtype=torch.long, device=self.device)
 
-    def _prefill_fresh(
-        self, chunks: list[Chunk]
-    ) -> list[tuple[torch.Tensor | None, list[TokenLogprob]]]:
-        """Several first chunks (start 0) as one right-padded batch: one pass over the weights
-        instead of one per request. Their keys and values go to a scratch cache and are then
-        copied to each request's row; padding comes after every real token, so the causal mask
-        keeps it out of their attention."""
-        longest = max(c.length for c in chunks)
-        ids = torch.zeros(len(chunks), longest, dtype=torch.long)
-        for i, c in enumerate(chunks):
-            ids[i, : c.length] = torch.tensor(c.request.tokens(0, c.length))
-        scratch = KVCache.allocate(
-            self.model.config, len(chunks), longest, dtype=self.cache.k.dtype
-        )
-        hidden = self.model.hidden_states(ids, None, scratch)  # [P, T, C]
-        out = []
-        for i, c in enumerate(chunks):
-            slot = c.request.slot or 0
-            self.cache.k[:, slot, :, : c.length] = scratch.k[:, i, :, : c.length]
-            self.cache.v[:, slot, :, : c.length] = scratch.v[:, i, :, : c.length]
-            out.append(self._chunk_outputs(c, hidden[i, : c.length]))
-        return out
+        batch = self.cache.batch(tensor(tables), tensor(slots))
+        return self.model.hidden_states(tensor(ids), tensor(positions), batch)
 
     def _chunk_outputs(
         self, chunk: Chunk, hidden: torch.Tensor
@@ -144,46 +151,38 @@ class ModelRunner:
         if first >= last:
             return []
         logits = self.model.lm_head(hidden[first - start : last - start]).float()
-        targets = torch.tensor(request.prompt_ids[first + 1 : last + 1])
+        targets = torch.tensor(request.prompt_ids[first + 1 : last + 1], device=self.device)
         return _logprobs(logits.log_softmax(-1), targets, request.params.top_logprobs)
 
     # -- sampling -----------------------------------------------------------------------------
 
-    def _sample(self, rows: list[tuple[Request, torch.Tensor]]) -> dict[str, Sampled]:
+    def _sample(self, rows: list[tuple[Request, torch.Tensor]], result: StepResult) -> None:
         if not rows:
-            return {}
+            return
         logits = torch.stack([row for _, row in rows])  # [R, V]
+        finite = torch.isfinite(logits).all(-1).tolist()
         greedy = logits.argmax(-1).tolist()
-        out = {}
         for i, (request, row) in enumerate(rows):
-            params = request.params
-            seq = self._sequences.get(request.request_id)
-            if seq is None:
-                history = None
-                if params.penalized:
-                    history = TokenHistory([request.prompt_ids], self.vocab_size)
-                    for tid in request.output_ids:  # none unless recomputed after a restart
-                        history.add(torch.tensor([tid]))
-                seq = _Sequence(make_generator(params), history)
-                self._sequences[request.request_id] = seq
-            if params.greedy and seq.history is None:
-                token = greedy[i]
-            else:
-                chosen = row[None]
-                if seq.history is not None:
-                    chosen = apply_penalties(
-                        chosen, seq.history.output_counts, seq.history.seen, params
-                    )
-                token = int(sample(chosen, params, seq.generator)[0])
-            if seq.history is not None:
-                seq.history.add(torch.tensor([token]))
-            logprob = None
-            if params.logprobs:
-                logprob = _logprobs(
-                    row[None].log_softmax(-1), torch.tensor([token]), params.top_logprobs
-                )[0]
-            out[request.request_id] = Sampled(token, logprob)
-        return out
+            rid = request.request_id
+            try:
+                if not finite[i]:
+                    result.poisoned.append(rid)
+                    raise SamplingError("the model computed non-finite logits for this request")
+                sampler = self._samplers[rid]
+                if sampler.plain_greedy:
+                    token = greedy[i]
+                else:
+                    token = sampler.choose(row, request.output_ids)
+                logprob = None
+                if request.params.logprobs:
+                    logprob = _logprobs(
+                        row[None].log_softmax(-1),
+                        torch.tensor([token], device=self.device),
+                        request.params.top_logprobs,
+                    )[0]
+                result.sampled[rid] = Sampled(token, logprob)
+            except Exception as e:  # this request's own failure: the others go on
+                result.failed[rid] = str(e) if isinstance(e, SamplingError) else _describe(e)
 
     # -- embeddings ---------------------------------------------------------------------------
 
@@ -192,9 +191,30 @@ class ModelRunner:
         """Mean-pooled, L2-normalised final hidden states, one vector per input."""
         vectors = []
         for ids in inputs:
-            hidden = self.model.hidden_states(torch.tensor([ids]))[0].float()  # [T, C]
+            batch = torch.tensor([ids], device=self.device)
+            hidden = self.model.hidden_states(batch)[0].float()  # [T, C]
             vectors.append(torch.nn.functional.normalize(hidden.mean(0), dim=0).tolist())
         return vectors
+
+
+def _describe(error: BaseException) -> str:
+    return f"sampling failed: {type(error).__name__}: {error}"
+
+
+def _prefill_groups(chunks: list[Chunk]) -> list[list[Chunk]]:
+    """CHUNKS as batches whose right padding stays under MAX_PADDING of their tokens: longest
+    first, each batch taking the next chunk while that holds."""
+    groups: list[list[Chunk]] = []
+    for chunk in sorted(chunks, key=lambda c: -c.length):
+        group = groups[-1] if groups else None
+        if group is not None:
+            width = group[0].length  # the longest: sorted
+            real = sum(c.length for c in group) + chunk.length
+            if width * (len(group) + 1) - real <= MAX_PADDING * width * (len(group) + 1):
+                group.append(chunk)
+                continue
+        groups.append([chunk])
+    return groups
 
 
 def _logprobs(log_probs: torch.Tensor, targets: torch.Tensor, top: int) -> list[TokenLogprob]:

@@ -1,27 +1,28 @@
 """The continuous-batching scheduler: which tokens of which requests each engine step computes.
 
 Pure Python (no torch): it decides, the `ModelRunner` computes, and `update` applies the result.
+The KV cache is paged (`blocks.BlockPool`): a running request holds a block table that covers
+its tokens, and the cache is shared out block by block as tokens arrive.
 
 Every step (`schedule`):
 
 1. Decodes first: every running request with exactly one token left to compute (its last
-   sampled token) gets that token. Each needs one more KV cache token; when the cache is full,
-   the most recently arrived running request is preempted — its slot and cache tokens are freed
-   and it goes back to the front of the queue, to recompute its prompt and output later
-   (vLLM's recompute preemption).
+   sampled token) gets that token. When that token starts a new block and no block is free,
+   the most recently arrived running request is preempted — its blocks are released and it
+   goes back to the front of the queue, to recompute its prompt and output later (vLLM's
+   recompute preemption; with prefix caching, its own blocks are often still cached then).
 2. Then running requests still in their prefill continue with a chunk, oldest first.
-3. Then waiting requests (preempted ones first) are admitted between decode steps while there is
-   a free slot, step budget, and room in the cache for all their tokens.
+3. Then waiting requests (preempted ones first) are admitted while there is room for another
+   running request (`max_batch`), step budget, and free blocks for all their tokens. With
+   prefix caching, the longest run of cached full blocks is shared and only the rest is
+   computed (a prompt-logprobs request computes everything: its logprobs need every
+   position). A request whose next block is being computed right now by another request
+   waits for it instead (so `n` choices of one prompt prefill it once).
 
 At most `max_batched_tokens` tokens are computed per step (chunked prefill: a long prompt takes
-several steps while the running requests keep decoding). `update` appends each sampled token
-and finishes a request on a stop token (unless `ignore_eos`), at `max_tokens`, or when its
-tokens reach `max_model_len`.
-
-Slots: the KV cache has `max_batch` rows and a running request owns one (the lowest free one,
-so the rows in use stay packed at the front). The KV cache budget `cache_tokens` counts the
-tokens held by all running requests; by default it is the whole cache (`max_batch` ×
-`max_model_len`), so preemption only happens when it is set lower.
+several steps while the running requests keep decoding). `update` appends each sampled token,
+registers newly full blocks in the prefix cache, and finishes a request on a stop token
+(unless `ignore_eos`), at `max_tokens`, at `max_model_len`, or with an error of its own.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from lmforge.errors import LmforgeError
+from lmforge.infer.blocks import BlockPool, hash_block
 from lmforge.infer.request import Request, RequestStatus, TokenLogprob
 
 
@@ -40,21 +42,33 @@ class QueueFullError(LmforgeError):
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_batch: int = 16
-    """Requests running at once (KV cache slots)."""
+    """Requests running at once."""
     max_model_len: int = 2048
     """Tokens (prompt + output) one request may hold."""
     max_batched_tokens: int = 512
     """Tokens computed per step, decode tokens and prefill chunks together."""
     cache_tokens: int | None = None
-    """KV cache tokens all running requests may hold together (None: the whole cache)."""
+    """Token slots in the KV cache pool, rounded up to whole blocks (None: `max_batch` ×
+    `max_model_len`, room for every running request at full length)."""
     max_queue: int = 256
     """Waiting requests at most; one more is refused with `QueueFullError`."""
+    block_size: int = 16
+    """Tokens per KV cache block (the unit of allocation and of prefix sharing)."""
+    prefix_caching: bool = True
+    """Share the keys and values of equal prompt prefixes between requests."""
+    cache_salt: str = ""
+    """Mixed into every prefix hash: the model version (and adapter), so that two models never
+    share blocks."""
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_model_len", "max_batched_tokens", "max_queue"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise LmforgeError(f"{name} must be an integer >= 1, got {value!r}")
+        if not _is_int(self.block_size) or not 1 <= self.block_size <= 1024:
+            raise LmforgeError(
+                f"block_size must be an integer in [1, 1024], got {self.block_size!r}"
+            )
         if self.cache_tokens is not None and not _is_int(self.cache_tokens):
             raise LmforgeError(f"cache_tokens must be an integer, got {self.cache_tokens!r}")
         if self.max_batched_tokens < self.max_batch:
@@ -73,6 +87,11 @@ class SchedulerConfig:
         if self.cache_tokens is not None:
             return self.cache_tokens
         return self.max_batch * self.max_model_len
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks in the KV cache pool."""
+        return -(-self.cache_capacity // self.block_size)
 
 
 def _is_int(value: object) -> bool:
@@ -95,14 +114,9 @@ class Chunk:
 
 @dataclass
 class SchedulerOutput:
-    decodes: list[Chunk] = field(default_factory=list)  # one token each, ordered by slot
+    decodes: list[Chunk] = field(default_factory=list)  # one token each, in arrival order
     prefills: list[Chunk] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
-    parked: dict[int, int] = field(default_factory=dict)
-    """Slot → position for running requests below the last decode slot that do not decode this
-    step. The runner decodes cache rows [0, last decode slot] as one batch and gives these rows
-    a dummy token at that position: their next prefill chunk starts there and overwrites it
-    before anything reads it. Free rows in that range take position 0."""
 
     @property
     def num_tokens(self) -> int:
@@ -111,6 +125,10 @@ class SchedulerOutput:
     @property
     def empty(self) -> bool:
         return not self.decodes and not self.prefills
+
+    @property
+    def chunks(self) -> list[Chunk]:
+        return self.decodes + self.prefills
 
 
 @dataclass
@@ -126,8 +144,9 @@ class Scheduler:
         self.config = config
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in arrival order
-        self.free_slots = list(range(config.max_batch))  # kept sorted: lowest first
-        self.cache_used = 0  # tokens held by running requests (their num_computed)
+        self.blocks = BlockPool(config.num_blocks, config.block_size, caching=config.prefix_caching)
+        self._salt = config.cache_salt.encode()
+        self._pending: dict[bytes, Request] = {}  # prefix hash → the request computing it
 
     # -- requests in and out ------------------------------------------------------------------
 
@@ -145,15 +164,24 @@ class Scheduler:
 
     def abort(self, request_id: str) -> Request | None:
         """Finish the request as aborted and free what it holds; None if it is not here."""
+        return self.finish(request_id, RequestStatus.FINISHED_ABORTED)
+
+    def fail(self, request_id: str, error: str) -> Request | None:
+        """Finish the request with ERROR (a failure of its own); None if it is not here."""
+        request = self.finish(request_id, RequestStatus.FINISHED_ERROR)
+        if request is not None:
+            request.error = error
+        return request
+
+    def finish(self, request_id: str, status: RequestStatus) -> Request | None:
         for request in self.waiting:
             if request.request_id == request_id:
                 self.waiting.remove(request)
-                request.move_to(RequestStatus.FINISHED_ABORTED)
+                request.move_to(status)
                 return request
         for request in self.running:
             if request.request_id == request_id:
-                self._release(request)
-                request.move_to(RequestStatus.FINISHED_ABORTED)
+                self._finish(request, status)
                 return request
         return None
 
@@ -161,64 +189,47 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    @property
+    def cache_used(self) -> int:
+        """Tokens whose keys and values running requests hold (computed ones)."""
+        return sum(r.num_computed for r in self.running)
+
     # -- one step -----------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_batched_tokens
-        # 1. decodes, preempting the newest running requests while the cache is full
-        decoding = [r for r in self.running if r.num_remaining == 1]
-        kept: list[Request] = []
-        for request in decoding:
+        # 1. decodes, preempting the newest running requests while no block is free
+        for request in [r for r in self.running if r.num_remaining == 1]:
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted below to make room for an older one
-            while self._cache_free(kept) < 1:
+            while not self._grow(request, request.num_tokens):
                 victim = self.running[-1]
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is request:
                     break
             if request.status is RequestStatus.RUNNING:
-                kept.append(request)
-        out.decodes = sorted(
-            (Chunk(r, r.num_computed, 1) for r in kept), key=lambda c: c.request.slot or 0
-        )
+                out.decodes.append(Chunk(request, request.num_computed, 1))
         budget -= len(out.decodes)
-        if out.decodes:
-            top = max(c.request.slot or 0 for c in out.decodes)
-            out.parked = {
-                r.slot: r.num_computed
-                for r in self.running
-                if r.slot is not None and r.slot < top and r.num_remaining > 1
-            }
-        free = self._cache_free(kept)
-        # 2. running prefills continue
+        # 2. running prefills continue (their blocks were allocated at admission)
         for request in self.running:
-            if request.num_remaining <= 1 or budget == 0 or free == 0:
+            if request.num_remaining <= 1 or budget == 0:
                 continue
-            length = min(request.num_remaining, budget, free)
+            length = min(request.num_remaining, budget)
             out.prefills.append(Chunk(request, request.num_computed, length))
             budget -= length
-            free -= length
-        # 3. admit waiting requests whose tokens all fit in the cache
-        while self.waiting and self.free_slots and budget > 0:
+        # 3. admit waiting requests whose tokens all fit in the free blocks
+        while self.waiting and len(self.running) < self.config.max_batch and budget > 0:
             request = self.waiting[0]
-            if request.num_tokens > free:
+            if not self._admit(request):
                 break  # first come, first served: nobody overtakes the head of the queue
             self.waiting.popleft()
-            request.slot = self.free_slots.pop(0)
             request.move_to(RequestStatus.RUNNING)
             self.running.append(request)
             length = min(request.num_remaining, budget)
-            out.prefills.append(Chunk(request, 0, length))
+            out.prefills.append(Chunk(request, request.num_computed, length))
             budget -= length
-            free -= request.num_tokens  # reserved: it will need them all
-        if out.empty and self.running:
-            # Only prefills left and no cache room for them (decodes ate the reserve): free
-            # the newest so the others can go on.
-            victim = self.running[-1]
-            self._preempt(victim)
-            out.preempted.append(victim)
         return out
 
     def update(
@@ -226,18 +237,25 @@ class Scheduler:
         out: SchedulerOutput,
         sampled: dict[str, Sampled],
         prompt_logprobs: dict[str, list[TokenLogprob]] | None = None,
+        failed: dict[str, str] | None = None,
     ) -> list[Request]:
         """Apply a step's results: SAMPLED holds the new token of every chunk that `samples`,
-        PROMPT_LOGPROBS the prompt logprobs computed for echo requests. Return the requests
-        that computed this step (finished ones included)."""
+        PROMPT_LOGPROBS the prompt logprobs computed for echo requests, FAILED the requests
+        that failed on their own (id → error; they finish with it, the others go on). Return
+        the requests that computed this step (finished ones included)."""
         touched = []
-        for chunk in out.decodes + out.prefills:
+        for chunk in out.chunks:
             request = chunk.request
             if request.status is not RequestStatus.RUNNING:
                 continue  # aborted while the step ran
-            request.num_computed += chunk.length
-            self.cache_used += chunk.length
             touched.append(request)
+            error = (failed or {}).get(request.request_id)
+            if error is not None:
+                self._finish(request, RequestStatus.FINISHED_ERROR)
+                request.error = error
+                continue
+            request.num_computed += chunk.length
+            self._register(request)
             if prompt_logprobs and request.request_id in prompt_logprobs:
                 assert request.prompt_logprobs is not None
                 request.prompt_logprobs.extend(prompt_logprobs[request.request_id])
@@ -248,6 +266,69 @@ class Scheduler:
                 continue
             self._append(request, sampled[request.request_id])
         return touched
+
+    # -- blocks ---------------------------------------------------------------------------------
+
+    def _hashes(self, request: Request, num_blocks: int) -> list[bytes]:
+        """The prefix hashes of REQUEST's first NUM_BLOCKS full blocks (computed once)."""
+        hashes, size = request.block_hashes, self.config.block_size
+        while len(hashes) < num_blocks:
+            i = len(hashes)
+            parent = hashes[-1] if hashes else None
+            hashes.append(hash_block(parent, request.tokens(i * size, (i + 1) * size), self._salt))
+        return hashes[:num_blocks]
+
+    def _admit(self, request: Request) -> bool:
+        """Give REQUEST its block table (cached prefix + new blocks for the rest of its
+        tokens) if the pool has room; False (nothing taken) if not, or if it should wait for a
+        prefix that another request is computing now."""
+        pool, size = self.blocks, self.config.block_size
+        hits: list[int] = []
+        if pool.caching and not request.params.echo:
+            # At most num_tokens - 1 from the cache: the last token is computed for its logits.
+            hashes = self._hashes(request, (request.num_tokens - 1) // size)
+            hits = pool.lookup(hashes)
+            if len(hits) < len(hashes) and hashes[len(hits)] in self._pending:
+                return False
+        need = pool.blocks_for(request.num_tokens) - len(hits)
+        if need > pool.num_free_after_taking(hits):
+            return False
+        pool.take(hits)
+        request.block_ids = hits + pool.allocate(need)
+        request.num_computed = len(hits) * size
+        if request.num_preemptions == 0:
+            request.num_cached_tokens = request.num_computed
+        if pool.caching and not request.params.echo:
+            pool.stats.queries += request.num_tokens
+            pool.stats.hits += request.num_computed
+            full = len(request.prompt_ids) // size  # blocks this request will fill and cache
+            for h in self._hashes(request, full)[len(hits) :]:
+                self._pending.setdefault(h, request)
+        return True
+
+    def _grow(self, request: Request, num_tokens: int) -> bool:
+        """Make REQUEST's block table cover NUM_TOKENS tokens; False if no block is free."""
+        need = self.blocks.blocks_for(num_tokens) - len(request.block_ids)
+        if need <= 0:
+            return True
+        if need > self.blocks.num_free:
+            return False
+        request.block_ids += self.blocks.allocate(need)
+        return True
+
+    def _register(self, request: Request) -> None:
+        """Put REQUEST's newly full, computed blocks in the prefix cache."""
+        if not self.blocks.caching:
+            return
+        full = request.num_computed // self.config.block_size
+        if full <= request.num_registered:
+            return
+        hashes = self._hashes(request, full)
+        for i in range(request.num_registered, full):
+            self.blocks.register(request.block_ids[i], hashes[i])
+            if self._pending.get(hashes[i]) is request:
+                del self._pending[hashes[i]]
+        request.num_registered = full
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -276,13 +357,10 @@ class Scheduler:
 
     def _release(self, request: Request) -> None:
         self.running.remove(request)
-        self.cache_used -= request.num_computed
+        self.blocks.release(request.block_ids)
+        for h in request.block_hashes:
+            if self._pending.get(h) is request:
+                del self._pending[h]
+        request.block_ids = []
         request.num_computed = 0
-        assert request.slot is not None
-        self.free_slots.append(request.slot)
-        self.free_slots.sort()
-        request.slot = None
-
-    def _cache_free(self, decoding: list[Request]) -> int:
-        """Cache tokens left after the DECODING requests' next token each."""
-        return self.config.cache_capacity - self.cache_used - len(decoding)
+        request.num_registered = 0

@@ -16,9 +16,10 @@ Attention: `eager_attention` is the plain reference (softmax(QKᵀ/√d)V); `sdp
 `torch.nn.functional.scaled_dot_product_attention`. Both live in `ATTENTION` with one signature;
 `Transformer.attn_impl` picks one.
 
-KV cache: the caller allocates a `KVCache` and passes it in; `forward` writes the new keys and
-values at `positions` and attends over the cached prefix. `prefill` and `decode_step` are the
-two hot paths, kept separate so each can be optimised on its own.
+KV cache: the caller allocates a cache (`KVCache`, contiguous rows, or a `PagedBatch` view of
+the engine's block pool, both in `kv_cache.py`) and passes it in; `forward` stores the new keys
+and values of the tokens at `positions` and attends over the cached prefix. `prefill` and
+`decode_step` are the two hot paths, kept separate so each can be optimised on its own.
 
 Shapes: B batch, T new tokens, Tk attended keys, H query heads, Hkv key/value heads, D head dim,
 C d_model, V vocabulary.
@@ -29,14 +30,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, Any, Literal, Self
+from typing import Any, Literal, Self
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from lmforge.model.kv_cache import KVCache
+from lmforge.model.kv_cache import KVCache, LayerCache, PagedBatch
 
 Arch = Literal["llama", "gpt2"]
 
@@ -342,21 +342,34 @@ class AttentionPlan:
     """What every layer needs to know about one forward call, computed once."""
 
     positions: torch.Tensor  # [B, T] int64
-    write_start: int | None  # slice write at [start, start+T) for every row, else scatter
+    write_start: int | None  # contiguous cache: slice write at [start, start+T) for every row
     k_len: int  # keys attended: cache prefix [0, k_len)
     mask: torch.Tensor | None  # [B, 1, T, Tk] bool, True = attend
     is_causal: bool
 
 
 def plan_attention(
-    positions: torch.Tensor | None, batch: int, t: int, kv_cache: KVCache | None
+    positions: torch.Tensor | None,
+    batch: int,
+    t: int,
+    kv_cache: KVCache | PagedBatch | None,
+    device: torch.device | None = None,
 ) -> AttentionPlan:
     if positions is None:
+        if isinstance(kv_cache, PagedBatch):
+            raise ValueError("a paged KV cache needs explicit positions")
         # Every row holds tokens 0..T-1: plain causal attention, slice writes.
-        pos = torch.arange(t).unsqueeze(0).expand(batch, t)
+        pos = torch.arange(t, device=device).unsqueeze(0).expand(batch, t)
         return AttentionPlan(pos, write_start=0, k_len=t, mask=None, is_causal=t > 1)
     if positions.dim() == 1:
         positions = positions.unsqueeze(0).expand(batch, t)
+    device = positions.device
+    if isinstance(kv_cache, PagedBatch):
+        # Each row's blocks gathered in order: key j is at position j; a query sees the keys
+        # up to its own position (the rest of the row's blocks is stale or the null block).
+        keys = torch.arange(kv_cache.k_len, device=device)
+        mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B, 1, T, Tk]
+        return AttentionPlan(positions, None, kv_cache.k_len, mask=mask, is_causal=False)
     k_len = int(positions.max()) + 1
     if kv_cache is None:
         if k_len != t:
@@ -366,14 +379,14 @@ def plan_attention(
         raise ValueError(f"position {k_len - 1} is beyond the KV cache ({kv_cache.max_len})")
     first = positions[:, :1]
     same_rows = batch == 1 or bool((positions == positions[:1]).all())
-    contiguous = t == 1 or bool((positions == first + torch.arange(t)).all())
+    contiguous = t == 1 or bool((positions == first + torch.arange(t, device=device)).all())
     write_start = int(first[0, 0]) if same_rows and contiguous else None
     if same_rows and contiguous and t == 1:
         # One new token per row, all at the same position: it sees the whole prefix.
         return AttentionPlan(positions, write_start, k_len, mask=None, is_causal=False)
     if same_rows and contiguous and write_start == 0:
         return AttentionPlan(positions, write_start, k_len, mask=None, is_causal=t > 1)
-    keys = torch.arange(k_len)
+    keys = torch.arange(k_len, device=device)
     mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B, 1, T, Tk]
     return AttentionPlan(positions, write_start, k_len, mask=mask, is_causal=False)
 
@@ -396,7 +409,7 @@ class Attention(nn.Module):
         x: torch.Tensor,  # [B, T, C]
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         plan: AttentionPlan,
-        cache: tuple[torch.Tensor, torch.Tensor] | None,  # [B, Hkv, Tmax, D] each
+        cache: LayerCache | None,
         attn_fn: AttentionFn,
     ) -> torch.Tensor:
         b, t, _ = x.shape
@@ -408,17 +421,8 @@ class Attention(nn.Module):
         if rope is not None:
             qk = apply_rope(qk, *rope)
         q, k = qk.split([h, hkv], dim=1)  # [B, H, T, D], [B, Hkv, T, D]
-        if cache is not None:
-            k_cache, v_cache = cache
-            if plan.write_start is not None:
-                s = plan.write_start
-                k_cache[:, :, s : s + t] = k
-                v_cache[:, :, s : s + t] = v
-            else:
-                rows = torch.arange(b).unsqueeze(1).expand(b, t)
-                k_cache[rows, :, plan.positions] = k.transpose(1, 2)
-                v_cache[rows, :, plan.positions] = v.transpose(1, 2)
-            k, v = k_cache[:, :, : plan.k_len], v_cache[:, :, : plan.k_len]
+        if cache is not None:  # store the new keys and values, attend over the cached ones
+            k, v = cache.update(k, v, plan)  # [B, Hkv, Tk, D]
         y = attn_fn(q, k, v, plan.mask, plan.is_causal, self.scale)  # [B, H, T, D]
         y = y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim)
         y = self.o_proj(y)
@@ -460,7 +464,7 @@ class Block(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         plan: AttentionPlan,
-        cache: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: LayerCache | None,
         attn_fn: AttentionFn,
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, plan, cache, attn_fn)
@@ -529,12 +533,12 @@ class Transformer(nn.Module):
         self,
         ids: torch.Tensor,  # [B, T]
         positions: torch.Tensor | None = None,  # [B, T] or [T]; None = 0..T-1
-        kv_cache: KVCache | None = None,
+        kv_cache: KVCache | PagedBatch | None = None,
     ) -> torch.Tensor:
         """Final-norm hidden states [B, T, C]."""
         cfg = self.config
         b, t = ids.shape
-        plan = plan_attention(positions, b, t, kv_cache)
+        plan = plan_attention(positions, b, t, kv_cache, ids.device)
         if plan.k_len > cfg.max_seq_len:
             raise ValueError(f"position {plan.k_len - 1} is beyond the context {cfg.max_seq_len}")
         x = self.model.embed_tokens(ids)  # [B, T, C]
@@ -549,15 +553,14 @@ class Transformer(nn.Module):
             x = F.dropout(x, cfg.dropout, self.training)
         attn_fn = ATTENTION[self._attn_impl]
         for i, layer in enumerate(self.model.layers):
-            cache = (kv_cache.k[i], kv_cache.v[i]) if kv_cache is not None else None
-            x = layer(x, rope, plan, cache, attn_fn)
+            x = layer(x, rope, plan, kv_cache.layer(i) if kv_cache is not None else None, attn_fn)
         return self.model.norm(x)
 
     def forward(
         self,
         ids: torch.Tensor,  # [B, T]
         positions: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
+        kv_cache: KVCache | PagedBatch | None = None,
         *,
         last_only: bool = False,
     ) -> torch.Tensor:
@@ -577,7 +580,9 @@ def prefill(
     model: Transformer, ids: torch.Tensor, kv_cache: KVCache, start: int = 0
 ) -> torch.Tensor:
     """Run prompt tokens ids [B, T] at positions start..start+T-1; logits of the last one [B, V]."""
-    positions = None if start == 0 else torch.arange(start, start + ids.shape[1])
+    positions = None
+    if start:
+        positions = torch.arange(start, start + ids.shape[1], device=ids.device)
     return model(ids, positions, kv_cache, last_only=True)[:, -1]
 
 
