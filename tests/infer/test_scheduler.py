@@ -4,8 +4,8 @@ The scheduler is pure Python, and so are these tests: `FakeRunner` stands in for
 runner and, for every chunk that `samples`, returns a token that is a deterministic function of
 the request id and its length. A request's output is therefore known in advance, whatever the
 batching, chunking or preemption did to it. `Harness.step` checks the scheduler's invariants
-around every `schedule()` → `update()` step (token budget, slots, cache accounting, chunk
-starts, decode order, `parked`, FIFO admission, newest-first preemption).
+around every `schedule()` → `update()` step (token budget, running cap, block accounting and
+reference counts, chunk starts, decode order, FIFO admission, newest-first preemption).
 """
 
 from __future__ import annotations
@@ -72,26 +72,34 @@ class FakeRunner:
         return sampled
 
 
-def slot_of(request: Request) -> int:
-    assert request.slot is not None, f"{request.request_id} has no slot"
-    return request.slot
+def check_blocks(sched: Scheduler) -> None:
+    """The block pool agrees with the requests' block tables."""
+    pool = sched.blocks
+    pool.check()
+    refs: dict[int, int] = defaultdict(int)
+    for r in sched.running:
+        assert len(set(r.block_ids)) == len(r.block_ids), "a block twice in one table"
+        assert len(r.block_ids) >= pool.blocks_for(r.num_computed)
+        assert len(r.block_ids) <= pool.blocks_for(r.num_tokens)
+        assert 0 not in r.block_ids, "the null block was handed out"
+        for b in r.block_ids:
+            refs[b] += 1
+    for b in range(1, pool.num_blocks + 1):
+        assert pool.ref_counts[b] == refs.get(b, 0), (b, pool.ref_counts[b], refs.get(b))
 
 
 def check_state(sched: Scheduler) -> None:
     """Invariants that hold between steps."""
     config = sched.config
-    slots = [slot_of(r) for r in sched.running]
-    assert all(0 <= s < config.max_batch for s in slots), slots
-    assert len(set(slots)) == len(slots), f"slots not unique: {slots}"
-    assert sched.free_slots == sorted(set(range(config.max_batch)) - set(slots))
+    assert len(sched.running) <= config.max_batch
     assert all(r.status is RequestStatus.RUNNING for r in sched.running)
     assert all(0 < r.num_computed < r.num_tokens for r in sched.running)
     assert sched.cache_used == sum(r.num_computed for r in sched.running)
-    assert 0 <= sched.cache_used <= config.cache_capacity
     assert len({id(r) for r in sched.running}) == len(sched.running)
+    check_blocks(sched)
     for r in sched.waiting:
         assert r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED), r.status
-        assert r.slot is None and r.num_computed == 0
+        assert r.block_ids == [] and r.num_computed == 0
         assert r not in sched.running
 
 
@@ -111,39 +119,32 @@ def check_output(
         assert c.request in sched.running
         assert c.start == c.request.num_computed, "a chunk must continue where the cache ends"
         assert c.length >= 1 and c.start + c.length <= c.request.num_tokens
-    # decodes: one token each, ordered by slot, and every decoding running request decodes
-    decode_slots = [slot_of(c.request) for c in out.decodes]
+        # the block table covers every token the chunk writes
+        assert len(c.request.block_ids) * config.block_size >= c.start + c.length
+    # decodes: one token each, in arrival order, and every decoding running request decodes
     assert all(c.length == 1 and c.samples for c in out.decodes)
-    assert decode_slots == sorted(decode_slots)
+    order = [id(r) for r in sched.running]
+    assert [order.index(id(c.request)) for c in out.decodes] == sorted(
+        order.index(id(c.request)) for c in out.decodes
+    )
     decoding = {id(r) for r in running_before if r in sched.running and r.num_remaining == 1}
     assert {id(c.request) for c in out.decodes} == decoding
-    assert all(c.request.num_remaining > 1 or c.start == 0 for c in out.prefills)
     # preemption takes the newest running requests, newest first
     k = len(out.preempted)
     if k:
         assert out.preempted == running_before[::-1][:k]
         for r in out.preempted:
-            assert r.status is RequestStatus.PREEMPTED and r.slot is None
+            assert r.status is RequestStatus.PREEMPTED and r.block_ids == []
             assert r.num_computed == 0 and r not in sched.running
         assert list(sched.waiting)[:k] == out.preempted[::-1], "preempted go to the front"
-    # admission is first come, first served
+    # admission is first come, first served, from the cached prefix (block-aligned)
     admitted = [c.request for c in out.prefills if any(c.request is w for w in waiting_before)]
     assert admitted == waiting_before[: len(admitted)]
-    assert all(c.start == 0 for c in out.prefills if c.request in admitted)
-    # parked: running, not decoding, below the highest decode slot
-    if not out.decodes:
-        assert out.parked == {}
-        return
-    top = max(decode_slots)
-    for r in sched.running:
-        slot = slot_of(r)
-        if slot < top and r.num_remaining > 1 and r not in admitted:
-            assert out.parked.get(slot) == r.num_computed, (r.request_id, out.parked)
-        elif r in admitted and slot in out.parked:
-            assert out.parked[slot] == 0  # a fresh row: position 0 either way
-    holders = {slot_of(r): r for r in sched.running}
-    for slot in out.parked:
-        assert slot < top and slot in holders and holders[slot].num_remaining > 1
+    for c in out.prefills:
+        if c.request in admitted:
+            assert c.start % config.block_size == 0 and c.start < c.request.num_tokens
+            if not config.prefix_caching or c.request.params.echo:
+                assert c.start == 0
 
 
 class Harness:
@@ -179,7 +180,8 @@ class Harness:
             self.step()
         assert not self.sched.has_work, f"not drained after {max_steps} steps (livelock?)"
         assert self.sched.cache_used == 0
-        assert self.sched.free_slots == list(range(self.sched.config.max_batch))
+        assert self.sched.blocks.num_used == 0, "blocks leaked"
+        check_blocks(self.sched)
 
 
 def assert_tiles(chunks: list[tuple[int, int]], total: int) -> None:
@@ -223,7 +225,7 @@ def test_request_added_while_others_decode_is_admitted_at_the_next_step() -> Non
     assert [c.request for c in out.decodes] == [a, b]  # the others keep decoding ...
     # ... while the new request joins with its whole prompt
     assert [(c.request, c.start, c.length) for c in out.prefills] == [(new, 0, 6)]
-    assert new.status is RequestStatus.RUNNING and new.slot == 2
+    assert new.status is RequestStatus.RUNNING and len(new.block_ids) == 1
     assert (len(a.output_ids), len(b.output_ids), len(new.output_ids)) == (3, 3, 1)
     out = h.step()
     assert [c.request for c in out.decodes] == [a, b, new] and not out.prefills
@@ -233,24 +235,22 @@ def test_request_added_while_others_decode_is_admitted_at_the_next_step() -> Non
         assert r.status is RequestStatus.FINISHED_LENGTH
 
 
-def test_every_decoding_request_gets_one_token_per_step_in_slot_order() -> None:
+def test_every_decoding_request_gets_one_token_per_step_in_arrival_order() -> None:
     h = Harness(SchedulerConfig(max_batch=3, max_model_len=64, max_batched_tokens=16))
     a = h.add("a", 4, max_tokens=2)
     b = h.add("b", 4, max_tokens=20)
     c = h.add("c", 4, max_tokens=20)
     h.step()  # all three prefill
-    assert [r.slot for r in (a, b, c)] == [0, 1, 2]
-    h.step()  # a reaches max_tokens and frees slot 0
-    assert a.status is RequestStatus.FINISHED_LENGTH and h.sched.free_slots == [0]
+    h.step()  # a reaches max_tokens and frees its block
+    assert a.status is RequestStatus.FINISHED_LENGTH and a.block_ids == []
     d = h.add("d", 4, max_tokens=20)
     out = h.step()
-    assert d.slot == 0 and [x.request for x in out.decodes] == [b, c]
-    assert h.sched.running == [b, c, d]  # arrival order ...
+    assert [x.request for x in out.decodes] == [b, c] and [x.request for x in out.prefills] == [d]
+    assert h.sched.running == [b, c, d]
     for _ in range(5):
         before = {r.request_id: len(r.output_ids) for r in h.sched.running}
         out = h.step()
-        assert [x.request for x in out.decodes] == [d, b, c]  # ... but decodes go by slot
-        assert [x.request.slot for x in out.decodes] == [0, 1, 2]
+        assert [x.request for x in out.decodes] == [b, c, d]
         assert not out.prefills and out.num_tokens == 3
         for r in (b, c, d):
             assert len(r.output_ids) == before[r.request_id] + 1
@@ -296,65 +296,61 @@ def test_a_prompt_alone_fills_the_whole_budget() -> None:
     assert r.output_ids == expected_output(r, 2)
 
 
-# -- slots ----------------------------------------------------------------------------------------
+# -- running cap and blocks -----------------------------------------------------------------------
 
 
-def test_lowest_free_slot_is_given_and_slots_are_freed_on_finish() -> None:
+def test_max_batch_caps_running_requests_and_finishing_makes_room() -> None:
     h = Harness(SchedulerConfig(max_batch=3, max_model_len=64, max_batched_tokens=32))
     a = h.add("a", 2, max_tokens=1)
     b = h.add("b", 2, max_tokens=3)
     c = h.add("c", 2, max_tokens=30)
     extra = h.add("extra", 2, max_tokens=2)
     h.step()
-    assert (a.slot, b.slot, c.slot) == (None, 1, 2)  # a held slot 0 and finished at once
     assert a.status is RequestStatus.FINISHED_LENGTH and a.output_ids == expected_output(a, 1)
-    assert h.sched.free_slots == [0]
-    assert extra.status is RequestStatus.WAITING  # no slot was free during the step
+    assert extra.status is RequestStatus.WAITING  # three were running during the step
     h.step()
-    assert extra.status is RequestStatus.RUNNING and extra.slot == 0
+    assert extra.status is RequestStatus.RUNNING
     h.step()  # extra finishes; b reaches 3 tokens
-    assert extra.slot is None and b.slot is None and h.sched.free_slots == [0, 1]
+    assert extra.finished and b.finished and h.sched.running == [c]
     d = h.add("d", 2, max_tokens=30)
     e = h.add("e", 2, max_tokens=30)
     h.step()
-    assert (d.slot, e.slot, c.slot) == (0, 1, 2)
+    assert h.sched.running == [c, d, e]
     h.run()
-    assert h.sched.free_slots == [0, 1, 2]
 
 
-def test_running_prefill_below_the_highest_decode_slot_is_parked() -> None:
-    h = Harness(SchedulerConfig(max_batch=3, max_model_len=64, max_batched_tokens=6))
-    a = h.add("a", 2, max_tokens=1)
-    b = h.add("b", 2, max_tokens=40)
+def test_blocks_are_allocated_as_tokens_arrive() -> None:
+    config = SchedulerConfig(max_batch=2, max_model_len=64, max_batched_tokens=64, block_size=4)
+    h = Harness(config)
+    r = h.add("r", 5, max_tokens=20)  # 5 prompt tokens: 2 blocks at admission
+    assert h.sched.blocks.num_used == 0
     h.step()
-    assert a.finished and b.slot == 1
-    c = h.add("c", 20, max_tokens=2)
-    out = h.step()  # c is admitted into slot 0 below b
-    assert c.slot == 0 and [x.request for x in out.decodes] == [b]
-    assert out.parked.get(0, 0) == 0  # a fresh row is at position 0 either way
-    parked_seen = 0
-    while c.num_remaining > 1:
-        position = c.num_computed
-        out = h.step()
-        assert [x.request for x in out.decodes] == [b]
-        assert out.parked == {0: position}
-        assert out.prefills[0].start == position
-        parked_seen += 1
-    assert parked_seen == 3  # chunks of 5 tokens: 5 → 10 → 15 → 20
-    out = h.step()  # c now decodes too: nothing is parked
-    assert [x.request for x in out.decodes] == [c, b] and out.parked == {}
+    assert len(r.block_ids) == 2 and r.num_computed == 5 and r.num_tokens == 6
+    sizes = []
+    while not r.finished:
+        h.step()
+        sizes.append(len(r.block_ids))
+    # one more block each time the next token to compute starts one
+    assert sizes[:8] == [2, 2, 2, 3, 3, 3, 3, 4]
+    assert h.sched.blocks.num_used == 0
 
 
-def test_prefill_above_the_highest_decode_slot_is_not_parked() -> None:
-    h = Harness(SchedulerConfig(max_batch=3, max_model_len=64, max_batched_tokens=4))
-    a = h.add("a", 2, max_tokens=30)
+def test_pool_size_counts_blocks_not_requests() -> None:
+    # 8 blocks of 4: room for four 2-block prompts at once, not for max_batch × max_model_len
+    config = SchedulerConfig(
+        max_batch=8,
+        max_model_len=32,
+        max_batched_tokens=64,
+        block_size=4,
+        cache_tokens=32,
+        prefix_caching=False,  # the prompts are equal: they would share their first block
+    )
+    h = Harness(config)
+    reqs = [h.add(f"r{i}", 7, max_tokens=1) for i in range(6)]
     h.step()
-    b = h.add("b", 20, max_tokens=2)
-    h.step()  # a decodes, b admitted into slot 1 with a 3-token chunk
-    assert (a.slot, b.slot) == (0, 1) and b.num_remaining > 1
-    out = h.step()
-    assert [x.request for x in out.decodes] == [a]
-    assert out.parked == {} and [x.request for x in out.prefills] == [b]
+    assert [r.finished for r in reqs] == [True] * 4 + [False] * 2  # two waited for blocks
+    assert h.sched.blocks.num_used == 0  # finished at once: their blocks are back
+    h.run()
 
 
 # -- finishing -----------------------------------------------------------------------------------
@@ -375,7 +371,7 @@ def test_stop_token_finishes_as_stopped() -> None:
     h.run()
     assert r.status is RequestStatus.FINISHED_STOPPED and r.status.finish_reason == "stop"
     assert r.output_ids == [*expected_output(r, 2), STOP]
-    assert r.slot is None and r.num_computed == 0
+    assert r.block_ids == [] and r.num_computed == 0
 
 
 def test_stop_token_is_ignored_with_ignore_eos() -> None:
@@ -428,7 +424,7 @@ def test_max_tokens_zero_finishes_after_the_prefill_without_output() -> None:
         sched.update(out, {})  # nothing is sampled for a prompt-only request
     assert chunks == [(0, 4), (4, 4), (8, 2)]
     assert r.status is RequestStatus.FINISHED_LENGTH and r.output_ids == []
-    assert r.slot is None and sched.cache_used == 0 and not sched.has_work
+    assert r.block_ids == [] and sched.cache_used == 0 and not sched.has_work
 
 
 def test_update_records_logprobs_and_echo_prompt_logprobs() -> None:
@@ -457,7 +453,14 @@ def test_update_records_logprobs_and_echo_prompt_logprobs() -> None:
 
 
 def test_decodes_preempt_the_newest_request_which_recomputes_later() -> None:
-    config = SchedulerConfig(max_batch=4, max_model_len=16, max_batched_tokens=16, cache_tokens=16)
+    config = SchedulerConfig(
+        max_batch=4,
+        max_model_len=16,
+        max_batched_tokens=16,
+        cache_tokens=16,
+        block_size=4,
+        prefix_caching=False,  # recompute from 0 (see test_preempted_request_reuses_its_blocks)
+    )
     h = Harness(config)
     a = h.add("a", 4, max_tokens=11)
     b = h.add("b", 4, max_tokens=11)
@@ -474,7 +477,7 @@ def test_decodes_preempt_the_newest_request_which_recomputes_later() -> None:
     assert preempt_out.preempted == [b]  # the newest, not a
     assert [x.request for x in preempt_out.decodes] == [a]
     assert b.status is RequestStatus.PREEMPTED and b.num_preemptions == 1
-    assert b.num_computed == 0 and b.slot is None
+    assert b.num_computed == 0 and b.block_ids == []
     assert list(h.sched.waiting) == [b, c]  # the front of the queue, before c
     tokens_at_preemption = b.num_tokens
     assert tokens_at_preemption == 9 and len(b.output_ids) == 5
@@ -485,7 +488,7 @@ def test_decodes_preempt_the_newest_request_which_recomputes_later() -> None:
             break
         h.step()
         assert h.sched.cache_used <= config.cache_capacity
-    assert b.status is RequestStatus.RUNNING and a.finished and b.slot == 0
+    assert b.status is RequestStatus.RUNNING and a.finished
     assert c.status is RequestStatus.WAITING  # first come, first served: b goes first
     while b.num_remaining > 1 or len(h.runner.chunks["b"]) == chunks_before:
         h.step()
@@ -500,7 +503,14 @@ def test_decodes_preempt_the_newest_request_which_recomputes_later() -> None:
 
 
 def test_recompute_after_preemption_is_chunked_by_the_budget() -> None:
-    config = SchedulerConfig(max_batch=2, max_model_len=16, max_batched_tokens=3, cache_tokens=16)
+    config = SchedulerConfig(
+        max_batch=2,
+        max_model_len=16,
+        max_batched_tokens=3,
+        cache_tokens=16,
+        block_size=4,
+        prefix_caching=False,  # recompute from 0 (see test_preempted_request_reuses_its_blocks)
+    )
     h = Harness(config)
     a = h.add("a", 3, max_tokens=12)
     b = h.add("b", 3, max_tokens=12)
@@ -510,10 +520,10 @@ def test_recompute_after_preemption_is_chunked_by_the_budget() -> None:
         if victims:
             break
     assert victims == [b], "the cache never filled up"
-    tokens, seen = b.num_tokens, len(h.runner.chunks["b"])
+    tokens, seen, outputs = b.num_tokens, len(h.runner.chunks["b"]), len(b.output_ids)
     for _ in range(50):
         h.step()
-        if b.status is RequestStatus.RUNNING and b.num_remaining == 1:
+        if len(b.output_ids) > outputs:
             break  # prompt + output recomputed, the next token sampled
     recompute = h.runner.chunks["b"][seen:]
     assert_tiles(recompute, tokens)
@@ -525,7 +535,14 @@ def test_recompute_after_preemption_is_chunked_by_the_budget() -> None:
 
 
 def test_many_requests_under_a_tiny_cache_all_finish() -> None:
-    config = SchedulerConfig(max_batch=4, max_model_len=12, max_batched_tokens=5, cache_tokens=12)
+    config = SchedulerConfig(
+        max_batch=4,
+        max_model_len=12,
+        max_batched_tokens=5,
+        cache_tokens=12,
+        block_size=4,
+        prefix_caching=False,  # recompute from 0 (see test_preempted_request_reuses_its_blocks)
+    )
     h = Harness(config)
     reqs = [h.add(f"r{i}", 1 + i % 6, max_tokens=20) for i in range(10)]
     h.run(max_steps=600)
@@ -533,6 +550,131 @@ def test_many_requests_under_a_tiny_cache_all_finish() -> None:
     for r in reqs:
         assert r.status is RequestStatus.FINISHED_LENGTH and r.num_tokens == 12
         assert r.output_ids == expected_output(r, 12 - len(r.prompt_ids))
+
+
+# -- prefix caching ------------------------------------------------------------------------------
+
+
+def cache_config(**kwargs: Any) -> SchedulerConfig:
+    values: dict[str, Any] = {
+        "max_batch": 4,
+        "max_model_len": 64,
+        "max_batched_tokens": 64,
+        "block_size": 4,
+    }
+    return SchedulerConfig(**{**values, **kwargs})
+
+
+def add_prompt(h: Harness, request_id: str, prompt: list[int], **params: Any) -> Request:
+    request = Request(request_id, prompt, SamplingParams(**params))
+    h.sched.add(request)
+    h.requests[request_id] = request
+    return request
+
+
+def test_a_repeated_prefix_is_computed_once() -> None:
+    h = Harness(cache_config())
+    system = list(range(100, 118))  # 18 tokens: 4 full blocks of 4, 2 more
+    a = add_prompt(h, "a", [*system, 1, 2], max_tokens=2)
+    h.run()
+    assert a.num_cached_tokens == 0 and h.runner.chunks["a"][0] == (0, 20)
+    b = add_prompt(h, "b", [*system, 3, 4, 5], max_tokens=2)
+    out = h.step()
+    # the 4 full blocks of the system prompt come from the cache; the rest is computed
+    assert [(c.request, c.start, c.length) for c in out.prefills] == [(b, 16, 5)]
+    assert b.num_cached_tokens == 16
+    stats = h.sched.blocks.stats
+    assert (stats.queries, stats.hits) == (20 + 21, 16)
+    h.run()
+    assert b.output_ids == expected_output(b, 2)
+
+
+def test_a_prompt_of_whole_blocks_recomputes_its_last_block() -> None:
+    h = Harness(cache_config())
+    prompt = list(range(200, 216))  # exactly 4 blocks
+    add_prompt(h, "a", prompt, max_tokens=1)
+    h.run()
+    b = add_prompt(h, "b", prompt, max_tokens=1)
+    out = h.step()
+    # the last token is computed for its logits, so its block is not taken from the cache
+    assert [(c.start, c.length) for c in out.prefills] == [(12, 4)]
+    assert b.num_cached_tokens == 12
+
+
+def test_choices_of_one_prompt_wait_for_its_prefill() -> None:
+    # n = 3: three requests with one prompt, queued together
+    h = Harness(cache_config(max_batched_tokens=8))
+    prompt = list(range(300, 322))  # 22 tokens: 5 full blocks
+    choices = [add_prompt(h, f"c{i}", prompt, max_tokens=3) for i in range(3)]
+    while choices[0].num_remaining > 1 or not choices[0].output_ids:
+        h.step()
+        assert all(c.status is RequestStatus.WAITING for c in choices[1:])
+    h.run()
+    computed = {c.request_id: sum(n for _, n in h.runner.chunks[c.request_id]) for c in choices}
+    assert computed["c0"] == 22 + 2  # the prompt, then two decodes
+    assert computed["c1"] == computed["c2"] == 22 - 20 + 2  # 20 tokens came from the cache
+    for c in choices:
+        assert c.output_ids == expected_output(c, 3)
+
+
+def test_echo_requests_compute_every_prompt_token() -> None:
+    h = Harness(cache_config())
+    prompt = list(range(400, 420))
+    add_prompt(h, "a", prompt, max_tokens=1)
+    h.run()
+    e = add_prompt(h, "e", prompt, max_tokens=1, echo=True)
+    out = h.step()
+    assert [(c.start, c.length) for c in out.prefills] == [(0, 20)] and e.num_cached_tokens == 0
+
+
+def test_preempted_request_reuses_its_blocks() -> None:
+    config = cache_config(max_batch=2, max_model_len=16, max_batched_tokens=16, cache_tokens=24)
+    h = Harness(config)
+    a = h.add("a", 4, max_tokens=11)
+    b = add_prompt(h, "b", [9, 8, 7, 6], max_tokens=11)
+    victims: list[Request] = []
+    while not victims:
+        victims = h.step().preempted
+    assert victims == [b]
+    tokens, seen = b.num_tokens, len(h.runner.chunks["b"])
+    while b.status is not RequestStatus.RUNNING:
+        h.step()
+    start, _ = h.runner.chunks["b"][seen]
+    assert start > 0 and start % 4 == 0 and start <= tokens - 1  # its full blocks were cached
+    h.run()
+    assert b.output_ids == expected_output(b, 11) and a.output_ids == expected_output(a, 11)
+
+
+def test_cached_blocks_are_evicted_least_recently_used_first() -> None:
+    # 9 blocks of 4; 9-token prompts: 3 blocks, the first 2 cached once computed
+    h = Harness(cache_config(max_batch=1, max_model_len=24, cache_tokens=36))
+    x, y = list(range(10, 19)), list(range(30, 39))
+    for name, prompt in (("x", x), ("y", y), ("x2", x)):  # x2 makes x the most recent
+        add_prompt(h, name, prompt, max_tokens=1)
+        h.run()
+    pool = h.sched.blocks
+    assert h.requests["x2"].num_cached_tokens == 8
+    assert len(pool.cached) == 4 and pool.num_free == 9  # cached, in nobody's table
+    add_prompt(h, "big", list(range(50, 73)), max_tokens=1)  # 6 blocks: 5 never used + 1
+    h.run()
+    assert pool.stats.evictions == 1  # y's tail block: the least recently used
+    x3 = add_prompt(h, "x3", x, max_tokens=1)
+    h.run()
+    y2 = add_prompt(h, "y2", y, max_tokens=1)
+    h.run()
+    assert x3.num_cached_tokens == 8  # x's blocks survived
+    assert y2.num_cached_tokens == 4  # y kept its first block only
+
+
+def test_without_prefix_caching_nothing_is_shared() -> None:
+    h = Harness(cache_config(prefix_caching=False))
+    prompt = list(range(100, 120))
+    add_prompt(h, "a", prompt, max_tokens=1)
+    h.run()
+    b = add_prompt(h, "b", prompt, max_tokens=1)
+    h.step()
+    assert b.num_cached_tokens == 0 and h.runner.chunks["b"] == [(0, 20)]
+    assert not h.sched.blocks.cached
 
 
 # -- the queue and bad prompts -------------------------------------------------------------------
@@ -584,7 +726,7 @@ def test_abort_a_waiting_request() -> None:
     assert a.output_ids == expected_output(a, 5) and b.output_ids == []
 
 
-def test_abort_a_running_request_frees_its_slot_and_cache() -> None:
+def test_abort_a_running_request_frees_its_blocks() -> None:
     h = Harness(SchedulerConfig(max_batch=2, max_model_len=32))
     a = h.add("a", 3, max_tokens=20)
     b = h.add("b", 5, max_tokens=20)
@@ -592,12 +734,12 @@ def test_abort_a_running_request_frees_its_slot_and_cache() -> None:
         h.step()
     assert h.sched.cache_used == a.num_computed + b.num_computed == 5 + 7
     assert h.sched.abort("a") is a
-    assert a.status is RequestStatus.FINISHED_ABORTED and a.slot is None
+    assert a.status is RequestStatus.FINISHED_ABORTED and a.block_ids == []
     assert a.num_computed == 0 and a not in h.sched.running
-    assert h.sched.free_slots == [0] and h.sched.cache_used == b.num_computed
+    assert h.sched.blocks.num_used == len(b.block_ids) and h.sched.cache_used == b.num_computed
     c = h.add("c", 2, max_tokens=3)
     h.step()
-    assert c.slot == 0
+    assert c.status is RequestStatus.RUNNING
     h.run()
     assert len(a.output_ids) == 3 and b.output_ids == expected_output(b, 20)
 
@@ -617,12 +759,16 @@ def test_abort_during_a_step_is_skipped_by_update() -> None:
     touched = sched.update(out, sampled)
     assert touched == [b]
     assert len(a.output_ids) == 1 and len(b.output_ids) == 2  # a got nothing from this step
-    assert a.num_computed == 0 and a.slot is None and sched.cache_used == b.num_computed == 5
+    assert a.num_computed == 0 and a.block_ids == [] and sched.cache_used == b.num_computed == 5
     check_state(sched)
 
 
 def test_abort_a_preempted_request() -> None:
-    h = Harness(SchedulerConfig(max_batch=2, max_model_len=8, max_batched_tokens=8, cache_tokens=8))
+    h = Harness(
+        SchedulerConfig(
+            max_batch=2, max_model_len=8, max_batched_tokens=8, cache_tokens=8, block_size=2
+        )
+    )
     a = h.add("a", 2, max_tokens=5)
     b = h.add("b", 2, max_tokens=5)
     for _ in range(20):
@@ -724,11 +870,20 @@ def test_config_cache_capacity() -> None:
 # -- randomized invariants -----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("caching", [True, False], ids=["prefix-cache", "no-prefix-cache"])
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_random_arrivals_aborts_and_preemptions_keep_the_invariants(seed: int) -> None:
+def test_random_arrivals_aborts_and_preemptions_keep_the_invariants(
+    seed: int, caching: bool
+) -> None:
     rng = random.Random(seed)
     config = SchedulerConfig(
-        max_batch=4, max_model_len=24, max_batched_tokens=10, cache_tokens=30, max_queue=6
+        max_batch=4,
+        max_model_len=24,
+        max_batched_tokens=10,
+        cache_tokens=30,
+        max_queue=6,
+        block_size=4,
+        prefix_caching=caching,  # the prompts 1..n share prefixes
     )
     h = Harness(config)
     aborted: set[str] = set()

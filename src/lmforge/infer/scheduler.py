@@ -222,7 +222,7 @@ class Scheduler:
         # 3. admit waiting requests whose tokens all fit in the free blocks
         while self.waiting and len(self.running) < self.config.max_batch and budget > 0:
             request = self.waiting[0]
-            if not self._admit(request):
+            if any(request is r for r in out.preempted) or not self._admit(request):
                 break  # first come, first served: nobody overtakes the head of the queue
             self.waiting.popleft()
             request.move_to(RequestStatus.RUNNING)
