@@ -124,3 +124,31 @@ def test_streaming_does_not_leak_inference_mode(tiny_model_dir: Path) -> None:
     x = torch.ones(2, requires_grad=True)
     (x * 3).sum().backward()
     assert x.grad is not None
+
+
+def test_logit_bias_and_logits_processors(tiny_model_dir: Path) -> None:
+    llm = lmforge.load(str(tiny_model_dir))
+    forced = llm.complete("The quick", max_tokens=6, ignore_eos=True, logit_bias={65: 100})
+    assert forced.token_ids == [65] * 6
+    free = llm.complete("The quick", max_tokens=6, ignore_eos=True)
+    banned = llm.complete(
+        "The quick", max_tokens=6, ignore_eos=True, logit_bias=dict.fromkeys(free.token_ids, -100)
+    )
+    assert not set(banned.token_ids) & set(free.token_ids)
+    seen: list[int] = []
+
+    def only_even(prompt_ids, output_ids, logits):  # type: ignore[no-untyped-def]
+        seen.append(len(output_ids))
+        allowed = torch.zeros_like(logits, dtype=torch.bool)
+        allowed[::2] = True
+        return allowed
+
+    chat = list(llm.chat_stream([{"role": "user", "content": "hi"}], max_tokens=5,
+                                ignore_eos=True, logits_processors=[only_even]))  # fmt: skip
+    assert chat and seen == [0, 1, 2, 3, 4]
+    done = llm.complete("The", max_tokens=5, ignore_eos=True, logits_processors=[only_even])
+    assert all(t % 2 == 0 for t in done.token_ids)
+    with pytest.raises(LmforgeError, match="outside the vocabulary"):
+        llm.generate("The", logit_bias={10**6: 1.0})
+    with pytest.raises(LmforgeError, match="logit_bias"):
+        llm.generate("The", logit_bias={1: 101})

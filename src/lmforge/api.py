@@ -9,13 +9,16 @@
     llm.logits(llm.tokenizer.encode("Hello"))                       # [T, V] next-token logits
 
 Keyword options everywhere: max_tokens, temperature (0 = greedy, the default), top_k, top_p,
-min_p, seed, stop (strings). The CLI's `generate` and `chat` are thin shells over this class.
+min_p, seed, stop (strings), ignore_eos, presence/frequency/repetition_penalty, logit_bias
+({token id: -100..100}; -100 bans, +100 forces) and logits_processors (callables
+`(prompt_ids, output_ids, logits) -> logits | allowed mask`, see `lmforge.infer.logits`).
+The CLI's `generate` and `chat` are thin shells over this class.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.infer.generate import check_prompt, context_length, generate_ids
+from lmforge.infer.logits import LogitsProcessor
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model.checkpoint import LoadedModel, load_model
 from lmforge.model.lstm import LSTMConfig, LSTMLanguageModel
@@ -111,6 +115,7 @@ class LLM:
         presence_penalty: float = 0.0,
         frequency_penalty: float = 0.0,
         repetition_penalty: float = 1.0,
+        logit_bias: Mapping[int, float] | None = None,
     ) -> SamplingParams:
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         return SamplingParams(
@@ -126,6 +131,7 @@ class LLM:
             presence_penalty=presence_penalty,
             frequency_penalty=frequency_penalty,
             repetition_penalty=repetition_penalty,
+            logit_bias=None if logit_bias is None else dict(logit_bias),
         )
 
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
@@ -138,14 +144,19 @@ class LLM:
 
     # -- generation ----------------------------------------------------------------------------
 
-    def iter_complete(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[Delta]:
+    def iter_complete(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        processors: Sequence[LogitsProcessor] = (),
+    ) -> Iterator[Delta]:
         """Stream text deltas for PROMPT_IDS; the final Delta holds the whole Completion."""
         stream = TextStream(self.tokenizer, params.stop)
         ids: list[int] = []
         start = time.perf_counter()
         ttft = 0.0
         finish = "length"
-        for step in generate_ids(self.model, prompt_ids, params):
+        for step in generate_ids(self.model, prompt_ids, params, processors=processors):
             if not ids:
                 ttft = time.perf_counter() - start
             if step.finish_reason == "stop":
@@ -173,9 +184,10 @@ class LLM:
 
     def complete(self, prompt: str | Sequence[int], **options: Any) -> Completion:
         """Generate for PROMPT (text or ids) and return text, ids, finish reason and timings."""
+        processors = options.pop("logits_processors", ())
         params = self.sampling_params(**options)
         final = None
-        for delta in self.iter_complete(self.encode_prompt(prompt), params):
+        for delta in self.iter_complete(self.encode_prompt(prompt), params, processors):
             final = delta.completion or final
         assert final is not None
         return final
@@ -186,8 +198,9 @@ class LLM:
 
     def stream(self, prompt: str | Sequence[int], **options: Any) -> Iterator[str]:
         """The completion text for PROMPT, piece by piece as it is generated."""
+        processors = options.pop("logits_processors", ())
         params = self.sampling_params(**options)
-        for delta in self.iter_complete(self.encode_prompt(prompt), params):
+        for delta in self.iter_complete(self.encode_prompt(prompt), params, processors):
             if delta.text:
                 yield delta.text
 
@@ -203,8 +216,9 @@ class LLM:
         return "".join(self.chat_stream(messages, **options))
 
     def chat_stream(self, messages: Messages, **options: Any) -> Iterator[str]:
+        processors = options.pop("logits_processors", ())
         params = self.sampling_params(**options)
-        for delta in self.iter_complete(self.chat_prompt_ids(messages), params):
+        for delta in self.iter_complete(self.chat_prompt_ids(messages), params, processors):
             if delta.text:
                 yield delta.text
 
@@ -213,7 +227,7 @@ class LLM:
     @torch.inference_mode()
     def logits(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Next-token logits for every position: ids [T] → [T, V], or [B, T] → [B, T, V]."""
-        x = torch.as_tensor(ids, dtype=torch.long)
+        x = torch.as_tensor(ids, dtype=torch.long, device=next(self.model.parameters()).device)
         single = x.dim() == 1
         if single:
             x = x.unsqueeze(0)
