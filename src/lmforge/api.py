@@ -30,6 +30,7 @@ from lmforge.infer.generate import check_prompt, context_length, generate_ids
 from lmforge.infer.logits import LogitsProcessor
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model.checkpoint import LoadedModel, load_model
+from lmforge.model.devices import resolve_device
 from lmforge.model.lstm import LSTMConfig, LSTMLanguageModel
 from lmforge.model.transformer import ModelConfig, Transformer, optimize_weight_layout
 from lmforge.resolve import ModelRef, resolve
@@ -248,11 +249,13 @@ def load(
     dtype: str = "float32",
     threads: int | None = None,
     home: Path | None = None,
+    device: str = "cpu",
 ) -> LLM:
     """Load MODEL: a registry name (`name` or `name@3`), an HF directory, a .gguf file, or a
     built-in name; None means the built-in `smollm2-135m-instruct`.
 
     `dtype`: float32 (default, exact) or bfloat16. `threads`: torch intra-op threads.
+    `device`: cpu (default), cuda, cuda:N or auto (a GPU if there is one).
     """
     if dtype not in _DTYPES:
         raise LmforgeError(f"dtype must be one of {', '.join(sorted(_DTYPES))}, got {dtype!r}")
@@ -260,7 +263,11 @@ def load(
         if threads < 1:
             raise LmforgeError(f"threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
+    target = resolve_device(device)
     ref = resolve(model, home=home)
     loaded = load_model(ref.path, dtype=_DTYPES[dtype])
-    optimize_weight_layout(loaded.model)
+    if target.type == "cpu":
+        optimize_weight_layout(loaded.model)  # CPU layouts (split small-batch matmuls)
+    else:
+        loaded.model.to(target)
     return LLM(loaded, ref)

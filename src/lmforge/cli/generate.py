@@ -27,9 +27,12 @@ Stop = Annotated[
 ]
 Dtype = Annotated[str, typer.Option("--dtype", help="float32 (exact) or bfloat16.")]
 Threads = Annotated[int | None, typer.Option("--threads", help="CPU threads for torch.")]
+Device = Annotated[
+    str, typer.Option("--device", help="cpu, cuda, cuda:N or auto (a GPU if there is one).")
+]
 
 
-def load_llm(model: str | None, dtype: str, threads: int | None) -> Any:
+def load_llm(model: str | None, dtype: str, threads: int | None, device: str = "cpu") -> Any:
     """Load MODEL with a spinner on stderr (the first use of a built-in converts its GGUF)."""
     from lmforge.api import load
     from lmforge.builtin import BUILTINS
@@ -37,7 +40,7 @@ def load_llm(model: str | None, dtype: str, threads: int | None) -> Any:
     name = model or DEFAULT_MODEL
     note = " (a built-in's first use converts its GGUF: ~10 s)" if name in BUILTINS else ""
     with err.status(f"loading {name} …{note}", spinner="dots"):
-        return load(model, dtype=dtype, threads=threads)
+        return load(model, dtype=dtype, threads=threads, device=device)
 
 
 def _options(
@@ -85,6 +88,7 @@ def generate_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     dtype: Dtype = "float32",
     threads: Threads = None,
+    device: Device = "cpu",
 ) -> None:
     """Complete PROMPT with MODEL and print the continuation."""
     if len(args) > 2:
@@ -94,7 +98,7 @@ def generate_command(
         prompt = sys.stdin.read()
     options = _options(max_tokens, temperature, top_k, top_p, min_p, seed, stop)
     llm_params_check(options)
-    llm = load_llm(model, dtype, threads)
+    llm = load_llm(model, dtype, threads, device)
     params = llm.sampling_params(**options)
     if chat:
         ids = llm.chat_prompt_ids([{"role": "user", "content": prompt}])
@@ -161,6 +165,7 @@ def chat_command(
     stop: Stop = None,
     dtype: Dtype = "float32",
     threads: Threads = None,
+    device: Device = "cpu",
 ) -> None:
     """Chat with MODEL, one message per line. /reset forgets the conversation, /exit quits.
 
@@ -168,7 +173,7 @@ def chat_command(
     """
     options = _options(max_tokens, temperature, top_k, top_p, min_p, seed, stop)
     llm_params_check(options)
-    llm = load_llm(model, dtype, threads)
+    llm = load_llm(model, dtype, threads, device)
     params = llm.sampling_params(**options)
     interactive = sys.stdin.isatty()
     base = [{"role": "system", "content": system}] if system else []

@@ -110,12 +110,14 @@ class SequenceClassifier(HeadModel):
         h = self.body.hidden_states(ids)  # [B, T, C]
         b, t = ids.shape
         if lengths is None:
-            lengths = torch.full((b,), t, dtype=torch.long)
+            lengths = torch.full((b,), t, dtype=torch.long, device=h.device)
         if self.head.pooling == "mean":
-            mask = (torch.arange(t).unsqueeze(0) < lengths.unsqueeze(1)).to(h.dtype)
+            mask = (torch.arange(t, device=h.device).unsqueeze(0) < lengths.unsqueeze(1)).to(
+                h.dtype
+            )
             pooled = (h * mask.unsqueeze(-1)).sum(1) / lengths.clamp(min=1).unsqueeze(1).to(h.dtype)
         else:
-            pooled = h[torch.arange(b), (lengths - 1).clamp(min=0)]
+            pooled = h[torch.arange(b, device=h.device), (lengths - 1).clamp(min=0)]
         return self.score(pooled)
 
 
@@ -136,7 +138,7 @@ class SpanQA(HeadModel):
         """Start and end logits [B, T, 2]; positions at or past LENGTHS are -inf."""
         logits = self.qa_outputs(self.body.hidden_states(ids))
         if lengths is not None:
-            pad = torch.arange(ids.shape[1]).unsqueeze(0) >= lengths.unsqueeze(1)
+            pad = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0) >= lengths.unsqueeze(1)
             logits = logits.masked_fill(pad.unsqueeze(-1), float("-inf"))
         return logits
 

@@ -73,7 +73,9 @@ class LoraLinear(nn.Module):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as nn.Linear (and PEFT) do
             self.lora_a[name] = nn.Parameter(a)
             self.lora_b[name] = nn.Parameter(
-                torch.zeros(end - start, config.rank, dtype=base.weight.dtype)
+                torch.zeros(
+                    end - start, config.rank, dtype=base.weight.dtype, device=base.weight.device
+                )
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
