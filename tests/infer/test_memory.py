@@ -46,7 +46,7 @@ def test_budget_to_tokens() -> None:
         config, torch.float32, max_batch=4, max_model_len=256, budget=None, device=cpu
     )
     assert default == 4 * 256
-    with pytest.raises(LmforgeError, match="one request at max_model_len 256 needs 64.00 KiB"):
+    with pytest.raises(LmforgeError, match=r"one request at max_model_len 256 needs 64\.00 KiB"):
         kv_cache_tokens(
             config, torch.float32, max_batch=4, max_model_len=256, budget=1000, device=cpu
         )
