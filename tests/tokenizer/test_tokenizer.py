@@ -133,6 +133,25 @@ def test_invalid_template_syntax_is_an_lmforge_error():  # type: ignore[no-untyp
         ),
         ([{"role": "user", "content": [{"type": "text"}]}], "without a 'text' string"),
         ([{"role": "user", "content": ["hi"]}], "messages[0].content[0] is a 'str' part"),
+        # OpenAI refuses a tool message that answers no call (400)
+        (
+            [{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}],
+            "messages[1].tool_call_id is missing",
+        ),
+        (
+            [
+                {"role": "user", "content": "hi"},
+                {"role": "tool", "content": "42", "tool_call_id": 7},
+            ],
+            "messages[1].tool_call_id is missing",
+        ),
+        (
+            [
+                {"role": "user", "content": "hi"},
+                {"role": "tool", "content": "4", "tool_call_id": "c1"},
+            ],
+            "tool call 'c1', which no earlier assistant message made",
+        ),
     ],
 )
 def test_validate_messages_errors(messages, fragment):  # type: ignore[no-untyped-def]
@@ -170,3 +189,13 @@ def test_incremental_decoder_skips_special_tokens(tiny_tokenizer):  # type: igno
         text = "".join(dec.push(i) for i in ids) + dec.flush()
         assert text == tiny_tokenizer.decode(ids, skip_special_tokens=skip)
     assert "<|im_end|>" not in tiny_tokenizer.decode(ids)
+
+
+def test_a_tool_message_answering_a_call_is_accepted():  # type: ignore[no-untyped-def]
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": "42", "tool_call_id": "c1"},
+    ]
+    assert [m["content"] for m in validate_messages(messages)] == ["hi", "", "42"]

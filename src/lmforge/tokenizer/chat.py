@@ -70,8 +70,31 @@ def validate_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]
             content = "".join(_text_part(i, j, p) for j, p in enumerate(content))
         if not isinstance(content, str):
             raise LmforgeError(f"messages[{i}].content must be a string")
+        if m["role"] == "tool":
+            _check_tool_answer(i, m, messages[:i])
         out.append({**m, "content": content})
     return out
+
+
+def _check_tool_answer(i: int, message: dict[str, Any], before: Sequence[Any]) -> None:
+    """A tool message answers a tool call (OpenAI's rule): it names the call's id, and an
+    earlier assistant message made that call."""
+    call_id = message.get("tool_call_id")
+    if not isinstance(call_id, str) or not call_id:
+        raise LmforgeError(
+            f"messages[{i}].tool_call_id is missing (a tool message answers a tool call by its id)"
+        )
+    for earlier in reversed(before):
+        if not isinstance(earlier, dict) or earlier.get("role") != "assistant":
+            continue
+        calls = earlier.get("tool_calls")
+        if isinstance(calls, list) and any(
+            isinstance(c, dict) and c.get("id") == call_id for c in calls
+        ):
+            return
+    raise LmforgeError(
+        f"messages[{i}] answers tool call {call_id!r}, which no earlier assistant message made"
+    )
 
 
 def _text_part(i: int, j: int, part: Any) -> str:
