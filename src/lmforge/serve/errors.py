@@ -56,6 +56,13 @@ class OpenAIError(Exception):
         self.headers = headers or {}
 
 
+class ClientDisconnected(OpenAIError):
+    """The client went away before its response was ready (nginx's 499; nobody reads it)."""
+
+    def __init__(self) -> None:
+        super().__init__(499, "the client closed the request", type_="client_closed_request")
+
+
 def error_body(
     message: str, type_: str, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
