@@ -271,8 +271,8 @@ async def stream_response(
                 if piece.finish_reason == "content_filter":
                     break  # withheld: the stream ends here (the runner ends by itself)
                 piece = await next_piece(queue, runner)
+            choices = await runner  # settled before the stream ends
             if usage_head is not None:
-                choices = await runner
                 yield sse({**usage_head, "choices": [], "usage": usage(gen.prompts, choices)})
         except Exception as e:  # headers are sent: report in the stream, as OpenAI does
             if isinstance(e, OpenAIError):
