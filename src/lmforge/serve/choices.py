@@ -89,7 +89,6 @@ class Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None
     finish_reason: str = "length"
-    finished: bool = False  # False: cut short (the client went away, or an error)
     first_token_at: float | None = None  # time.perf_counter()
     last_token_at: float | None = None
 
@@ -156,7 +155,6 @@ def take(choice: Choice, stream: TextStream, out: RequestOutput) -> Piece:
     choice.logprobs += piece.logprobs
     if piece.finish_reason:
         choice.finish_reason = piece.finish_reason
-        choice.finished = True
     return piece
 
 
