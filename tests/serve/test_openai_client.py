@@ -22,7 +22,8 @@ from lmforge.infer.generate import generate_ids
 from lmforge.infer.params import SamplingParams
 from lmforge.model.checkpoint import LoadedModel, load_model, save_model
 from lmforge.model.transformer import Transformer
-from lmforge.serve.app import ServerSettings, create_app
+from lmforge.serve.app import create_app
+from lmforge.serve.state import ServerSettings
 
 
 @pytest.fixture(scope="module")

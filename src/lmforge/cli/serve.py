@@ -18,7 +18,7 @@ from rich.console import Console
 from lmforge.builtin import DEFAULT_MODEL
 
 if TYPE_CHECKING:
-    from lmforge.serve.app import ServerSettings
+    from lmforge.serve.state import ServerSettings
 
 err = Console(stderr=True, highlight=False)
 
@@ -92,7 +92,8 @@ def serve_command(
     import torch
 
     from lmforge.errors import LmforgeError
-    from lmforge.serve.app import ServerSettings, check_servable, create_app
+    from lmforge.serve.app import create_app
+    from lmforge.serve.state import ServerSettings, ServerState, check_servable
     from lmforge.serve.supervisor import DrainingServer, server_config
 
     if not 0 < port < 65536:
@@ -123,8 +124,8 @@ def serve_command(
     if workers > 1:
         _run_workers(settings, host, port, workers, threads)
         return
-    app = create_app(settings)
-    state = app.state.server
+    state = ServerState(settings)
+    app = create_app(settings, state=state)
     logging.getLogger("lmforge").setLevel(logging.INFO)
     config = server_config(app, host, port)
     # The engine thread takes the GIL back between torch ops hundreds of times per step; with

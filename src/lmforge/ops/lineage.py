@@ -83,7 +83,7 @@ class ModelFacts:
     @property
     def name(self) -> str:
         """The name the server serves it under and records in the ledger's `model`, and that
-        prices are keyed by: no version, a directory's base name (`serve.app.load_served`)."""
+        prices are keyed by: no version, a directory's base name (`serve.state.load_served`)."""
         if self.registry is not None:
             return self.registry.name
         if self.kind == "path" and self.path is not None:

@@ -9,18 +9,18 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from lmforge.ops import accounts
 from lmforge.ops.pricing import format_price, format_usd
 from lmforge.registry.audit import list_audit
-from lmforge.registry.keys import get_key, list_keys
+from lmforge.registry.keys import KeyRecord, get_key, list_keys
 from lmforge.registry.ledger import list_prices, usage_totals
-from lmforge.serve.app import ServerState
-from lmforge.serve.auth import current_key
+from lmforge.serve.auth import Key
 from lmforge.serve.errors import OpenAIError
+from lmforge.serve.state import ServerState, State
 
 router = APIRouter(prefix="/v1/admin")
 
@@ -57,34 +57,28 @@ class PriceSet(_Strict):
     output: Usd
 
 
-def _state(http: Request) -> ServerState:
-    state: ServerState = http.app.state.server
-    return state
-
-
-def _actor(http: Request) -> str:
-    key = current_key(http)
+def _actor(key: KeyRecord | None) -> str:
     return "server:no-auth" if key is None else f"key:{key.name}"
 
 
-def _known(http: Request, name: str) -> None:
-    with _state(http).registry.connect() as conn:
+def _known(state: ServerState, name: str) -> None:
+    with state.registry.connect() as conn:
         if get_key(conn, name=name) is None:
             raise OpenAIError(404, f"no key named {name!r}", param="name", code="key_not_found")
 
 
 @router.get("/keys")
-def keys_list(http: Request) -> Any:
-    with _state(http).registry.connect() as conn:
+def keys_list(state: State) -> Any:
+    with state.registry.connect() as conn:
         records = list_keys(conn)
     return {"object": "list", "data": [accounts.key_view(r) for r in records]}
 
 
 @router.post("/keys", status_code=201)
-def keys_create(body: KeyCreate, http: Request) -> Any:
+def keys_create(body: KeyCreate, state: State, caller_key: Key) -> Any:
     record, key = accounts.create_key(
-        _state(http).registry,
-        actor=_actor(http),
+        state.registry,
+        actor=_actor(caller_key),
         name=body.name,
         models=body.models,
         rpm=body.rpm,
@@ -98,8 +92,8 @@ def keys_create(body: KeyCreate, http: Request) -> Any:
 
 
 @router.get("/keys/{name}")
-def keys_show(name: str, http: Request) -> Any:
-    with _state(http).registry.connect() as conn:
+def keys_show(name: str, state: State) -> Any:
+    with state.registry.connect() as conn:
         record = get_key(conn, name=name)
     if record is None:
         raise OpenAIError(404, f"no key named {name!r}", param="name", code="key_not_found")
@@ -107,8 +101,8 @@ def keys_show(name: str, http: Request) -> Any:
 
 
 @router.patch("/keys/{name}")
-def keys_update(name: str, body: KeyUpdate, http: Request) -> Any:
-    _known(http, name)
+def keys_update(name: str, body: KeyUpdate, state: State, key: Key) -> Any:
+    _known(state, name)
     changes: dict[str, Any] = {}
     for field in body.model_fields_set:
         value = getattr(body, field)
@@ -117,20 +111,20 @@ def keys_update(name: str, body: KeyUpdate, http: Request) -> Any:
         if field == "budget_period" and value is None:
             continue
         changes[field] = value
-    record = accounts.update_key(_state(http).registry, actor=_actor(http), name=name, **changes)
+    record = accounts.update_key(state.registry, actor=_actor(key), name=name, **changes)
     return accounts.key_view(record)
 
 
 @router.delete("/keys/{name}")
-def keys_revoke(name: str, http: Request) -> Any:
-    _known(http, name)
-    record = accounts.revoke_key(_state(http).registry, actor=_actor(http), name=name)
+def keys_revoke(name: str, state: State, key: Key) -> Any:
+    _known(state, name)
+    record = accounts.revoke_key(state.registry, actor=_actor(key), name=name)
     return accounts.key_view(record)
 
 
 @router.get("/prices")
-def prices_list(http: Request) -> Any:
-    with _state(http).registry.connect() as conn:
+def prices_list(state: State) -> Any:
+    with state.registry.connect() as conn:
         records = list_prices(conn)
     return {
         "object": "list",
@@ -139,10 +133,10 @@ def prices_list(http: Request) -> Any:
 
 
 @router.put("/prices/{model}")
-def prices_set(model: str, body: PriceSet, http: Request) -> Any:
+def prices_set(model: str, body: PriceSet, state: State, key: Key) -> Any:
     record = accounts.price_model(
-        _state(http).registry,
-        actor=_actor(http),
+        state.registry,
+        actor=_actor(key),
         model=model,
         input=str(body.input),
         output=str(body.output),
@@ -160,14 +154,14 @@ def _price(model: str, input_musd: int, output_musd: int) -> dict[str, Any]:
 
 @router.get("/usage")
 def usage(
-    http: Request,
+    state: State,
     key: str | None = None,
     model: str | None = None,
     since: str | None = None,
     until: str | None = None,
     group_by: Literal["key", "model", "day"] | None = None,
 ) -> Any:
-    with _state(http).registry.connect() as conn:
+    with state.registry.connect() as conn:
         groups = usage_totals(
             conn, group_by=group_by, key=key, model=model, since=since, until=until
         )
@@ -190,11 +184,11 @@ def usage(
 
 @router.get("/audit")
 def audit(
-    http: Request, action: str | None = None, target: str | None = None, limit: int = 100
+    state: State, action: str | None = None, target: str | None = None, limit: int = 100
 ) -> Any:
     if not 1 <= limit <= 10_000:
         raise OpenAIError(400, "limit must be between 1 and 10000", param="limit")
-    with _state(http).registry.connect() as conn:
+    with state.registry.connect() as conn:
         entries = list_audit(conn, action=action, target=target, limit=limit)
     return {
         "object": "list",

@@ -16,12 +16,9 @@ import asyncio
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING
 
 from lmforge.resolve import alias_target
-
-if TYPE_CHECKING:
-    from lmforge.serve.app import ServedHead, ServedModel, ServerState
+from lmforge.serve.state import ServedHead, ServedModel, ServerState
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +50,6 @@ async def follow_aliases(state: ServerState) -> None:
 async def _follow(
     state: ServerState, served: ServedModel | ServedHead, failed: dict[str, str]
 ) -> None:
-    from lmforge.serve.app import ServedHead, load_served
-
     alias = served.alias
     assert alias is not None
     target = await asyncio.to_thread(alias_target, alias, state.settings.home)
@@ -65,7 +60,7 @@ async def _follow(
         return
     log.info("alias %s moved: %s → %s; loading it", alias, served.version, spec)
     try:
-        new = await asyncio.to_thread(load_served, alias, state.settings)
+        new = await asyncio.to_thread(state.loader, alias, state.settings)
     except Exception as exc:
         failed[alias] = spec
         log.error(
@@ -88,9 +83,9 @@ async def _follow(
 
 def _retire(served: ServedModel | ServedHead) -> None:
     """Shut SERVED's engine down once its requests are done (in a thread of its own)."""
-    engine = getattr(served, "engine", None)
-    if engine is None:
-        return
+    if isinstance(served, ServedHead):
+        return  # no engine: a head model runs in request threads
+    engine = served.engine
 
     def wait_then_stop() -> None:
         time.sleep(RETIRE_GRACE_S)

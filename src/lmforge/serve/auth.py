@@ -1,4 +1,4 @@
-"""Who is calling: API keys from the `Authorization: Bearer lmf-…` header.
+"""Who is calling: API keys from the `Authorization: Bearer lmf-…` header, and `Caller`.
 
 Deny by default: every route but `/health` and `/ready` depends on `authenticate` (or
 `require_admin`), which looks the key up by its prefix and compares hashes in constant time
@@ -7,35 +7,36 @@ next request, by every worker. 401 for a missing, unknown, revoked or expired ke
 non-admin key on an admin route; a key limited to some models sees the others as missing (404,
 as OpenAI does), in `/v1/models` too.
 
+Routes take the caller as the `Call` dependency (`context.Caller`: the key, the request id, the
+response's headers, whether the client is still there), which needs `authenticate`'s key, so a
+route cannot forget to authenticate; FastAPI runs `authenticate` once per request however many
+dependencies ask for it.
+
 `lmforge serve --no-auth` turns this off for local experiments (loopback only): requests are
 then anonymous, unlimited, and still metered.
 """
 
 from __future__ import annotations
 
-from fastapi import Request
+from typing import Annotated
+
+from fastapi import Depends, Request
 
 from lmforge.registry.keys import KeyRecord, find_key
-from lmforge.serve.app import ServedModel, ServerState
+from lmforge.serve.context import Caller
 from lmforge.serve.errors import OpenAIError
+from lmforge.serve.state import ServedHead, ServedModel, ServerState, State
 
 _BEARER = "bearer "
-
-
-def _state(http: Request) -> ServerState:
-    state: ServerState = http.app.state.server
-    return state
 
 
 def _unauthorized(message: str) -> OpenAIError:
     return OpenAIError(401, message, code="invalid_api_key", type_="invalid_request_error")
 
 
-def authenticate(http: Request) -> KeyRecord | None:
+def authenticate(http: Request, state: State) -> KeyRecord | None:
     """The caller's key (a FastAPI dependency; sync, so it runs in the thread pool)."""
-    state = _state(http)
     if not state.settings.auth:
-        http.state.key = None
         return None
     header = http.headers.get("authorization", "")
     if not header.lower().startswith(_BEARER) or not header[len(_BEARER) :].strip():
@@ -52,27 +53,36 @@ def authenticate(http: Request) -> KeyRecord | None:
         raise _unauthorized(f"The API key {key.prefix}… has been revoked.")
     if key.expired():
         raise _unauthorized(f"The API key {key.prefix}… expired at {key.expires_at}.")
-    http.state.key = key
     return key
 
 
-def require_admin(http: Request) -> KeyRecord | None:
+Key = Annotated[KeyRecord | None, Depends(authenticate)]
+"""The caller's key (None without auth)."""
+
+
+def require_admin(key: Key) -> KeyRecord | None:
     """The caller's key, which must be an admin key (403 otherwise)."""
-    key = authenticate(http)
     if key is not None and not key.admin:
         raise OpenAIError(403, "This route needs an admin key.", code="admin_key_required")
     return key
 
 
-def current_key(http: Request) -> KeyRecord | None:
-    """The key `authenticate` found for this request (None without auth)."""
-    key: KeyRecord | None = getattr(http.state, "key", None)
-    return key
+async def caller(http: Request, key: Key) -> Caller:
+    """What the code below the route needs of this request (a FastAPI dependency)."""
+    return Caller(
+        request_id=http.state.request_id,
+        key=key,
+        response_headers=http.state.response_headers,
+        is_disconnected=http.is_disconnected,
+    )
 
 
-def check_model_access(http: Request, name: str) -> None:
-    """404, as if missing, unless the caller's key may use model NAME."""
-    key = current_key(http)
+Call = Annotated[Caller, Depends(caller)]
+"""A route's caller: `def route(..., caller: Call)`."""
+
+
+def check_model_access(key: KeyRecord | None, name: str) -> None:
+    """404, as if missing, unless KEY may use model NAME."""
     if key is not None and not key.allows(name):
         raise OpenAIError(
             404,
@@ -82,7 +92,15 @@ def check_model_access(http: Request, name: str) -> None:
         )
 
 
-def allowed_model(http: Request, name: str) -> ServedModel:
-    """The served model NAME if the caller's key may use it; 404 as if missing otherwise."""
-    check_model_access(http, name)
-    return _state(http).model(name)
+def allowed_model(state: ServerState, key: KeyRecord | None, name: str) -> ServedModel:
+    """The served language model NAME if KEY may use it; 404 as if missing otherwise."""
+    check_model_access(key, name)
+    return state.model(name)
+
+
+def allowed_served(
+    state: ServerState, key: KeyRecord | None, name: str
+) -> ServedModel | ServedHead:
+    """The served model NAME, of either kind, if KEY may use it; 404 as if missing otherwise."""
+    check_model_access(key, name)
+    return state.lookup(name)

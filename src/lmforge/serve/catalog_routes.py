@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 
 from lmforge.data.report import funnel_rows
 from lmforge.errors import LmforgeError
@@ -24,8 +24,8 @@ from lmforge.ops.lineage import model_lineage, read_json_object
 from lmforge.ops.pricing import format_price
 from lmforge.registry import aliases, evals, repo
 from lmforge.registry.ledger import get_price, list_prices
-from lmforge.serve.app import ServerState
 from lmforge.serve.errors import OpenAIError
+from lmforge.serve.state import ServerState, State
 from lmforge.train.loop import read_metrics
 
 router = APIRouter(prefix="/v1/admin")
@@ -34,18 +34,13 @@ _RUN_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
 MAX_POINTS = 20_000  # metrics rows returned by one call at most
 
 
-def _state(http: Request) -> ServerState:
-    state: ServerState = http.app.state.server
-    return state
-
-
-def _home(http: Request) -> Path:
-    return _state(http).settings.home or lmforge_home()
+def _home(state: ServerState) -> Path:
+    return state.settings.home or lmforge_home()
 
 
 @router.get("/datasets")
-def datasets(http: Request) -> Any:
-    with _state(http).registry.connect() as conn:
+def datasets(state: State) -> Any:
+    with state.registry.connect() as conn:
         records = repo.list_datasets(conn)
     data = []
     for r in records:
@@ -71,16 +66,16 @@ def datasets(http: Request) -> Any:
     return {"object": "list", "data": data}
 
 
-def _run_dir(http: Request, run_id: str) -> Path:
-    runs = _home(http) / "runs"
+def _run_dir(state: ServerState, run_id: str) -> Path:
+    runs = _home(state) / "runs"
     if not _RUN_ID.fullmatch(run_id) or not (runs / run_id / "run.json").is_file():
         raise OpenAIError(404, f"no run {run_id!r}", param="run_id", code="run_not_found")
     return runs / run_id
 
 
 @router.get("/runs")
-def runs(http: Request) -> Any:
-    root = _home(http) / "runs"
+def runs(state: State) -> Any:
+    root = _home(state) / "runs"
     data = []
     for run_json in root.glob("*/run.json") if root.is_dir() else []:
         rec = read_json_object(run_json)
@@ -99,9 +94,9 @@ def runs(http: Request) -> Any:
 
 
 @router.get("/runs/{run_id}/metrics")
-def run_metrics(http: Request, run_id: str, after: int = 0) -> Any:
+def run_metrics(state: State, run_id: str, after: int = 0) -> Any:
     """The run's metrics rows with step > AFTER (poll with the last step seen)."""
-    run_dir = _run_dir(http, run_id)
+    run_dir = _run_dir(state, run_id)
     rows = [
         {k: row[k] for k in ("step", "loss", "val_loss", "lr") if k in row}
         for row in read_metrics(run_dir)  # skips a line still being written
@@ -112,8 +107,8 @@ def run_metrics(http: Request, run_id: str, after: int = 0) -> Any:
 
 
 @router.get("/models")
-def models(http: Request) -> Any:
-    with _state(http).registry.connect() as conn:
+def models(state: State) -> Any:
+    with state.registry.connect() as conn:
         records = repo.list_models(conn)
         prices = {p.model: p for p in list_prices(conn)}  # one query, not one per model
         pointed = aliases.list_aliases(conn)
@@ -136,8 +131,8 @@ def models(http: Request) -> Any:
 
 
 @router.get("/models/{name}")
-def model(http: Request, name: str) -> Any:
-    with _state(http).registry.connect() as conn:
+def model(state: State, name: str) -> Any:
+    with state.registry.connect() as conn:
         versions = repo.list_versions(conn, name=name) if repo.NAME_PATTERN.fullmatch(name) else []
         if not versions:
             raise OpenAIError(404, f"no model named {name!r}", param="name", code="model_not_found")
@@ -147,7 +142,7 @@ def model(http: Request, name: str) -> Any:
     latest = versions[-1]
     card = latest.path / CARD_FILE
     try:
-        lineage = model_lineage(latest.ref, home=_home(http)).to_dict()
+        lineage = model_lineage(latest.ref, home=_home(state)).to_dict()
     except LmforgeError as exc:
         lineage = {"kind": "model", "label": latest.ref, "missing": str(exc), "children": []}
     return {
@@ -191,17 +186,17 @@ def _price(record: Any) -> dict[str, str] | None:
 
 
 @router.get("/invoices/{period}")
-def invoice(http: Request, period: str, key: str | None = None) -> Any:
+def invoice(state: State, period: str, key: str | None = None) -> Any:
     try:
-        with _state(http).registry.connect() as conn:
+        with state.registry.connect() as conn:
             return build_invoice(conn, period=period, key=key).to_dict()
     except LmforgeError as exc:
         raise OpenAIError(400, str(exc), param="period") from None
 
 
 @router.get("/aliases")
-def alias_list(http: Request) -> Any:
-    with _state(http).registry.connect() as conn:
+def alias_list(state: State) -> Any:
+    with state.registry.connect() as conn:
         found = aliases.list_aliases(conn)
     return {
         "object": "list",

@@ -16,65 +16,67 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any
-
-from fastapi import Request
+from typing import TYPE_CHECKING, Any
 
 from lmforge.registry.audit import record_audit
-from lmforge.serve.app import ServedModel, ServerState
-from lmforge.serve.auth import current_key
-from lmforge.serve.context import add_headers, request_id
+from lmforge.serve.context import Caller
 from lmforge.serve.errors import OpenAIError
-from lmforge.serve.metering import Meter
 from lmforge.serve.moderation import ModerationService
+from lmforge.serve.state import ServedModel
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine as SqlEngine
 
 _WINDOW = 512
 HEADER = "x-lmforge-moderation"
 
 
-def _service(http: Request) -> ModerationService:
-    service: ModerationService = http.app.state.moderation
-    return service
+@dataclass(frozen=True)
+class PolicyContext:
+    """What checking one request's texts needs: the rules, where audits go, who asks, which
+    model."""
+
+    service: ModerationService
+    registry: SqlEngine
+    caller: Caller
+    served: ServedModel
+
+    def audit_block(self, direction: str, categories: list[str], rules: str) -> None:
+        """Record a block in the audit log (blocking: call it in a thread)."""
+        with self.registry.begin() as conn:
+            record_audit(
+                conn,
+                actor=self.caller.actor,
+                action="moderation.block",
+                target=self.served.name,
+                details={
+                    "request_id": self.caller.request_id,
+                    "direction": direction,
+                    "categories": categories,
+                    "ruleset": rules,
+                },
+            )
+
+    @property
+    def key_name(self) -> str | None:
+        key = self.caller.key
+        return None if key is None else key.name
 
 
-def _audit_block(
-    http: Request, model: str, direction: str, categories: list[str], rules: str
-) -> None:
-    state: ServerState = http.app.state.server
-    key = current_key(http)
-    with state.registry.begin() as conn:
-        record_audit(
-            conn,
-            actor="anonymous" if key is None else f"key:{key.name}",
-            action="moderation.block",
-            target=model,
-            details={
-                "request_id": request_id(http),
-                "direction": direction,
-                "categories": categories,
-                "ruleset": rules,
-            },
-        )
-
-
-async def check_input(
-    http: Request, meter: Meter, served: ServedModel, prompts: list[list[int]], param: str
-) -> None:
-    """Apply the input policy to the prompts' text; raise the 400 when it blocks them."""
-    key = current_key(http)
+async def check_input(policy: PolicyContext, prompts: list[list[int]], param: str) -> None:
+    """Apply the input policy to the prompts' text; raise the 400 when it blocks them (the
+    request's `metering.settling` records it as "blocked")."""
+    served = policy.served
     texts = [served.tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
     verdict = await asyncio.to_thread(
-        _service(http).verdict, None if key is None else key.name, served.name, texts, "input"
+        policy.service.verdict, policy.key_name, served.name, texts, "input"
     )
     if not verdict.flagged:
         return
-    add_headers(http, {HEADER: "input:" + ",".join(verdict.categories)})
+    policy.caller.add_headers({HEADER: "input:" + ",".join(verdict.categories)})
     if not verdict.blocked:
         return
-    await meter.asettle(status="blocked", http_status=400)
-    await asyncio.to_thread(
-        _audit_block, http, served.name, "input", verdict.categories, verdict.ruleset_id
-    )
+    await asyncio.to_thread(policy.audit_block, "input", verdict.categories, verdict.ruleset_id)
     raise OpenAIError(
         400,
         "The prompt was refused by this server's content policy "
@@ -88,8 +90,7 @@ async def check_input(
 class OutputFilter:
     """The output policy of one request, applied to whole texts or to a stream's pieces."""
 
-    http: Request
-    served: ServedModel
+    policy: PolicyContext
     action: str  # "off" | "flag" | "block"
     texts: dict[int, str] = field(default_factory=dict)  # per choice, the newest characters
     flagged: set[str] = field(default_factory=set)
@@ -97,16 +98,13 @@ class OutputFilter:
     reported: bool = False
 
     @classmethod
-    async def of(cls, http: Request, served: ServedModel) -> OutputFilter:
-        key = current_key(http)
-        policy = await asyncio.to_thread(
-            _service(http).policy, None if key is None else key.name, served.name
-        )
-        return cls(http, served, policy.output)
+    async def of(cls, policy: PolicyContext) -> OutputFilter:
+        found = await asyncio.to_thread(policy.service.policy, policy.key_name, policy.served.name)
+        return cls(policy, found.output)
 
     def _check(self, texts: list[str]) -> list[list[str]]:
         """The flagged categories of each text (blocking: call it in a thread)."""
-        rules, results = _service(self.http).moderate(texts)
+        rules, results = self.policy.service.moderate(texts)
         self.rules = rules
         return [r.flagged_categories for r in results]
 
@@ -146,8 +144,6 @@ class OutputFilter:
             return
         self.reported = True
         categories = sorted(self.flagged)
-        add_headers(self.http, {HEADER: "output:" + ",".join(categories)})  # unsent streams only
+        self.policy.caller.add_headers({HEADER: "output:" + ",".join(categories)})  # unsent only
         if self.action == "block":
-            await asyncio.to_thread(
-                _audit_block, self.http, self.served.name, "output", categories, self.rules
-            )
+            await asyncio.to_thread(self.policy.audit_block, "output", categories, self.rules)

@@ -3,7 +3,8 @@
 `OpenAIError` is raised by the routes; the handlers installed by `install_error_handlers` turn
 it, `LmforgeError` (bad input: 400), FastAPI's validation errors (400 naming the field),
 Starlette's HTTP errors (unknown route 404, wrong method 405) and anything unexpected (500,
-logged, with no internals in the message) into that shape.
+logged, with no internals in the message) into that shape. `ClientDisconnected` (499) ends a
+request whose client went away; its answer is never read, but its bill says "cancelled".
 """
 
 from __future__ import annotations
@@ -54,6 +55,13 @@ class OpenAIError(Exception):
         self.code = code
         self.type = type_ or _TYPES.get(status, "invalid_request_error")
         self.headers = headers or {}
+
+
+class ClientDisconnected(OpenAIError):
+    """The client went away before its response was ready (nginx's 499; nobody reads it)."""
+
+    def __init__(self) -> None:
+        super().__init__(499, "the client closed the request", type_="client_closed_request")
 
 
 def error_body(

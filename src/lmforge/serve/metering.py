@@ -1,12 +1,17 @@
 """Admission, limits and metering of the model-calling routes; the billing-side Prometheus metrics.
 
-A metered request goes: `admit` (after its body is checked, before any model work) → work →
-`Meter.settle`. `admit` reserves prompt + max_tokens tokens and their cost against the caller's
-key in one conditional UPDATE (`registry.keys.admit`) and sets the `x-ratelimit-*` headers; a
-refusal is a 429 — `rate_limit_exceeded` with `Retry-After`, or `insufficient_quota` with
-`x-should-retry: false` for budgets — and a ledger row. `settle` appends the request's one
-ledger row and gives the reservation back in the same transaction, then counts the request in
-the metrics, so the metrics, the ledger and the invoices agree.
+A metered request goes: `admit` (after its body is checked, before any model work) → work under
+`settling(meter)` → settled. `admit` reserves prompt + max_tokens tokens and their cost against
+the caller's key in one conditional UPDATE (`registry.keys.admit`) and sets the
+`x-ratelimit-*` headers; a refusal is a 429 — `rate_limit_exceeded` with `Retry-After`, or
+`insufficient_quota` with `x-should-retry: false` for budgets — and a ledger row.
+
+`settling` is the one place a request's bill is settled, however its work ends: served ("ok"),
+refused by the content policy ("blocked"), the client gone ("cancelled", 499), bad input
+("invalid"), or failed ("error": a full queue, a request the engine failed, a bug); `ending`
+says which. The work records what it used in `Meter.used` as it goes. Settling appends the
+request's one ledger row and gives the reservation back in the same transaction, then counts
+the request in the metrics, so the metrics, the ledger and the invoices agree.
 
 What is billed: prompt tokens (once per request, whatever `n`) and the tokens generated, at the
 model's price in force at admission. A request cancelled midway (the client went away) pays for
@@ -20,19 +25,21 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from fastapi import Request
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from lmforge.errors import LmforgeError
 from lmforge.ops.pricing import cost_nusd, format_usd
 from lmforge.registry import keys as key_sql
 from lmforge.registry.keys import Admitted, KeyRecord, budget_period_of
 from lmforge.registry.ledger import PriceRecord, get_price, record_usage
-from lmforge.serve.app import ServedHead, ServedModel, ServerState
-from lmforge.serve.auth import current_key
-from lmforge.serve.context import add_headers, request_id
-from lmforge.serve.errors import OpenAIError
+from lmforge.serve.auth import Call
+from lmforge.serve.context import Caller
+from lmforge.serve.errors import ClientDisconnected, OpenAIError
+from lmforge.serve.state import ServedHead, ServedModel, ServerState, State
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +90,39 @@ def metrics_of(state: ServerState) -> MeteringMetrics:
 
 
 @dataclass
+class Used:
+    """What a request used so far: what its bill charges, if its ending is billed."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+
+
+_STATUS_OF_CODE = {
+    "content_policy_violation": "blocked",
+    "insufficient_quota": "quota_exceeded",
+    "rate_limit_exceeded": "rate_limited",
+    "invalid_api_key": "unauthorized",
+}
+
+
+def ending(error: BaseException | None) -> tuple[str, int]:
+    """The ledger status and HTTP status of a request whose work ended with ERROR (None: it
+    was served). Only "ok" and "cancelled" are billed."""
+    if error is None:
+        return "ok", 200
+    if isinstance(error, (asyncio.CancelledError, GeneratorExit, ClientDisconnected)):
+        return "cancelled", 499  # the client went away: it pays for what was generated
+    if isinstance(error, OpenAIError):
+        fallback = "invalid" if error.status < 500 else "error"
+        return _STATUS_OF_CODE.get(error.code or "", fallback), error.status
+    if isinstance(error, LmforgeError):  # bad input: the error handlers answer 400
+        return "invalid", 400
+    return "error", 500
+
+
+@dataclass
 class Meter:
     """One request's bill in the making."""
 
@@ -95,6 +135,7 @@ class Meter:
     price: PriceRecord | None
     admitted: bool = False
     started: float = field(default_factory=time.perf_counter)
+    used: Used = field(default_factory=Used)
     settled: bool = False
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> int:
@@ -104,25 +145,18 @@ class Meter:
             prompt_tokens, completion_tokens, self.price.input_musd, self.price.output_musd
         )
 
-    def settle(
-        self,
-        *,
-        status: str,
-        http_status: int,
-        prompt_tokens: int = 0,
-        completion_tokens: int = 0,
-        ttft_s: float | None = None,
-        tpot_s: float | None = None,
-    ) -> None:
-        """Append the ledger row (once) and release the reservation; blocking (a thread)."""
+    def settle(self, status: str, http_status: int) -> None:
+        """Append the ledger row (once), charging `used` if STATUS is billed, and release the
+        reservation; blocking (call it in a thread). Callers go through `settling`."""
         if self.settled:
             return
         self.settled = True
         latency_s = time.perf_counter() - self.started
         billed = status in ("ok", "cancelled")
+        prompt_tokens = self.used.prompt_tokens if billed else 0
+        completion_tokens = self.used.completion_tokens if billed else 0
+        ttft_s, tpot_s = self.used.ttft_s, self.used.tpot_s
         cost = self.cost(prompt_tokens, completion_tokens) if billed else 0
-        if not billed:
-            prompt_tokens = completion_tokens = 0
         with self.state.registry.begin() as conn:
             new = record_usage(
                 conn,
@@ -163,9 +197,22 @@ class Meter:
         if tpot_s is not None:
             metrics.tpot.observe(tpot_s)
 
-    async def asettle(self, **kwargs: object) -> None:
+    async def asettle(self, status: str, http_status: int) -> None:
         """`settle` in a worker thread, carried to its end even if the caller is cancelled."""
-        await asyncio.shield(asyncio.to_thread(lambda: self.settle(**kwargs)))  # type: ignore[arg-type]
+        await asyncio.shield(asyncio.to_thread(self.settle, status, http_status))
+
+
+@asynccontextmanager
+async def settling(meter: Meter) -> AsyncIterator[Meter]:
+    """Run a request's work inside; when it ends — returned, raised, cancelled — settle METER
+    with what that ending means (`ending`) and what the work put in `meter.used`. Every
+    metered path goes through here, and only here."""
+    try:
+        yield meter
+    except BaseException as e:
+        await meter.asettle(*ending(e))
+        raise
+    await meter.asettle(*ending(None))
 
 
 def _duration(seconds: float) -> str:
@@ -203,17 +250,17 @@ def _model_version(served: ServedModel | ServedHead | None) -> str | None:
 
 
 async def admit(
-    http: Request,
+    state: ServerState,
+    caller: Caller,
     served: ServedModel | ServedHead | None,
     endpoint: str,
     prompt_tokens: int,
     max_completion_tokens: int,
 ) -> Meter:
-    """Admit this request under the caller's limits, or raise the 429 (after metering it)."""
-    state: ServerState = http.app.state.server
-    key = current_key(http)
+    """Admit CALLER's request under its key's limits, or raise the 429 (after metering it)."""
+    key = caller.key
     model = None if served is None else served.name
-    rid = request_id(http)
+    rid = caller.request_id
 
     def run() -> tuple[Meter, OpenAIError | None]:
         price = None
@@ -238,16 +285,13 @@ async def admit(
             )
         if admitted is not None:
             meter.admitted = True
-            add_headers(http, _limit_headers(key, admitted, now))
+            caller.add_headers(_limit_headers(key, admitted, now))
             return meter, None
         with state.registry.connect() as conn:
             fresh = key_sql.get_key_by_id(conn, key_id=key.id) or key
         refusal = _refusal(fresh, tokens, reserve, now)
-        add_headers(http, _limit_headers(fresh, None, now))
-        status = "quota_exceeded" if refusal.code == "insufficient_quota" else "rate_limited"
-        if refusal.status == 401:
-            status = "unauthorized"
-        meter.settle(status=status, http_status=refusal.status)
+        caller.add_headers(_limit_headers(fresh, None, now))
+        meter.settle(*ending(refusal))
         return meter, refusal
 
     meter, refusal = await asyncio.to_thread(run)
@@ -300,16 +344,9 @@ def _refusal(key: KeyRecord, tokens: int, cost: int, now: float) -> OpenAIError:
     )
 
 
-async def metered(http: Request) -> AsyncIterator[None]:
+async def metered(http: Request, state: State, caller: Call) -> AsyncIterator[None]:
     """A route dependency that meters a request with no model work (e.g. /v1/moderations):
     it counts against the key's requests per minute and gets its ledger row."""
-    meter = await admit(http, None, http.url.path, 0, 0)
-    try:
+    meter = await admit(state, caller, None, http.url.path, 0, 0)
+    async with settling(meter):
         yield
-    except OpenAIError as e:
-        await meter.asettle(status="invalid" if e.status < 500 else "error", http_status=e.status)
-        raise
-    except Exception:
-        await meter.asettle(status="error", http_status=500)
-        raise
-    await meter.asettle(status="ok", http_status=200)

@@ -21,7 +21,8 @@ deterministic and explainable (each names the rules that matched).
   applies to the very next request of a running server. `verdict(...)` applies the policy of the
   key and model; blocking is the caller's decision, the service never raises for content.
 * `router`: `POST /v1/moderations` with OpenAI's request and response shapes; the service comes
-  from `app.state.moderation`. Authentication and metering are wired around it by the app.
+  from `app.state.moderation` through the `Moderation` dependency (the generation routes take
+  it the same way). Authentication and metering are wired around it by the app.
 
 Speed: 32 inputs of 32,000 characters against 270 word rules, 30 regex rules and the PII rules
 take ~0.3 s on one core (`check` ~10 ms each, mostly the regexes: each is one scan).
@@ -40,9 +41,9 @@ import threading
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, cast
+from typing import Annotated, Literal, cast
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import Engine
 
@@ -351,11 +352,23 @@ class ModerationResponse(BaseModel):
     results: list[ModerationItem]
 
 
+def moderation_service(http: Request) -> ModerationService:
+    """The app's `ModerationService` (a FastAPI dependency: routes take it as `Moderation`);
+    503 when the app has none."""
+    service: ModerationService | None = getattr(http.app.state, "moderation", None)
+    if service is None:
+        raise OpenAIError(503, "moderation is not configured on this server")
+    return service
+
+
+Moderation = Annotated[ModerationService, Depends(moderation_service)]
+
+
 router = APIRouter()
 
 
 @router.post("/v1/moderations", response_model=ModerationResponse)
-def create_moderation(body: ModerationRequest, request: Request) -> ModerationResponse:
+def create_moderation(body: ModerationRequest, service: Moderation) -> ModerationResponse:
     """Check each input against the moderation rules in force (sync: runs in the threadpool)."""
     texts = [body.input] if isinstance(body.input, str) else body.input
     if not 1 <= len(texts) <= MAX_INPUTS:
@@ -366,9 +379,6 @@ def create_moderation(body: ModerationRequest, request: Request) -> ModerationRe
             raise bad_request(
                 f"{where} is {len(text):,} characters long; at most {MAX_INPUT_CHARS:,}", "input"
             )
-    service: ModerationService | None = getattr(request.app.state, "moderation", None)
-    if service is None:
-        raise OpenAIError(503, "moderation is not configured on this server")
     rules_id, results = service.moderate(texts)
     return ModerationResponse(
         id=f"modr-{secrets.token_hex(16)}",

@@ -2,8 +2,12 @@
 tokenizer routes lm-evaluation-harness probes (/tokenize, /detokenize, /tokenizer_info).
 
 Here: OpenAI's request shapes → token ids and `SamplingParams` (with the checks that name the
-parameter), and the results → OpenAI's response and chunk shapes. Running the choices and
-streaming them is `choices.py`'s job; the engine sees token ids only.
+parameter, against the engine's `info`: its vocabulary, context and queue), and the results →
+OpenAI's response and chunk shapes. Each route is parse → admit → `choices.generate` (or
+`stream_response`) → format; running the choices, the content policy and settling the bill are
+`choices.py`'s job; the engine, an `EngineClient`, sees token ids only. The routes take the
+server's state, the caller and the moderation service as dependencies; the HTTP request goes
+no further than them.
 """
 
 from __future__ import annotations
@@ -15,18 +19,19 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 
 from lmforge.errors import LmforgeError
 from lmforge.infer.generate import check_prompt
 from lmforge.infer.params import SamplingParams
 from lmforge.infer.request import TokenLogprob
-from lmforge.serve.app import ServedHead, ServedModel, ServerState
-from lmforge.serve.auth import allowed_model, current_key
-from lmforge.serve.choices import Choice, Piece, run_all, stream_response, usage
-from lmforge.serve.content_policy import OutputFilter, check_input
+from lmforge.registry.keys import KeyRecord
+from lmforge.serve.auth import Call, Key, allowed_model, allowed_served
+from lmforge.serve.choices import Choice, Generation, Piece, generate, stream_response, usage
+from lmforge.serve.context import Caller
 from lmforge.serve.errors import bad_request
-from lmforge.serve.metering import Meter, admit
+from lmforge.serve.metering import Used, admit, settling
+from lmforge.serve.moderation import Moderation, ModerationService
 from lmforge.serve.protocol import (
     MAX_N,
     ChatCompletionRequest,
@@ -35,15 +40,10 @@ from lmforge.serve.protocol import (
     EmbeddingRequest,
     TokenizeRequest,
 )
-from lmforge.serve.task_routes import allowed_served
+from lmforge.serve.state import ServedHead, ServedModel, ServerState, State
 from lmforge.tokenizer.chat import validate_messages
 
 router = APIRouter()
-
-
-def _state(request: Request) -> ServerState:
-    state: ServerState = request.app.state.server
-    return state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,7 +62,7 @@ def _sampling(
 ) -> SamplingParams:
     if not 1 <= body.n <= MAX_N:
         raise bad_request(f"n must be between 1 and {MAX_N}, got {body.n}", "n")
-    queue = served.engine.engine.config.max_queue  # more choices would 503 on every retry
+    queue = served.engine.info.max_queue  # more choices would 503 on every retry
     if len(prompt_lens) * body.n > queue:
         raise bad_request(
             f"{len(prompt_lens)} prompt(s) × n {body.n} is over the {queue} requests this "
@@ -112,30 +112,28 @@ def _sampling(
 
 
 async def _admit(
-    http: Request,
+    state: ServerState,
+    caller: Caller,
+    moderation: ModerationService,
     served: ServedModel,
     endpoint: str,
     prompts: list[list[int]],
     params: SamplingParams,
-) -> Meter:
+    prompt_param: str,
+) -> Generation:
     """Admit a generation: it reserves its prompts and up to max_tokens per choice."""
     prompt_tokens = sum(len(p) for p in prompts)
-    return await admit(
-        http, served, endpoint, prompt_tokens, len(prompts) * params.n * params.max_tokens
+    reserved = len(prompts) * params.n * params.max_tokens
+    meter = await admit(state, caller, served, endpoint, prompt_tokens, reserved)
+    return Generation(
+        served=served,
+        prompts=prompts,
+        params=params,
+        caller=caller,
+        meter=meter,
+        moderation=moderation,
+        prompt_param=prompt_param,
     )
-
-
-async def _moderate(
-    http: Request, meter: Meter, served: ServedModel, prompts: list[list[int]], param: str
-) -> OutputFilter:
-    """The input policy (raises its 400) and the output filter of an admitted request; if
-    either fails, the request is settled (its reservation released) before the error goes on."""
-    try:
-        await check_input(http, meter, served, prompts, param)
-        return await OutputFilter.of(http, served)
-    except BaseException:
-        await meter.asettle(status="error", http_status=500)  # no-op if already settled
-        raise
 
 
 def _include_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:
@@ -143,9 +141,11 @@ def _include_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:
 
 
 def _check_ids(ids: list[int], served: ServedModel, param: str) -> list[int]:
-    """IDS as a prompt the model can take (`check_prompt`), else a 400 naming PARAM."""
+    """IDS as a prompt the model can take (`check_prompt`, the one check of the server's
+    requests), else a 400 naming PARAM."""
+    info = served.engine.info
     try:
-        check_prompt(ids, served.max_model_len, served.engine.engine.model.config.vocab_size)
+        check_prompt(ids, info.max_model_len, info.vocab_size)
     except LmforgeError as e:
         raise bad_request(str(e), param) from e
     return ids
@@ -214,8 +214,10 @@ def _completion_logprobs(
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, http: Request) -> Any:
-    served = allowed_model(http, body.model)
+async def completions(
+    body: CompletionRequest, state: State, caller: Call, moderation: Moderation
+) -> Any:
+    served = allowed_model(state, caller.key, body.model)
     if body.suffix:
         raise bad_request("suffix is not supported", "suffix")
     if body.best_of is not None and body.best_of != body.n:
@@ -234,8 +236,9 @@ async def completions(body: CompletionRequest, http: Request) -> Any:
         top_logprobs=top,
         echo=body.echo,  # prompt logprobs also mark the first streamed piece (echoed text)
     )
-    meter = await _admit(http, served, "/v1/completions", prompts, params)
-    output_filter = await _moderate(http, meter, served, prompts, "prompt")
+    gen = await _admit(
+        state, caller, moderation, served, "/v1/completions", prompts, params, "prompt"
+    )
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "object": "text_completion", "created": created, "model": served.name}
 
@@ -276,12 +279,9 @@ async def completions(body: CompletionRequest, http: Request) -> Any:
             return {**head, "choices": [c]}
 
         usage_head = head if _include_usage(body) else None
-        return await stream_response(
-            served, prompts, params, http, chunk, [], usage_head, meter, output_filter
-        )
+        return await stream_response(gen, chunk=chunk, first_chunks=[], usage_head=usage_head)
 
-    choices = await run_all(served, prompts, params, http, meter=meter)
-    await output_filter.apply(choices)
+    choices = await generate(gen)
     data = []
     for choice in choices:
         text = (prompt_text(choice.prompt_ids) if body.echo else "") + choice.text
@@ -316,8 +316,10 @@ def _chat_logprobs(served: ServedModel, choice_ids: list[int], lps: list[TokenLo
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, http: Request) -> Any:
-    served = allowed_model(http, body.model)
+async def chat_completions(
+    body: ChatCompletionRequest, state: State, caller: Call, moderation: Moderation
+) -> Any:
+    served = allowed_model(state, caller.key, body.model)
     if not body.messages:
         raise bad_request("messages must not be empty", "messages")
     if body.top_logprobs is not None and not body.logprobs:
@@ -341,8 +343,9 @@ async def chat_completions(body: ChatCompletionRequest, http: Request) -> Any:
         logprobs=body.logprobs,
         top_logprobs=body.top_logprobs or 0,
     )
-    meter = await _admit(http, served, "/v1/chat/completions", prompts, params)
-    output_filter = await _moderate(http, meter, served, prompts, "messages")
+    gen = await _admit(
+        state, caller, moderation, served, "/v1/chat/completions", prompts, params, "messages"
+    )
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "object": "chat.completion", "created": created, "model": served.name}
 
@@ -375,12 +378,9 @@ async def chat_completions(body: ChatCompletionRequest, http: Request) -> Any:
             return {**chunk_head, "choices": [c]}
 
         usage_head = chunk_head if _include_usage(body) else None
-        return await stream_response(
-            served, prompts, params, http, chunk, firsts, usage_head, meter, output_filter
-        )
+        return await stream_response(gen, chunk=chunk, first_chunks=firsts, usage_head=usage_head)
 
-    choices = await run_all(served, prompts, params, http, meter=meter)
-    await output_filter.apply(choices)
+    choices = await generate(gen)
     data = [
         {
             "index": c.index,
@@ -398,8 +398,8 @@ async def chat_completions(body: ChatCompletionRequest, http: Request) -> Any:
 
 
 @router.post("/v1/embeddings")
-async def embeddings(body: EmbeddingRequest, http: Request) -> Any:
-    served = allowed_model(http, body.model)
+async def embeddings(body: EmbeddingRequest, state: State, caller: Call) -> Any:
+    served = allowed_model(state, caller.key, body.model)
     inputs = _to_ids(body.input, served)
     if not inputs or len(inputs) > 256:
         raise bad_request("input must hold 1 to 256 items", "input")
@@ -407,13 +407,10 @@ async def embeddings(body: EmbeddingRequest, http: Request) -> Any:
     if body.dimensions is not None:
         raise bad_request("dimensions is not supported", "dimensions")
     tokens = sum(len(ids) for ids in inputs)
-    meter = await admit(http, served, "/v1/embeddings", tokens, 0)
-    try:
+    meter = await admit(state, caller, served, "/v1/embeddings", tokens, 0)
+    async with settling(meter):
         vectors = await served.engine.embed(inputs)
-    except BaseException:
-        await meter.asettle(status="error", http_status=500)
-        raise
-    await meter.asettle(status="ok", http_status=200, prompt_tokens=tokens)
+        meter.used = Used(prompt_tokens=tokens)
     data = []
     for i, vec in enumerate(vectors):
         value: Any = vec
@@ -442,9 +439,7 @@ def _model_card(m: ServedModel | ServedHead) -> dict[str, Any]:
 
 
 @router.get("/v1/models")
-async def list_models(http: Request) -> Any:
-    state = _state(http)
-    key = current_key(http)
+async def list_models(state: State, key: Key) -> Any:
     served: list[ServedModel | ServedHead] = [*state.models.values(), *state.heads.values()]
     return {
         "object": "list",
@@ -453,42 +448,41 @@ async def list_models(http: Request) -> Any:
 
 
 @router.get("/v1/models/{name:path}")
-async def get_model(name: str, http: Request) -> Any:
-    return _model_card(allowed_served(http, name))
+async def get_model(name: str, state: State, key: Key) -> Any:
+    return _model_card(allowed_served(state, key, name))
 
 
 # ---------------------------------------------------------------------------------------------
 # Tokenizer routes (vLLM's shapes)
 
 
-def _pick(http: Request, name: str | None) -> ServedModel:
-    state = _state(http)
+def _pick(state: ServerState, key: KeyRecord | None, name: str | None) -> ServedModel:
     if name is None and state.ready and len(state.models) == 1:
         name = next(iter(state.models))
     if name is None:
         raise bad_request("model is required when the server has several", "model")
-    return allowed_model(http, name)
+    return allowed_model(state, key, name)
 
 
 @router.post("/tokenize")
-async def tokenize(body: TokenizeRequest, http: Request) -> Any:
-    served = _pick(http, body.model)
+async def tokenize(body: TokenizeRequest, state: State, key: Key) -> Any:
+    served = _pick(state, key, body.model)
     tokens = served.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
     return {"tokens": tokens, "count": len(tokens), "max_model_len": served.max_model_len}
 
 
 @router.post("/detokenize")
-async def detokenize(body: DetokenizeRequest, http: Request) -> Any:
-    served = _pick(http, body.model)
-    vocab = served.engine.engine.model.config.vocab_size
+async def detokenize(body: DetokenizeRequest, state: State, key: Key) -> Any:
+    served = _pick(state, key, body.model)
+    vocab = served.engine.info.vocab_size
     if any(t >= vocab for t in body.tokens):
         raise bad_request(f"token ids must be in 0..{vocab - 1}", "tokens")
     return {"prompt": served.tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
 
 @router.get("/tokenizer_info")
-async def tokenizer_info(http: Request, model: str | None = None) -> Any:
-    served = _pick(http, model)
+async def tokenizer_info(state: State, key: Key, model: str | None = None) -> Any:
+    served = _pick(state, key, model)
     tok = served.tokenizer
     config = tok.config_dict()
     return {

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 
 if TYPE_CHECKING:
-    from lmforge.serve.app import ServerState
+    from lmforge.serve.state import ServerState
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +86,12 @@ def server_config(app: Any, host: str, port: int) -> uvicorn.Config:
 
 def _worker(sock: socket.socket, host: str, port: int) -> None:
     """One worker process: its own app (models loaded here), a DrainingServer on SOCK."""
-    from lmforge.serve.app import app_from_env
+    from lmforge.serve.app import create_app, settings_from_env
+    from lmforge.serve.state import ServerState
 
-    app = app_from_env()
-    state = app.state.server
+    settings = settings_from_env()
+    state = ServerState(settings)
+    app = create_app(settings, state=state)
     logging.getLogger("lmforge").setLevel(logging.INFO)
     server = DrainingServer(server_config(app, host, port), state)
     state.on_load_error = lambda: setattr(server, "should_exit", True)

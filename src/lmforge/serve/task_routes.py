@@ -6,13 +6,13 @@
       -H 'content-type: application/json' \\
       -d '{"model": "squad", "question": "Who wrote it?", "context": "It was written by Ann."}'
 
-The model is a `ServedHead` (`serve/app.py`): a classifier for the first route, an extractive QA
-model for the second; any other model is a 400 naming the route that serves it. A route is
-parse → admit → run → settle, as /v1/embeddings: the request reserves the tokens the model will
-read (counted before any model work, in the token layout `infer.heads` uses: texts truncated
-to the context, QA contexts split into windows), pays for them (no completion tokens), and
-gets one ledger row under its route's path. Nothing is generated, so, as for /v1/embeddings,
-no content policy applies.
+The model is a `ServedHead` (`serve/state.py`): a classifier for the first route, an
+extractive QA model for the second; any other model is a 400 naming the route that serves it.
+A route is parse → admit → run under `metering.settling`, as /v1/embeddings: the request
+reserves the tokens the model will read (counted before any model work, in the token layout
+`infer.heads` uses: texts truncated to the context, QA contexts split into windows), pays for
+them (no completion tokens), and gets one ledger row under its route's path. Nothing is
+generated, so, as for /v1/embeddings, no content policy applies.
 
 The head runs in a worker thread (`infer.heads` is synchronous torch code), one request at a
 time per model (`ServedHead.lock`), so the event loop keeps serving meanwhile.
@@ -25,34 +25,26 @@ import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 
 from lmforge.data.features import qa_windows, text_features
 from lmforge.errors import LmforgeError
 from lmforge.infer.heads import answer, classify
 from lmforge.model.heads import SequenceClassifier, SpanQA
-from lmforge.serve.app import ServedHead, ServedModel, ServerState
-from lmforge.serve.auth import check_model_access
+from lmforge.registry.keys import KeyRecord
+from lmforge.serve.auth import Call, allowed_served
 from lmforge.serve.errors import OpenAIError, bad_request
-from lmforge.serve.metering import admit
+from lmforge.serve.metering import Used, admit, settling
 from lmforge.serve.protocol import MAX_CLASSIFY_INPUTS, AnswerRequest, ClassificationRequest
+from lmforge.serve.state import ServedHead, ServerState, State
 
 router = APIRouter()
 
 T = TypeVar("T")
 
 
-def allowed_served(http: Request, name: str) -> ServedModel | ServedHead:
-    """The served model NAME, of either kind, if the caller's key may use it; 404 as if
-    missing otherwise (as `auth.allowed_model`)."""
-    check_model_access(http, name)
-    state: ServerState = http.app.state.server
-    return state.lookup(name)
-
-
-def _allowed_head(http: Request, name: str, task: str) -> ServedHead:
-    allowed_served(http, name)  # the key's 404 first, as for every other route
-    state: ServerState = http.app.state.server
+def _allowed_head(state: ServerState, key: KeyRecord | None, name: str, task: str) -> ServedHead:
+    allowed_served(state, key, name)  # the key's 404 first, as for every other route
     return state.head(name, task)
 
 
@@ -71,8 +63,8 @@ def _usage(tokens: int) -> dict[str, int]:
 
 
 @router.post("/v1/classifications")
-async def classifications(body: ClassificationRequest, http: Request) -> Any:
-    served = _allowed_head(http, body.model, "classify")
+async def classifications(body: ClassificationRequest, state: State, caller: Call) -> Any:
+    served = _allowed_head(state, caller.key, body.model, "classify")
     model = served.model
     if not isinstance(model, SequenceClassifier):  # a "classify" head is one (model/heads.py)
         raise OpenAIError(500, f"{served.name} has no classification head")
@@ -90,16 +82,14 @@ async def classifications(body: ClassificationRequest, http: Request) -> Any:
     def count() -> int:  # what `classify` reads: each text truncated to the context
         return sum(len(text_features(tokenizer, t, max_len=max_len)) for t in texts)
 
-    meter = await admit(http, served, "/v1/classifications", await asyncio.to_thread(count), 0)
-    try:
+    tokens = await asyncio.to_thread(count)
+    meter = await admit(state, caller, served, "/v1/classifications", tokens, 0)
+    async with settling(meter):
         predictions = await asyncio.to_thread(
             _locked, served, lambda: classify(model, tokenizer, texts)
         )
-    except BaseException:
-        await meter.asettle(status="error", http_status=500)
-        raise
-    tokens = sum(p.tokens for p in predictions)
-    await meter.asettle(status="ok", http_status=200, prompt_tokens=tokens)
+        tokens = sum(p.tokens for p in predictions)
+        meter.used = Used(prompt_tokens=tokens)
     return {
         "id": f"clf-{uuid.uuid4().hex}",
         "object": "list",
@@ -117,8 +107,8 @@ async def classifications(body: ClassificationRequest, http: Request) -> Any:
 
 
 @router.post("/v1/answers")
-async def answers(body: AnswerRequest, http: Request) -> Any:
-    served = _allowed_head(http, body.model, "qa")
+async def answers(body: AnswerRequest, state: State, caller: Call) -> Any:
+    served = _allowed_head(state, caller.key, body.model, "qa")
     model = served.model
     if not isinstance(model, SpanQA):  # a "qa" head is one (model/heads.py)
         raise OpenAIError(500, f"{served.name} has no question-answering head")
@@ -141,8 +131,8 @@ async def answers(body: AnswerRequest, http: Request) -> Any:
         tokens = await asyncio.to_thread(count)
     except LmforgeError as e:  # the model's window leaves no room for this question
         raise bad_request(str(e), "question") from e
-    meter = await admit(http, served, "/v1/answers", tokens, 0)
-    try:
+    meter = await admit(state, caller, served, "/v1/answers", tokens, 0)
+    async with settling(meter):
         found = await asyncio.to_thread(
             _locked,
             served,
@@ -154,10 +144,7 @@ async def answers(body: AnswerRequest, http: Request) -> Any:
                 max_answer_tokens=body.max_answer_tokens,
             ),
         )
-    except BaseException:
-        await meter.asettle(status="error", http_status=500)
-        raise
-    await meter.asettle(status="ok", http_status=200, prompt_tokens=found.tokens)
+        meter.used = Used(prompt_tokens=found.tokens)
     return {
         "id": f"ans-{uuid.uuid4().hex}",
         "object": "answer",
