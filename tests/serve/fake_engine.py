@@ -10,7 +10,9 @@ seed)`, so a test knows the text before it asks (`expected`). It honours `max_to
 context (`max_model_len`: "length"), `stop_token_ids` (the stop token is the last output,
 "stop"), `logprobs`/`top_logprobs` (one `TokenLogprob` per token with `top_logprobs`
 alternatives, most likely first) and `echo` (prompt logprobs in the first output, the first
-None). `n` is the server's business: it sends n requests, each with its own seed.
+None). `n` is the server's business: it sends n requests, each with its own seed. Prefix
+caching as the real engine reports it: a prompt's `num_cached_tokens` is the longest prefix it
+shares with an earlier prompt, in whole blocks of `BLOCK`, short of its last token.
 
 Tell it to misbehave: `fail_next(after_tokens=…)` fails the next request with
 `RequestFailedError` once it has sent that many tokens (the others go on); `queue_full = True`
@@ -34,6 +36,7 @@ from lmforge.infer.scheduler import QueueFullError
 FIRST_ID = 3
 """Generated ids start here: 0-2 are the tiny tokenizer's special tokens."""
 EMBED_DIM = 8
+BLOCK = 16
 
 
 @dataclass
@@ -45,6 +48,7 @@ class Started:
     params: SamplingParams
     finish_reason: str | None = None  # None while running (or cut off without one)
     output_ids: list[int] = field(default_factory=list)
+    cached: int = 0  # prompt tokens "found in the prefix cache"
 
 
 class FakeEngine:
@@ -65,6 +69,7 @@ class FakeEngine:
             max_batch=max_batch,
         )
         self.started: list[Started] = []  # every accepted request, in order
+        self._seen: list[list[int]] = []  # prompts whose blocks the "cache" holds
         self.aborted: list[str] = []  # request ids aborted (by `abort` or an early close)
         self.queue_full = False
         self.shut_down = False
@@ -131,6 +136,8 @@ class FakeEngine:
             raise QueueFullError(f"the queue is full ({len(self._live)} requests waiting)")
         failure = self._failures.pop(0) if self._failures else None
         request = Started(request_id, list(prompt_ids), params)
+        request.cached = 0 if params.echo else self._cached(request.prompt_ids)
+        self._seen.append(request.prompt_ids)
         self.started.append(request)
         self._live[request_id] = request
         self._counts["prompt_tokens"] += len(prompt_ids)
@@ -194,6 +201,15 @@ class FakeEngine:
             if reason is not None:
                 return
 
+    def _cached(self, prompt: list[int]) -> int:
+        best = 0
+        for seen in self._seen:
+            n = 0
+            while n < min(len(seen), len(prompt) - 1) and seen[n] == prompt[n]:
+                n += 1
+            best = max(best, n // BLOCK * BLOCK)
+        return best
+
     def _finish(self, request: Started) -> str | None:
         done = len(request.output_ids)
         if done >= request.params.max_tokens:
@@ -226,4 +242,5 @@ class FakeEngine:
             num_prompt_tokens=len(request.prompt_ids),
             num_output_tokens=len(request.output_ids),
             prompt_logprobs=prompt_logprobs,
+            num_cached_tokens=request.cached,
         )

@@ -110,7 +110,12 @@ def test_completion_is_the_engines_tokens_as_text(served: Served) -> None:
     ids = served.engine.expected(PROMPT, 5)
     assert body["choices"][0]["text"] == served.text(ids)
     assert body["choices"][0]["finish_reason"] == "length"
-    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+    assert body["usage"] == {
+        "prompt_tokens": 3,
+        "completion_tokens": 5,
+        "total_tokens": 8,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     row = served.ledger(r)
     assert (row.status, row.http_status, row.prompt_tokens, row.completion_tokens) == (
         "ok",
@@ -243,6 +248,17 @@ def test_tokenize_and_detokenize_round_trip(served: Served) -> None:
         ("/v1/completions", completion(stop=["x"] * 17), "stop"),
         ("/v1/chat/completions", chat(messages=[]), "messages"),
         ("/v1/chat/completions", chat(max_tokens=0), "max_tokens"),
+        ("/v1/completions", completion(logit_bias={"384": 5}), "logit_bias"),
+        ("/v1/completions", completion(logit_bias={"x": 5}), "logit_bias"),
+        ("/v1/completions", completion(logit_bias={"-3": 5}), "logit_bias"),
+        ("/v1/chat/completions", chat(logit_bias={"5": 100.5}), "logit_bias"),
+        ("/v1/chat/completions", chat(logit_bias={"5": -101}), "logit_bias"),
+        ("/v1/chat/completions", chat(logit_bias={"5": "big"}), "logit_bias"),
+        (
+            "/v1/chat/completions",
+            chat(messages=[{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}]),
+            "messages",
+        ),
         ("/v1/embeddings", {"model": NAME, "input": [[999]]}, "input"),
     ],
 )
@@ -382,3 +398,23 @@ def test_a_caller_gone_mid_generation_aborts_it_and_bills_what_was_made(served: 
     assert row is not None
     assert (row.status, row.http_status, row.completion_tokens) == ("cancelled", 499, 2)
     assert served.engine.aborted == [served.engine.started[0].request_id]
+
+
+# -- prefix caching and logit_bias as the routes pass them -------------------------------------
+
+
+def test_usage_reports_the_prompt_tokens_found_in_the_prefix_cache(served: Served) -> None:
+    system = list(range(3, 43))  # 40 tokens: two whole blocks of 16
+    first = served.client.post("/v1/completions", json=completion(prompt=[*system, 50]))
+    assert first.json()["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    again = served.client.post("/v1/completions", json=completion(prompt=[*system, 60, 61]))
+    assert again.json()["usage"]["prompt_tokens_details"] == {"cached_tokens": 32}
+    body = completion(prompt=[*system, 70], stream=True, stream_options={"include_usage": True})
+    chunks = [json.loads(e) for e in events(served.client.post("/v1/completions", json=body))[:-1]]
+    assert chunks[-1]["usage"]["prompt_tokens_details"] == {"cached_tokens": 32}
+
+
+def test_logit_bias_reaches_the_engine_as_token_ids(served: Served) -> None:
+    r = served.client.post("/v1/chat/completions", json=chat(logit_bias={"7": -100, "9": 2.5}))
+    assert r.status_code == 200, r.text
+    assert served.engine.started[0].params.logit_bias == {7: -100.0, 9: 2.5}

@@ -36,6 +36,10 @@ EXAMPLES = """[bold]Examples[/bold]
   # any OpenAI client: base_url="http://127.0.0.1:8000/v1", api_key="lmf-…"
 
   lmforge serve shakes --workers 4                # limits hold across the 4 processes
+
+  lmforge serve --kv-cache-memory 512MiB          # KV cache budget (default: full capacity)
+
+  lmforge serve --no-prefix-cache --device auto   # no prefix sharing; a GPU if there is one
 """
 
 
@@ -51,7 +55,7 @@ def serve_command(
     host: Annotated[str, typer.Option(help="Address to bind (0.0.0.0 exposes it).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     max_batch: Annotated[
-        int, typer.Option("--max-batch", help="Sequences decoded together (KV cache rows).")
+        int, typer.Option("--max-batch", help="Requests running (decoded together) at most.")
     ] = 16,
     max_queue: Annotated[
         int, typer.Option("--max-queue", help="Waiting requests at most; more get 503.")
@@ -68,6 +72,28 @@ def serve_command(
         int, typer.Option("--max-batched-tokens", help="Tokens computed per engine step.")
     ] = 512,
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "float32",
+    kv_cache_memory: Annotated[
+        str | None,
+        typer.Option(
+            "--kv-cache-memory",
+            help="Memory for each model's KV cache, e.g. 1GB or 512MiB: a pool of 16-token "
+            "blocks that requests take as their tokens arrive (default: room for --max-batch "
+            "requests at --max-model-len, at most half the machine's memory; on the CPU only "
+            "the blocks in use take memory).",
+            show_default=False,
+        ),
+    ] = None,
+    prefix_cache: Annotated[
+        bool,
+        typer.Option(
+            "--prefix-cache/--no-prefix-cache",
+            help="Reuse the KV cache of equal prompt prefixes (system prompts, n choices, "
+            "earlier turns); responses report the hits as cached_tokens.",
+        ),
+    ] = True,
+    device: Annotated[
+        str, typer.Option(help="cpu, cuda, cuda:N or auto (a GPU if there is one).")
+    ] = "cpu",
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
     max_body: Annotated[
         int, typer.Option("--max-body-bytes", help="Largest request body accepted.")
@@ -92,6 +118,8 @@ def serve_command(
     import torch
 
     from lmforge.errors import LmforgeError
+    from lmforge.infer.memory import parse_size
+    from lmforge.model.devices import resolve_device
     from lmforge.serve.app import create_app
     from lmforge.serve.state import ServerSettings, ServerState, check_servable
     from lmforge.serve.supervisor import DrainingServer, server_config
@@ -106,6 +134,10 @@ def serve_command(
         check_servable(spec)  # an unknown model or an LSTM fails now, not in the background
     if workers < 1:
         raise LmforgeError(f"--workers must be >= 1, got {workers}")
+    budget = None
+    if kv_cache_memory is not None:
+        budget = parse_size(kv_cache_memory, name="--kv-cache-memory")
+    resolve_device(device)  # a device this machine lacks fails now, not in the background
     if no_auth and not _is_loopback(host):
         raise LmforgeError(f"--no-auth is only allowed on a loopback --host, not {host}")
     _check_port(host, port)
@@ -118,6 +150,9 @@ def serve_command(
         dtype=dtype,
         max_body_bytes=max_body,
         auth=not no_auth,
+        kv_cache_memory=budget,
+        prefix_caching=prefix_cache,
+        device=device,
     )
     if not no_auth:
         _hint_if_no_keys()

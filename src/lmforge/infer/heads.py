@@ -42,10 +42,17 @@ class Answer:
     tokens: int
 
 
-def _batch(rows: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(
+    rows: Sequence[list[int]], pad: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
-    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)
-    return ids, torch.tensor([len(r) for r in rows])
+    ids = [r + [pad] * (width - len(r)) for r in rows]
+    lengths = [len(r) for r in rows]
+    return torch.tensor(ids, dtype=torch.long, device=device), torch.tensor(lengths, device=device)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 @torch.inference_mode()
@@ -59,7 +66,7 @@ def classify(
     labels = model.labels
     for at in range(0, len(order), batch):
         idx = order[at : at + batch]
-        ids, lengths = _batch([rows[i] for i in idx], pad_id(tokenizer))
+        ids, lengths = _batch([rows[i] for i in idx], pad_id(tokenizer), _device(model))
         probs = torch.softmax(model(ids, lengths).float(), dim=-1)
         for i, p in zip(idx, probs.tolist(), strict=True):
             best = max(range(len(p)), key=p.__getitem__)
@@ -84,7 +91,7 @@ def answer(
     tokens = 0
     for at in range(0, len(windows), BATCH):
         group = windows[at : at + BATCH]
-        ids, lengths = _batch([w.ids for w in group], pad_id(tokenizer))
+        ids, lengths = _batch([w.ids for w in group], pad_id(tokenizer), _device(model))
         logits = model(ids, lengths).float()  # [B, T, 2]
         tokens += int(lengths.sum())
         for w, row in zip(group, logits, strict=True):
@@ -94,7 +101,8 @@ def answer(
             # score[i, j] = start[i] + end[j], for i ≤ j < i + max_answer_tokens
             n = start.shape[0]
             scores = start.unsqueeze(1) + end.unsqueeze(0)
-            i, j = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+            steps = torch.arange(n, device=scores.device)
+            i, j = torch.meshgrid(steps, steps, indexing="ij")
             scores = scores.masked_fill((j < i) | (j - i >= max_answer_tokens), float("-inf"))
             flat = int(scores.argmax())
             s_tok, e_tok = divmod(flat, n)

@@ -89,6 +89,7 @@ class Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None
     finish_reason: str = "length"
+    num_cached_tokens: int = 0  # prompt tokens the engine found in its prefix cache
     first_token_at: float | None = None  # time.perf_counter()
     last_token_at: float | None = None
 
@@ -134,6 +135,7 @@ async def run_choice(
 def take(choice: Choice, stream: TextStream, out: RequestOutput) -> Piece:
     """Add an engine output to CHOICE through its text STREAM; return what is new."""
     piece = Piece(choice.index, "", [], [])
+    choice.num_cached_tokens = out.num_cached_tokens
     if out.prompt_logprobs is not None:
         choice.prompt_logprobs = piece.prompt_logprobs = out.prompt_logprobs
     for i, tid in enumerate(out.new_token_ids):
@@ -304,11 +306,20 @@ async def next_piece(
         getter.cancel()
 
 
-def usage(prompts: list[list[int]], choices: list[Choice]) -> dict[str, int]:
+def usage(prompts: list[list[int]], choices: list[Choice]) -> dict[str, Any]:
+    """OpenAI's usage: each prompt counted once (whatever `n`), with the prompt tokens served
+    from the prefix cache (`prompt_tokens_details.cached_tokens`): per prompt, those of its
+    choice that found the fewest (the first choice computes what the others then share)."""
     prompt = sum(len(p) for p in prompts)
     completion = sum(len(c.token_ids) for c in choices)
+    n = len(choices) // len(prompts) if prompts else 0
+    cached = sum(
+        min((c.num_cached_tokens for c in choices[i * n : (i + 1) * n]), default=0)
+        for i in range(len(prompts))
+    )
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
     }

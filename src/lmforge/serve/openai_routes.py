@@ -93,6 +93,7 @@ def _sampling(
     if not body.ignore_eos:
         stop_ids += served.stop_token_ids
     return SamplingParams(
+        logit_bias=_logit_bias(body.logit_bias, served.engine.info.vocab_size),
         max_tokens=max_tokens,
         temperature=temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
@@ -109,6 +110,30 @@ def _sampling(
         top_logprobs=top_logprobs,
         echo=echo,
     )
+
+
+def _logit_bias(raw: dict[str, float] | None, vocab_size: int) -> dict[int, float] | None:
+    """OpenAI's `logit_bias` (token ids as JSON object keys) checked against the vocabulary;
+    a 400 naming it for anything else."""
+    if raw is None:
+        return None
+    bias: dict[int, float] = {}
+    for key, value in raw.items():
+        if not key.isascii() or not key.isdigit():
+            raise bad_request(f"logit_bias: {key!r} is not a token id", "logit_bias")
+        token = int(key)
+        if token >= vocab_size:
+            raise bad_request(
+                f"logit_bias: token id {token} is outside the vocabulary (0..{vocab_size - 1})",
+                "logit_bias",
+            )
+        if not -100 <= value <= 100:  # NaN too
+            raise bad_request(
+                f"logit_bias: the bias of token {token} must be in [-100, 100], got {value}",
+                "logit_bias",
+            )
+        bias[token] = value
+    return bias or None
 
 
 async def _admit(

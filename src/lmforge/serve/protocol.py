@@ -40,6 +40,7 @@ class _Sampling(_Request):
     stream_options: StreamOptions | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None  # token id (as JSON keys are) → -100..100
     user: str | None = None
     # vLLM's extras
     top_k: int = 0

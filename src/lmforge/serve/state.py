@@ -62,6 +62,13 @@ class ServerSettings:
     settles (its server was killed)."""
     alias_poll_s: float = 1.0
     """How often a served alias is checked for a new target (`serve.aliases`)."""
+    kv_cache_memory: int | None = None
+    """Bytes of each model's KV cache pool (None: enough for max_batch requests at
+    max_model_len, at most half the machine's memory; see `infer.memory`)."""
+    prefix_caching: bool = True
+    """Share the KV cache blocks of equal prompt prefixes between requests."""
+    device: str = "cpu"
+    """cpu, cuda, cuda:N or auto."""
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -71,6 +78,8 @@ class ServerSettings:
                 raise LmforgeError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise LmforgeError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory < 1:
+            raise LmforgeError(f"kv_cache_memory must be >= 1 byte, got {self.kv_cache_memory}")
 
 
 @dataclass
@@ -271,15 +280,19 @@ def load_served(spec: str | None, settings: ServerSettings) -> ServedModel | Ser
     import torch
 
     from lmforge.infer.engine import AsyncEngine, Engine, default_max_model_len
+    from lmforge.infer.memory import format_size, kv_cache_tokens
     from lmforge.infer.scheduler import SchedulerConfig
     from lmforge.model.checkpoint import head_of, load_head_model, load_model
+    from lmforge.model.devices import resolve_device
+    from lmforge.model.kv_cache import PagedKVCache
     from lmforge.model.transformer import Transformer, optimize_weight_layout
 
     ref = resolve(spec, home=settings.home)
     dtype = torch.bfloat16 if settings.dtype == "bfloat16" else torch.float32
+    device = resolve_device(settings.device)
     if head_of(ref.path) is not None:
         head_model, tokenizer, _ = load_head_model(ref.path)
-        head_model.to(dtype)
+        head_model.to(device=device, dtype=dtype)
         name, version = _name_and_version(ref)
         return ServedHead(
             name=name,
@@ -295,18 +308,42 @@ def load_served(spec: str | None, settings: ServerSettings) -> ServedModel | Ser
     model = loaded.model
     if not isinstance(model, Transformer):
         raise LmforgeError(f"{ref.name}: only Transformer models can be served (not an LSTM)")
-    optimize_weight_layout(model)
+    if device.type == "cpu":
+        optimize_weight_layout(model)  # CPU layouts (split small-batch matmuls)
+    else:
+        model.to(device)
     context = model.config.max_seq_len
     max_len = settings.max_model_len or default_max_model_len(model)
     if max_len > context:
         raise LmforgeError(f"max_model_len {max_len} exceeds {ref.name}'s context {context}")
+    cache_dtype = model.model.embed_tokens.weight.dtype
+    cache_tokens = kv_cache_tokens(
+        model.config,
+        cache_dtype,
+        max_batch=settings.max_batch,
+        max_model_len=max_len,
+        budget=settings.kv_cache_memory,
+        device=device,
+    )
+    name, version = _name_and_version(ref)
     config = SchedulerConfig(
         max_batch=settings.max_batch,
         max_model_len=max_len,
         max_batched_tokens=max(settings.max_batched_tokens, settings.max_batch),
         max_queue=settings.max_queue,
+        cache_tokens=cache_tokens,
+        prefix_caching=settings.prefix_caching,
+        cache_salt=version,  # two models (or versions) never share cached blocks
     )
-    name, version = _name_and_version(ref)
+    log.info(
+        "%s on %s: KV cache of %d tokens (%s, blocks of %d), prefix caching %s",
+        name,
+        device,
+        cache_tokens,
+        format_size(cache_tokens * PagedKVCache.bytes_per_token(model.config, cache_dtype)),
+        config.block_size,
+        "on" if settings.prefix_caching else "off",
+    )
     return ServedModel(
         name=name,
         tokenizer=loaded.tokenizer,
