@@ -420,6 +420,7 @@ class AsyncEngine:
                 if output is not None:
                     self._deliver(output)
             if not self.engine.has_work:
+                self._metrics = self.engine.metrics()  # aborts and calls change it too
                 continue
             try:
                 outputs = self.engine.step()

@@ -40,16 +40,11 @@ def render_metrics(state: ServerState) -> bytes:
         for name, text in _COUNTERS
     }
     for name, served in list(state.models.items()):
-        engine = served.engine
-        m = engine.metrics()
-        # The snapshot is as of the engine's last step; `num_requests` is live. An engine that
-        # went idle by aborting its last requests takes no step after it (`AsyncEngine._loop`),
-        # so its snapshot still shows them: with no request left, nothing runs or waits.
-        idle = engine.num_requests == 0
+        m = served.engine.metrics()
         total = m.kv_cache_blocks_total
-        gauges["num_requests_running"].labels(name).set(0 if idle else m.num_running)
-        gauges["num_requests_waiting"].labels(name).set(0 if idle else m.num_waiting)
-        gauges["kv_cache_usage_tokens"].labels(name).set(0 if idle else m.kv_cache_usage_tokens)
+        gauges["num_requests_running"].labels(name).set(m.num_running)
+        gauges["num_requests_waiting"].labels(name).set(m.num_waiting)
+        gauges["kv_cache_usage_tokens"].labels(name).set(m.kv_cache_usage_tokens)
         gauges["kv_cache_usage_perc"].labels(name).set(
             m.kv_cache_blocks_used / total if total else 0.0
         )
