@@ -116,7 +116,7 @@ def path_size(path: Path) -> int:
     "  lmforge models show my-model@2 --json",
 )
 def show_command(
-    name: Annotated[str, typer.Argument(help="Registry name[@version], built-in, dir or .gguf.")],
+    name: Annotated[str, typer.Argument(help="Registry name\\[@version], built-in, dir or .gguf.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Show a model's location, architecture, size and lineage."""
