@@ -980,7 +980,9 @@ def part_c(args: argparse.Namespace) -> dict:
             ),
             None,
         )
-        if anchor is None or "failed" in r or "failed" in results[anchor] or "load" not in r:
+        if label.startswith("llama-server") or anchor is None:
+            continue
+        if "failed" in r or "failed" in results[anchor] or "load" not in r:
             continue
         a = results[anchor]
         ratios[f"{label} / {anchor}"] = {
