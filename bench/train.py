@@ -498,7 +498,7 @@ def main() -> None:
     p.add_argument(
         "--smoke",
         action="store_true",
-        help="seconds, for make test: a generated corpus, 30 steps eager, a 1-layer larger "
+        help="seconds, for make test: a generated corpus, 12 steps eager, a 1-layer larger "
         "configuration, tiny matmuls; nanoGPT skipped; writes nothing unless --out is given",
     )
     # Worker-only arguments.
@@ -605,8 +605,8 @@ def apply_smoke(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     """--smoke: tiny sizes, in-repo data only, no nanoGPT (the anchor is skipped)."""
     print("--smoke: tiny sizes; the nanoGPT anchor is skipped", file=sys.stderr)
     args.skip_nanogpt = True
-    args.steps, args.rounds, args.variants = 30, 1, "eager"
-    args.large_steps, args.large_batch, args.large_dtype = 4, 2, "fp32"
+    args.steps, args.rounds, args.variants = 12, 1, "eager"
+    args.large_steps, args.large_batch, args.large_dtype = 3, 2, "fp32"
     args.data = Path("-")  # generated in the temp folder
     if args.out == parser.get_default("out"):
         args.out = None
