@@ -52,6 +52,23 @@ llama-server`), run with `--parallel` = the most clients and continuous batching
 (fp32, exact) and lmforge-bf16 (the same with `--dtype bfloat16`); --lmforge-serve-args for
 more options.
 
+Part C (--part c; not in "all"), the issue's serving run in one go: `lmforge serve` against
+llama.cpp's C++ llama-server (--llama-server-bin; e.g. built by ../shared/bench/build-llama-cpp.sh,
+run with LD_LIBRARY_PATH set to its folder) at equal bits — lmforge fp32 vs an F32 GGUF, lmforge
+int8 (`lmforge quantize --method int8`) vs Q8_0, both GGUFs written by `lmforge export` from
+the same weights — and equal capacity: 16 sequences × 2,048 tokens (`--max-batch 16
+--max-model-len 2048` vs `--parallel 16 --ctx-size 32768 --cont-batching`). Per server: VmRSS
+of its process tree (/proc/<pid>/status, children included) idle after start-up and a warm-up
+request, and its peak (sampled every 0.1 s) under --capacity-clients streaming clients; the time
+to first token of a ~1,500-token system prompt (--prefix-words) sent twice, with different user
+messages (uncached, then cached), median and range over --prefix-trials prompts (target: cached
+≤ 25% of uncached); the clients' aggregate output tokens/s (as part B, --duration,
+--max-tokens); and the ratios lmforge / llama-server. --lmforge-args adds `lmforge serve`
+options to every lmforge server; when `lmforge serve --help` lists --kv-cache-memory, a server
+with that budget (--kv-cache-memory; auto: the fp32 KV of 16 × 2,048 tokens) is added, and when
+it lists --no-prefix-cache, one without the cache (TTFT only). --smoke: part C with lmforge fp32
+only, one client, one 4-token request, a 100-word prefix, no llama-server.
+
 Prints tables, the lmforge / llama.cpp (/ transformers) ratios and, for the servers, the
 16-client / 1-client throughput ratio (target ≥ 4×); writes
 bench/results/serve.json (--out).
