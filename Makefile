@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-pg test-ray postgres browser reliability lint format bench bench-data bench-train bench-serve bench-quantize bench-lm-eval clean
+.PHONY: setup demo test test-pg test-ray postgres browser reliability lint format bench bench-data bench-train bench-serve bench-serve-c bench-quantize bench-lm-eval clean
 
 setup: $(STAMP)
 
@@ -96,6 +96,13 @@ bench-train: $(STAMP)
 bench-serve: $(STAMP)
 	$(VENV)/bin/pip install -q 'llama-cpp-python[server]'
 	$(PY) bench/serve.py $(BENCH_SERVE_ARGS)
+
+# The issue's serving run: lmforge vs llama.cpp's C++ llama-server at equal bits and capacity
+# (RSS, prefix-cache TTFT, 16 clients). LLAMA_SERVER=PATH, e.g. from
+# ../shared/bench/build-llama-cpp.sh (it prints the bin directory); without it, lmforge only.
+LLAMA_SERVER ?= $(shell command -v llama-server)
+bench-serve-c: $(STAMP)
+	$(PY) bench/serve.py --part c $(if $(LLAMA_SERVER),--llama-server-bin $(LLAMA_SERVER)) $(BENCH_SERVE_ARGS)
 
 # Quantization vs llama.cpp on the same GGUF: llama-cpp-python as for bench-serve.
 bench-quantize: $(STAMP)

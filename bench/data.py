@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _shared import lmforge_command
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 
@@ -161,18 +163,18 @@ class CorpusWriter:
         return doc
 
 
-def make_corpus(mb: int, seed: int = 0) -> tuple[Path, int]:
+def make_corpus(mb: float, seed: int = 0, where: Path = RESULTS) -> tuple[Path, int]:
     """Generate (once) a corpus of MB megabytes of text; return its folder and text bytes."""
     import zstandard
 
-    folder = RESULTS / f"corpus-v2-{mb}mb-seed{seed}"
+    folder = where / f"corpus-v2-{mb:g}mb-seed{seed}"
     done = folder / "DONE"
     if done.is_file():
         return folder, int(done.read_text())
     folder.mkdir(parents=True, exist_ok=True)
     writer = CorpusWriter(seed)
     total, shard = 0, 0
-    target = mb * 1_000_000
+    target = int(mb * 1_000_000)
     started = time.perf_counter()
     while total < target:
         lines, size = [], 0
@@ -209,10 +211,10 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def run_prepare(corpus: Path, text_bytes: int, workers: int) -> dict:
+def run_prepare(corpus: Path, text_bytes: int, workers: int, vocab_size: int = 8192) -> dict:
     home = Path(tempfile.mkdtemp(prefix="lmforge-bench-"))
     cmd = [
-        str(ROOT / ".venv" / "bin" / "lmforge"),
+        *lmforge_command(),
         "data",
         "prepare",
         str(corpus),
@@ -221,7 +223,7 @@ def run_prepare(corpus: Path, text_bytes: int, workers: int) -> dict:
         "--tokenizer",
         "bpe",
         "--vocab-size",
-        "8192",
+        str(vocab_size),
         "--dedup",
         "minhash",
         "--pii",
@@ -323,26 +325,47 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--mb", type=int, default=200, help="corpus size in MB of text")
+    parser.add_argument("--mb", type=float, default=200, help="corpus size in MB of text")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument(
         "--minhash-mb", type=float, default=20.0, help="sample for the MinHash comparison"
     )
     parser.add_argument("--skip-prepare", action="store_true")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="seconds, for make test: a 0.3 MB corpus in a temp folder, vocabulary 512, "
+        "a 0.1 MB MinHash sample; writes no results",
+    )
     args = parser.parse_args()
+    vocab_size = 8192
+    with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
+        if args.smoke:
+            args.mb, args.minhash_mb, vocab_size, where = 0.3, 0.1, 512, Path(tmp)
+        else:
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            where = RESULTS
+        result = measure(args, vocab_size, where, save=not args.smoke)
+    report(result)
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    corpus, text_bytes = make_corpus(args.mb)
+
+def measure(args: argparse.Namespace, vocab_size: int, where: Path, *, save: bool) -> dict:
+    corpus, text_bytes = make_corpus(args.mb, where=where)
     result: dict = {"corpus_mb": text_bytes / 1e6, "cores": os.cpu_count()}
     if not args.skip_prepare:
-        print(f"prepare: {text_bytes / 1e6:.0f} MB, {args.workers} workers …", file=sys.stderr)
-        result["prepare"] = run_prepare(corpus, text_bytes, args.workers)
-        (RESULTS / "data.json").write_text(json.dumps(result, indent=2))
-    print(f"minhash: {args.minhash_mb:.0f} MB sample …", file=sys.stderr)
+        print(f"prepare: {text_bytes / 1e6:.1f} MB, {args.workers} workers …", file=sys.stderr)
+        result["prepare"] = run_prepare(corpus, text_bytes, args.workers, vocab_size)
+        if save:
+            (RESULTS / "data.json").write_text(json.dumps(result, indent=2))
+    print(f"minhash: {args.minhash_mb:.1f} MB sample …", file=sys.stderr)
     result["minhash"] = minhash_stage(sample_documents(corpus, args.minhash_mb))
-    (RESULTS / "data.json").write_text(json.dumps(result, indent=2))
+    if save:
+        (RESULTS / "data.json").write_text(json.dumps(result, indent=2))
+    return result
 
-    print(f"\ncorpus: {result['corpus_mb']:.0f} MB of text (jsonl.zst), {os.cpu_count()} cores")
+
+def report(result: dict) -> None:
+    print(f"\ncorpus: {result['corpus_mb']:.1f} MB of text (jsonl.zst), {os.cpu_count()} cores")
     if "prepare" in result:
         p = result["prepare"]
         verdict = "OK" if p["peak_rss_mb"] < 1536 else "OVER"

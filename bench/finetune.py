@@ -123,22 +123,60 @@ def main() -> None:
     parser.add_argument("--squad-steps", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--only", choices=("sst2", "agnews", "squad"), action="append")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="seconds, for make test: SST-2 only, on a generated 48-row sentiment set, 2 steps "
+        "of batch 4; a temp home (reusing $LMFORGE_HOME's converted built-in model when there "
+        "is one); writes no results",
+    )
     opts = parser.parse_args()
-    if not DATA.is_dir():
-        sys.exit(f"{DATA} is missing: this benchmark reads ../shared/data")
+    if opts.smoke:
+        with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:
+            measure(opts, smoke_data(Path(tmp)), Path(tmp) / "home")
+        return
+    measure(opts, DATA, None)
+
+
+def smoke_data(folder: Path) -> Path:
+    """A generated sentiment set in SST-2's layout (sst2/train.tsv, sst2/dev.tsv)."""
+    good = ["a warm , funny film", "wonderful acting", "a delight from start to end"]
+    bad = ["a dull , lifeless mess", "tedious and flat", "the worst script this year"]
+    rows = [(f"{t} , take {i}", label) for i in range(8) for ts, label in ((good, 1), (bad, 0))
+            for t in ts]  # fmt: skip
+    (folder / "sst2").mkdir(parents=True)
+    for name, part in (("train.tsv", rows[:32]), ("dev.tsv", rows[32:])):
+        lines = "".join(f"{t}\t{y}\n" for t, y in part)
+        (folder / "sst2" / name).write_text("sentence\tlabel\n" + lines, encoding="utf-8")
+    return folder
+
+
+def measure(opts: argparse.Namespace, data: Path, home: Path | None) -> None:
+    """The tasks on DATA in HOME (default: a fresh folder under bench/results)."""
+    if not data.is_dir():
+        sys.exit(f"{data} is missing: this benchmark reads ../shared/data")
     steps = {"sst2": opts.sst2_steps, "agnews": opts.agnews_steps, "squad": opts.squad_steps}
     if opts.quick:
         steps = dict.fromkeys(steps, 5)
     wanted = opts.only or ["sst2", "agnews", "squad"]
-    RESULTS.mkdir(exist_ok=True)
-    home = Path(tempfile.mkdtemp(prefix="finetune-home-", dir=RESULTS))
+    if opts.smoke:
+        print("--smoke: a generated data set, 2 steps", file=sys.stderr)
+        steps, wanted, opts.batch_size = dict.fromkeys(steps, 2), ["sst2"], 4
+    if home is None:
+        RESULTS.mkdir(exist_ok=True)
+        home = Path(tempfile.mkdtemp(prefix="finetune-home-", dir=RESULTS))
+    else:
+        home.mkdir(parents=True)
+        converted = Path(os.environ.get("LMFORGE_HOME", Path.home() / ".lmforge")) / "builtin"
+        if converted.is_dir():  # the built-in model, converted already: not measured here
+            (home / "builtin").symlink_to(converted)
     env = {**os.environ, "LMFORGE_HOME": str(home)}
     # fp32, not bf16: CPUs without native bf16 (no AVX512-BF16/AMX, as here) run bf16 autocast
     # about 20x slower (a 576x1536 linear forward+backward: 220 ms vs 9 ms).
     common = ["--batch-size", str(opts.batch_size), "--dtype", "fp32", "--lr", "5e-4"]
     rows: list[dict[str, Any]] = []
     if "sst2" in wanted:
-        train, test = DATA / "sst2" / "train.tsv", DATA / "sst2" / "dev.tsv"
+        train, test = data / "sst2" / "train.tsv", data / "sst2" / "dev.tsv"
         base = baseline(train, test)
         ours = lmforge_task(
             "sst2",
@@ -151,22 +189,22 @@ def main() -> None:
         )
         rows.append({"task": "SST-2 (dev)", "target": 0.85, "baseline": base, **ours})
         rows[-1]["steps"] = steps["sst2"]
-        # The same model and baseline on the dev rows that are not phrases of the training file.
-        unseen = home / "sst2-dev-not-in-train.tsv"
-        n = rows_not_in_train(train, test, unseen)
-        timings = {k: ours[k] for k in ("train_seconds", "loop_seconds", "steps_done")}
-        metrics = lmforge_eval("sst2", "classify", unseen, "sst2-unseen", env)
-        rows.append(
-            {
-                "task": f"SST-2 (dev, {n} unseen)",
-                "baseline": baseline(train, unseen),
-                "steps": steps["sst2"],
-                **timings,
-                **metrics,
-            }
-        )
+        if not opts.smoke:  # the same model and baseline on dev rows not in the train file
+            unseen = home / "sst2-dev-not-in-train.tsv"
+            n = rows_not_in_train(train, test, unseen)
+            timings = {k: ours[k] for k in ("train_seconds", "loop_seconds", "steps_done")}
+            metrics = lmforge_eval("sst2", "classify", unseen, "sst2-unseen", env)
+            rows.append(
+                {
+                    "task": f"SST-2 (dev, {n} unseen)",
+                    "baseline": baseline(train, unseen),
+                    "steps": steps["sst2"],
+                    **timings,
+                    **metrics,
+                }
+            )
     if "agnews" in wanted:
-        train, test = DATA / "agnews" / "dev.tsv", DATA / "agnews" / "test.tsv"
+        train, test = data / "agnews" / "dev.tsv", data / "agnews" / "test.tsv"
         base = baseline(train, test)
         ours = lmforge_task(
             "agnews",
@@ -180,7 +218,7 @@ def main() -> None:
         rows.append({"task": "AG News (test)", "target": 0.88, "baseline": base, **ours})
         rows[-1]["steps"] = steps["agnews"]
     if "squad" in wanted:
-        train, test = DATA / "squad" / "train-sample.json", DATA / "squad" / "dev-sample.json"
+        train, test = data / "squad" / "train-sample.json", data / "squad" / "dev-sample.json"
         extra = [
             "--block-size",
             "384",
@@ -215,6 +253,8 @@ def main() -> None:
         else:
             em, f1 = r["exact_match"], r["f1"]
             print(f"{r['task']:<24} EM {em:.2f} F1 {f1:.2f}{'':>15} {timing}")
+    if opts.smoke:
+        return
     # --only runs update their own rows and keep the others (each row says its steps).
     path = RESULTS / "finetune.json"
     kept = json.loads(path.read_text(encoding="utf-8"))["rows"] if path.is_file() else []

@@ -138,10 +138,22 @@ def main() -> None:
     p.add_argument("--sides", default="transformers,lmforge")
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "generate.json")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="seconds, for make test: 16 prompt and 8 decode tokens, one round, lmforge only "
+        "(the transformers anchor is skipped); writes no results unless --out is given",
+    )
     args = p.parse_args()
     if args.worker:
         print(json.dumps(WORKERS[args.worker](args)))
         return
+    if args.smoke:
+        print("--smoke: tiny sizes; the transformers anchor is skipped", file=sys.stderr)
+        args.prompt_tokens, args.decode_tokens, args.repeats, args.rounds = 16, 8, 1, 1
+        args.sides = "lmforge"
+        if args.out == p.get_default("out"):
+            args.out = None
 
     # Convert the built-in GGUF once, outside the measured processes (its peak RSS is not ours).
     prepare = "from lmforge.resolve import builtin_dir; from lmforge.builtin import DEFAULT_MODEL; "
@@ -208,10 +220,11 @@ def main() -> None:
         if args.dtype == "float32":
             print("\ntargets (issue #2, fp32): decode ≥ 2.00× transformers, prefill ≥ 1.00×")
         results["ratio"] = ratios
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps({"args": vars(args) | {"out": str(args.out)}, **results}, indent=2)
-    )
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(
+            json.dumps({"args": vars(args) | {"out": str(args.out)}, **results}, indent=2)
+        )
 
 
 if __name__ == "__main__":

@@ -229,6 +229,72 @@ def score_in_process(
     return scores
 
 
+def score_via_server(base: str, model: str, items: list[dict[str, Any]]) -> list[list[float]]:
+    """What lm-eval's local-completions sends, without lm-eval (--smoke): the pair's token ids
+    to /v1/completions with echo, logprobs 1, max_tokens 1; the continuation's loglikelihood
+    is the sum of its echoed `token_logprobs`."""
+    import httpx
+
+    from lmforge.resolve import resolve
+    from lmforge.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(resolve(model).path)
+    auth = {"Authorization": f"Bearer {os.environ['OPENAI_API_KEY']}"}
+    scores = []
+    with httpx.Client(base_url=base, headers=auth, timeout=300) as http:
+        for item in items:
+            row = []
+            for choice in CHOICES:
+                ctx, cont = encode_pair(
+                    tok, doc_to_text(item["sentence"]), TARGET_DELIMITER + choice
+                )
+                body = {"model": model, "prompt": ctx + cont, "echo": True, "max_tokens": 1}
+                body |= {"logprobs": 1, "temperature": 0}
+                r = http.post("/v1/completions", json=body)
+                r.raise_for_status()
+                logprobs = r.json()["choices"][0]["logprobs"]["token_logprobs"]
+                row.append(sum(logprobs[len(ctx) : len(ctx) + len(cont)]))
+            scores.append(row)
+    return scores
+
+
+def smoke(args: argparse.Namespace) -> int:
+    """The server's loglikelihoods against in-process scoring on four generated items, the
+    way lm-eval asks for them; lm-eval itself (the anchor) is skipped."""
+    print("--smoke: 4 generated items; lm-eval is skipped (its requests are sent directly)")
+    items = [
+        {"sentence": "a warm , funny and moving film", "label": 1},
+        {"sentence": "a dull , lifeless and tedious mess", "label": 0},
+        {"sentence": "wonderful acting from start to end", "label": 1},
+        {"sentence": "the worst script of the year", "label": 0},
+    ]
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    os.environ["OPENAI_API_KEY"] = create_key("bench-lm-eval")
+    with tempfile.TemporaryDirectory(prefix="lmforge-lm-eval-") as tmp:
+        log = Path(tmp) / "server.log"
+        cmd = [*lmforge_command(), "serve", args.model, "--port", str(port)]
+        cmd += ["--threads", str(args.threads), *args.serve_args.split()]
+        with log.open("wb") as f:
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            served = wait_ready(base, proc, log, args.ready_timeout)
+            theirs = score_via_server(base, served, items)
+        finally:
+            stop(proc)
+    mine = score_in_process(args, items)
+    diff = max(abs(t - m[0]) for tr, mr in zip(theirs, mine, strict=True)
+               for t, m in zip(tr, mr, strict=True))  # fmt: skip
+    picks = [argmax([ll for ll, _ in m]) for m in mine]
+    acc = sum(pick == it["label"] for pick, it in zip(picks, items, strict=True)) / 4
+    same = sum(argmax(t) == pick for t, pick in zip(theirs, picks, strict=True))
+    print(f"acc (in-process): {acc:.2f}; agreement: {same}/4 items pick the same choice")
+    print(f"max |Δ loglikelihood| server vs in-process: {diff:.3g}")
+    ok = diff <= args.tolerance and same == 4
+    print("OK" if ok else "MISMATCH")
+    return 0 if ok else 1
+
+
 def argmax(values: list[float]) -> int:
     return max(range(len(values)), key=lambda i: (values[i], -i))
 
@@ -257,7 +323,15 @@ def main() -> int:
     p.add_argument("--tolerance", type=float, default=1e-3, help="max loglikelihood difference")
     p.add_argument("--serve-args", default="", help="more `lmforge serve` options")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (task, server log)")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="seconds, for make test: four generated items, the server's echoed loglikelihoods "
+        "(as lm-eval requests them) against in-process scoring; lm-eval itself is skipped",
+    )
     args = p.parse_args()
+    if args.smoke:
+        return smoke(args)
 
     data = args.data.resolve()
     if not data.exists():

@@ -52,6 +52,23 @@ llama-server`), run with `--parallel` = the most clients and continuous batching
 (fp32, exact) and lmforge-bf16 (the same with `--dtype bfloat16`); --lmforge-serve-args for
 more options.
 
+Part C (--part c; not in "all"), the issue's serving run in one go: `lmforge serve` against
+llama.cpp's C++ llama-server (--llama-server-bin; e.g. built by ../shared/bench/build-llama-cpp.sh,
+run with LD_LIBRARY_PATH set to its folder) at equal bits — lmforge fp32 vs an F32 GGUF, lmforge
+int8 (`lmforge quantize --method int8`) vs Q8_0, both GGUFs written by `lmforge export` from
+the same weights — and equal capacity: 16 sequences × 2,048 tokens (`--max-batch 16
+--max-model-len 2048` vs `--parallel 16 --ctx-size 32768 --cont-batching`). Per server: VmRSS
+of its process tree (/proc/<pid>/status, children included) idle after start-up and a warm-up
+request, and its peak (sampled every 0.1 s) under --capacity-clients streaming clients; the time
+to first token of a ~1,500-token system prompt (--prefix-words) sent twice, with different user
+messages (uncached, then cached), median and range over --prefix-trials prompts (target: cached
+≤ 25% of uncached); the clients' aggregate output tokens/s (as part B, --duration,
+--max-tokens); and the ratios lmforge / llama-server. --lmforge-args adds `lmforge serve`
+options to every lmforge server; when `lmforge serve --help` lists --kv-cache-memory, a server
+with that budget (--kv-cache-memory; auto: the fp32 KV of 16 × 2,048 tokens) is added, and when
+it lists --no-prefix-cache, one without the cache (TTFT only). --smoke: part C with lmforge fp32
+only, one client, one 4-token request, a 100-word prefix, no llama-server.
+
 Prints tables, the lmforge / llama.cpp (/ transformers) ratios and, for the servers, the
 16-client / 1-client throughput ratio (target ≥ 4×); writes
 bench/results/serve.json (--out).
@@ -272,6 +289,15 @@ WORKERS = {
 }
 
 
+def git_commit() -> str:
+    """This checkout's commit (with -dirty when it has changes), for the figures' provenance."""
+    root = Path(__file__).resolve().parent.parent
+    rev = subprocess.run(
+        ["git", "-C", str(root), "describe", "--always", "--dirty"], capture_output=True, text=True
+    )
+    return rev.stdout.strip() or "unknown"
+
+
 def thread_env(threads: int) -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
 
@@ -410,7 +436,7 @@ class Client:
         self.chat = args.endpoint == "chat"
         self.url = f"{base}/v1/chat/completions" if self.chat else f"{base}/v1/completions"
 
-    def body(self, prompt: str, max_tokens: int) -> dict[str, Any]:
+    def body(self, prompt: str | list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.model,
             "max_tokens": max_tokens,
@@ -420,13 +446,17 @@ class Client:
         }
         if self.args.ignore_eos:  # lmforge (vLLM's field) / llama-cpp-python (min_tokens)
             body |= {"ignore_eos": True, "min_tokens": max_tokens}
-        if self.chat:
+        if isinstance(prompt, list):  # chat messages as they are
+            body["messages"] = prompt
+        elif self.chat:
             body["messages"] = [{"role": "user", "content": prompt}]
         else:
             body["prompt"] = prompt
         return body
 
-    async def request(self, http: Any, prompt: str, max_tokens: int) -> dict[str, Any]:
+    async def request(
+        self, http: Any, prompt: str | list[dict[str, str]], max_tokens: int
+    ) -> dict[str, Any]:
         """One streaming request: timings, token count and what went wrong, if anything."""
         import httpx
 
@@ -434,6 +464,7 @@ class Client:
         first = last = None
         chunks = 0
         usage = None
+        prompt_tokens = None
         finish = None
         done = False
         error = None
@@ -456,6 +487,7 @@ class Client:
                             break
                         if obj.get("usage"):
                             usage = obj["usage"].get("completion_tokens")
+                            prompt_tokens = obj["usage"].get("prompt_tokens")
                         for choice in obj.get("choices") or []:
                             if self.chat:
                                 text = (choice.get("delta") or {}).get("content")
@@ -479,6 +511,7 @@ class Client:
         elif error is None and tokens == 0:
             error = "no tokens"
         out: dict[str, Any] = {"tokens": tokens, "usage": usage is not None, "error": error}
+        out["prompt_tokens"] = prompt_tokens
         out["latency_s"] = end - t0
         if first is not None and last is not None:
             out["ttft_s"] = first - t0
@@ -666,9 +699,345 @@ def part_b(args: argparse.Namespace, engines: list[str]) -> dict:
     return results
 
 
+# -- Part C: the issue's serving run: memory, prefix caching, 16 clients, equal bits ----------
+
+# Equal capacity on both sides: 16 sequences in parallel, 2,048 tokens of context each.
+SLOTS, CONTEXT = 16, 2048
+# Words for the long system prompts (about one token each with its leading space).
+_WORD_LIST = (
+    "the a of to and in is it you that he was for on are with as his they be at one have this "
+    "from or had by word but what some we can out other were all there when up use your how "
+    "said an each she which do their time if will way about many then them write would like so "
+    "these her long make thing see him two has look more day could go come did number sound no "
+    "most people my over know water than call first who may down side been now find"
+)
+WORDS = _WORD_LIST.split()
+
+
+def proc_rss_mb(pid: int) -> float:
+    """VmRSS of PID and every process below it, from /proc/<pid>/status (MB)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+class PeakRss:
+    """Samples PID's tree RSS every 0.1 s while the `with` block runs; `.peak_mb` after."""
+
+    def __init__(self, pid: int) -> None:
+        import threading
+
+        self.pid, self.peak_mb = pid, 0.0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.peak_mb = max(self.peak_mb, proc_rss_mb(self.pid))
+            self.stop.wait(0.1)
+
+    def __enter__(self) -> PeakRss:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.peak_mb = max(self.peak_mb, proc_rss_mb(self.pid))
+
+
+def system_prompt(seed: int, words: int) -> str:
+    """A seeded system prompt of WORDS made-up sentences (about 1.1 tokens a word)."""
+    rng = random.Random(seed)
+    out, n = [f"You are assistant number {seed}. Follow these notes."], 0
+    while n < words:
+        k = rng.randint(6, 14)
+        out.append(" ".join(rng.choice(WORDS) for _ in range(k)).capitalize() + ".")
+        n += k
+    return " ".join(out)
+
+
+def lmforge_serve_help() -> str:
+    proc = subprocess.run([*lmforge_command(), "serve", "--help"], capture_output=True, text=True)
+    return proc.stdout
+
+
+def kv_bytes_per_token(model: str) -> int:
+    """K and V of one token over every layer, fp32, for the served model (from its config)."""
+    from lmforge.resolve import resolve
+
+    cfg = json.loads((resolve(model).path / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    return 2 * cfg["num_hidden_layers"] * kv_heads * head_dim * 4
+
+
+def capacity_models(args: argparse.Namespace, work: Path) -> dict[str, dict[str, str]]:
+    """{precision: {"lmforge": model spec, "gguf": path}}: the built-in in fp32 and int8 for
+    lmforge, and the same weights exported by `lmforge export` as F32 / Q8_0 GGUFs."""
+    precisions = ["fp32"] if args.smoke else [p for p in args.precisions.split(",") if p]
+    out: dict[str, dict[str, str]] = {}
+    names = {"fp32": MODEL, "int8": "bench-serve-int8"}
+    for precision in precisions:
+        if precision == "int8":
+            show = subprocess.run(
+                [*lmforge_command(), "models", "show", names["int8"], "--json"],
+                capture_output=True,
+                text=True,
+            )
+            if show.returncode != 0:
+                print("part C: lmforge quantize --method int8 …", file=sys.stderr, flush=True)
+                cmd = ["quantize", MODEL, "--method", "int8", "--name", names["int8"]]
+                subprocess.run([*lmforge_command(), *cmd], check=True, capture_output=True)
+        out[precision] = {"lmforge": names[precision]}
+        if args.smoke or not llama_server_bin(args):
+            continue
+        kind = {"fp32": "f32", "int8": "q8_0"}[precision]
+        gguf = work / f"smollm2.{kind}.gguf"
+        if not gguf.exists():
+            print(f"part C: lmforge export --type {kind} …", file=sys.stderr, flush=True)
+            cmd = ["export", MODEL, "--format", "gguf", "--type", kind, "--out", str(gguf)]
+            subprocess.run([*lmforge_command(), *cmd], check=True, capture_output=True)
+        out[precision]["gguf"] = str(gguf)
+    return out
+
+
+def capacity_servers(
+    args: argparse.Namespace, models: dict[str, dict[str, str]]
+) -> list[dict[str, Any]]:
+    """The servers of part C: label, precision, command (without host/port), what to measure."""
+    serve_help = lmforge_serve_help()
+    threads = ["--threads", str(args.threads)] if "--threads" in serve_help else []
+    auth = ["--no-auth"] if "--no-auth" in serve_help else []
+    extra = shlex.split(args.lmforge_args)
+    servers: list[dict[str, Any]] = []
+    for precision, m in models.items():
+        base = [*lmforge_command(), "serve", m["lmforge"], *threads, *auth]
+        base += ["--max-batch", str(SLOTS), "--max-model-len", str(CONTEXT)]
+        servers.append({"label": f"lmforge {precision}", "precision": precision, "cmd": base})
+        if "--kv-cache-memory" in serve_help and not args.smoke:
+            size = args.kv_cache_memory
+            if size == "auto":  # the KV of 16 × 2,048 tokens in fp32
+                size = f"{-(-kv_bytes_per_token(m['lmforge']) * SLOTS * CONTEXT // 2**20)}MB"
+            servers.append(
+                {
+                    "label": f"lmforge {precision} kv {size}",
+                    "precision": precision,
+                    "cmd": [*base, "--kv-cache-memory", size],
+                }
+            )
+        if "--no-prefix-cache" in serve_help and not args.smoke:
+            servers.append(
+                {
+                    "label": f"lmforge {precision} no prefix cache",
+                    "precision": precision,
+                    "cmd": [*base, "--no-prefix-cache"],
+                    "ttft_only": True,
+                }
+            )
+        for server in servers:
+            if server["label"].startswith("lmforge") and server["precision"] == precision:
+                server["cmd"] = [*server["cmd"], *extra]
+        if "gguf" in m:
+            binary = llama_server_bin(args)
+            assert binary is not None
+            t = str(args.threads)
+            cmd = [binary, "--model", m["gguf"], "--alias", MODEL, "-t", t, "-tb", t]
+            cmd += ["--parallel", str(SLOTS), "--ctx-size", str(SLOTS * CONTEXT), "--cont-batching"]
+            cmd += shlex.split(args.llama_server_args)
+            label = f"llama-server {'F32' if precision == 'fp32' else 'Q8_0'}"
+            servers.append({"label": label, "precision": precision, "cmd": cmd, "anchor": True})
+    return servers
+
+
+async def measure_server(server: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Idle RSS, TTFT of a repeated long system prompt (uncached, then cached), and streaming
+    throughput of --capacity-clients clients with the peak RSS under that load."""
+    import httpx
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    cmd = [*server["cmd"], "--host", "127.0.0.1", "--port", str(port)]
+    log = Path(tempfile.gettempdir()) / f"bench-serve-c-{port}.log"
+    print(f"part C: {server['label']}: {shlex.join(cmd)}  (log: {log})", file=sys.stderr)
+    env = thread_env(args.threads)
+    if server.get("anchor"):
+        binary_dir = str(Path(cmd[0]).parent)
+        env["LD_LIBRARY_PATH"] = binary_dir + os.pathsep + env.get("LD_LIBRARY_PATH", "")
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    try:
+        model = await wait_ready(base, proc, log, args.ready_timeout)
+        chat = argparse.Namespace(**{**vars(args), "endpoint": "chat"})
+        client = Client(base, model, chat)
+        async with httpx.AsyncClient(timeout=600, headers=AUTH) as http:
+            for _ in range(60):  # warm-up (while the model loads: 503)
+                warm = await client.request(http, PROMPTS[0], 4)
+                if warm["error"] is None or not str(warm["error"]).startswith("HTTP 503"):
+                    break
+                await asyncio.sleep(1)
+            if warm["error"] is not None:
+                raise RuntimeError(f"warm-up request failed: {warm['error']}")
+            await asyncio.sleep(1)
+            out: dict[str, Any] = {"command": cmd, "idle_rss_mb": proc_rss_mb(proc.pid)}
+            trials = []
+            for trial in range(args.prefix_trials):
+                system = system_prompt(1000 + trial, args.prefix_words)
+                pair = []
+                for question in ("What is the first note?", "Summarize the notes in a word."):
+                    messages = [
+                        {"role": "system", "content": system},
+                        {"role": "user", "content": f"{question} (trial {trial})"},
+                    ]
+                    pair.append(await client.request(http, messages, 4))
+                first, second = pair
+                for r in (first, second):
+                    if r["error"] is not None or "ttft_s" not in r:
+                        raise RuntimeError(f"prefix request failed: {r['error']}")
+                trials.append(
+                    {
+                        "uncached_s": first["ttft_s"],
+                        "cached_s": second["ttft_s"],
+                        "prompt_tokens": first.get("prompt_tokens"),
+                    }
+                )
+            out["prefix_trials"] = trials
+        if not server.get("ttft_only"):
+            load = argparse.Namespace(**{**vars(args), "endpoint": "completions"})
+            with PeakRss(proc.pid) as peak:
+                level = await load_level(Client(base, model, load), args.capacity_clients, load)
+            out["load"] = level
+            out["peak_rss_mb"] = peak.peak_mb
+        return out
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def spread(xs: list[float], scale: float = 1.0, fmt: str = "{:.0f}") -> str:
+    """'median [min–max]' of XS × SCALE."""
+    if not xs:
+        return "-"
+    m, lo, hi = (statistics.median(xs) * scale, min(xs) * scale, max(xs) * scale)
+    return f"{fmt.format(m)} [{fmt.format(lo)}–{fmt.format(hi)}]"
+
+
+def part_c(args: argparse.Namespace) -> dict:
+    work = Path(tempfile.gettempdir()) / "lmforge-bench"
+    work.mkdir(parents=True, exist_ok=True)
+    if args.smoke:
+        print("part C --smoke: lmforge only, llama-server skipped", file=sys.stderr)
+    elif not llama_server_bin(args):
+        print("part C: no llama-server (--llama-server-bin PATH): lmforge only", file=sys.stderr)
+    if "--no-auth" not in lmforge_serve_help() and not AUTH:
+        AUTH["Authorization"] = f"Bearer {create_key('bench-serve')}"
+    servers = capacity_servers(args, capacity_models(args, work))
+    results: dict[str, Any] = {}
+    for server in servers:
+        try:
+            results[server["label"]] = asyncio.run(measure_server(server, args))
+        except RuntimeError as e:
+            print(f"part C: {server['label']} failed: {e}", file=sys.stderr)
+            results[server["label"]] = {"failed": str(e)[-2000:]}
+        results[server["label"]]["precision"] = server["precision"]
+    how = f"{args.requests} request(s) each" if args.requests else f"{args.duration:.0f} s"
+    print(
+        f"\nPart C: {SLOTS} parallel × {CONTEXT} context on both sides; TTFT of a repeated "
+        f"system prompt (~{args.prefix_words} words; median [range] of {args.prefix_trials} "
+        f"trials); {args.capacity_clients} streaming clients for {how}, "
+        f"max_tokens {args.max_tokens}; RSS: VmRSS of the server's processes\n"
+    )
+    head = f"{'':32s}{'idle MB':>9s}{'peak MB':>9s}{'prompt':>8s}{'TTFT uncached ms':>22s}"
+    print(head + f"{'cached ms':>20s}{'cached/uncached':>22s}{'tok/s':>9s}")
+    for label, r in results.items():
+        if "failed" in r:
+            print(f"{label:32s}  failed: {r['failed'].strip().splitlines()[-1][:90]}")
+            continue
+        t = r["prefix_trials"]
+        share = [x["cached_s"] / x["uncached_s"] for x in t]
+        tokens = t[0]["prompt_tokens"] if t and t[0]["prompt_tokens"] else "-"
+        r["cached_over_uncached_median"] = statistics.median(share)
+        tps = f"{r['load']['output_tokens_per_s']:.1f}" if "load" in r else "-"
+        peak = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "-"
+        print(
+            f"{label:32s}{r['idle_rss_mb']:9.0f}{peak:>9s}{tokens!s:>8s}"
+            f"{spread([x['uncached_s'] for x in t], 1e3):>22s}"
+            f"{spread([x['cached_s'] for x in t], 1e3):>20s}"
+            f"{spread(share, 100, '{:.0f}%'):>22s}{tps:>9s}"
+        )
+        if "load" in r and r["load"]["errors"]:
+            print(f"{'':32s}errors: {r['load']['first_errors']}")
+    ratios: dict[str, dict[str, float]] = {}
+    for label, r in results.items():
+        anchor = next(
+            (
+                a
+                for a, x in results.items()
+                if a.startswith("llama-server") and x["precision"] == r["precision"]
+            ),
+            None,
+        )
+        if label.startswith("llama-server") or anchor is None:
+            continue
+        if "failed" in r or "failed" in results[anchor] or "load" not in r:
+            continue
+        a = results[anchor]
+        ratios[f"{label} / {anchor}"] = {
+            "idle_rss": r["idle_rss_mb"] / a["idle_rss_mb"],
+            "peak_rss": r["peak_rss_mb"] / a["peak_rss_mb"],
+            "ttft_cached": statistics.median(x["cached_s"] for x in r["prefix_trials"])
+            / statistics.median(x["cached_s"] for x in a["prefix_trials"]),
+            "tokens_per_s": r["load"]["output_tokens_per_s"] / a["load"]["output_tokens_per_s"],
+        }
+    if ratios:
+        print(
+            f"\n{'ratios':44s}{'idle RSS':>10s}{'peak RSS':>10s}{'TTFT cached':>13s}{'tok/s':>8s}"
+        )
+        for pair, x in ratios.items():
+            print(
+                f"{pair:44s}{x['idle_rss']:9.2f}×{x['peak_rss']:9.2f}×"
+                f"{x['ttft_cached']:12.2f}×{x['tokens_per_s']:7.2f}×"
+            )
+    for label, r in results.items():
+        if label.startswith("lmforge") and "cached_over_uncached_median" in r:
+            share = r["cached_over_uncached_median"]
+            verdict = "met" if share <= 0.25 else "MISSED"
+            print(f"{label}: cached TTFT {share:.0%} of uncached (target ≤ 25%: {verdict})")
+    if ratios:
+        results["ratio"] = ratios
+    return results
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--part", choices=["a", "b", "all"], default="all")
+    p.add_argument(
+        "--part",
+        choices=["a", "b", "c", "all"],
+        default="all",
+        help="a: batch 1 in-process; b: servers under 1/4/16 clients; c: the issue's serving "
+        "run (RSS, prefix-cache TTFT, 16 clients, lmforge vs llama-server at equal bits and "
+        "capacity); all: a and b",
+    )
     p.add_argument(
         "--only",
         help=f"engines, comma-separated (part A: {','.join(PART_A_ENGINES)}; part B: "
@@ -703,6 +1072,26 @@ def main() -> None:
         action="store_true",
         help="keep llama_cpp.server's default --interrupt_requests True (cuts streams short)",
     )
+    g = p.add_argument_group("part C")
+    g.add_argument("--precisions", default="fp32,int8", help="fp32 (vs F32), int8 (vs Q8_0)")
+    g.add_argument(
+        "--lmforge-args", default="", help="more `lmforge serve` options for every lmforge server"
+    )
+    g.add_argument(
+        "--kv-cache-memory",
+        default="auto",
+        help="for the lmforge server with --kv-cache-memory, when `lmforge serve` has it "
+        "(auto: the fp32 KV of 16 × 2048 tokens)",
+    )
+    g.add_argument("--prefix-words", type=int, default=1300, help="system prompt (~1,500 tokens)")
+    g.add_argument("--prefix-trials", type=int, default=3, help="system prompts, each sent twice")
+    g.add_argument("--capacity-clients", type=int, default=SLOTS, help="streaming clients")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="seconds, for make test: part C with lmforge only (fp32), one client, one request "
+        "of 4 tokens, a 100-word prefix; llama-server skipped; writes no results unless --out",
+    )
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--make-f32", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serve.json")
@@ -714,11 +1103,18 @@ def main() -> None:
         print(f32_gguf(args.threads))
         return
 
+    if args.smoke:
+        args.part, args.capacity_clients, args.requests, args.max_tokens = "c", 1, 1, 4
+        args.prefix_words, args.prefix_trials, args.ready_timeout = 100, 1, 120.0
+        if args.out == p.get_default("out"):
+            args.out = None
     only = args.only.split(",") if args.only else None
     unknown = set(only or []) - set(PART_A_ENGINES + PART_B_ENGINES + PART_B_OPTIONAL)
     if unknown:
         p.error(f"unknown engine(s): {', '.join(sorted(unknown))}")
     out: dict[str, Any] = {"args": vars(args) | {"out": str(args.out)}, "model": MODEL}
+    if args.part == "c":
+        out["commit"] = git_commit()
     timings = {}
     if args.part in ("a", "all"):
         engines = [e for e in PART_A_ENGINES if only is None or e in only]
@@ -731,10 +1127,15 @@ def main() -> None:
         t = time.perf_counter()
         out["part_b"] = part_b(args, engines) if engines else {}
         timings["part_b_s"] = time.perf_counter() - t
+    if args.part == "c":
+        t = time.perf_counter()
+        out["part_c"] = part_c(args)
+        timings["part_c_s"] = time.perf_counter() - t
     out["timings"] = timings
     print("\n" + ", ".join(f"{k[:-2].replace('_', ' ')}: {v:.0f} s" for k, v in timings.items()))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

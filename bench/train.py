@@ -139,11 +139,11 @@ def worker_peak(args: argparse.Namespace) -> dict[str, Any]:
     peaks: dict[str, Any] = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         best, by_size = 0.0, {}
-        for n in (512, 1024, 2048, 4096):
+        for n in (64, 128) if args.smoke else (512, 1024, 2048, 4096):
             a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
             out = torch.empty(n, n, dtype=dtype)
             torch.mm(a, b, out=out)  # warm-up
-            reps = max(3, int(3e10 / (2 * n**3)))
+            reps = 3 if args.smoke else max(3, int(3e10 / (2 * n**3)))
             fastest = min(
                 _timed(lambda a=a, b=b, out=out: torch.mm(a, b, out=out)) for _ in range(reps)
             )
@@ -183,6 +183,7 @@ def worker_lmforge(args: argparse.Namespace) -> dict[str, Any]:
     from lmforge.model.presets import model_config
     from lmforge.model.transformer import Transformer
     from lmforge.train.loop import LoopConfig, evaluate, train
+    from lmforge.train.tasks import TokenWindows
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -206,9 +207,9 @@ def worker_lmforge(args: argparse.Namespace) -> dict[str, Any]:
         beta1=0.9,
         beta2=0.99,
         grad_clip=1.0,
-        eval_every=EVAL_EVERY,
+        eval_every=min(EVAL_EVERY, args.steps),
         eval_batches=40,  # nanoGPT: 20 train + 20 val batches per evaluation
-        ckpt_every=EVAL_EVERY,
+        ckpt_every=min(EVAL_EVERY, args.steps),
         dtype=args.small_dtype,
         **options,
     )
@@ -220,7 +221,8 @@ def worker_lmforge(args: argparse.Namespace) -> dict[str, Any]:
         evaluated.append("val_loss" in record)
 
     t = time.perf_counter()
-    result = train(model, train_split, val_split, config, Path(args.run_dir), on_step=on_step)
+    data = TokenWindows(train_split, val_split)
+    result = train(model, data, config, Path(args.run_dir), on_step=on_step)
     loop_s = time.perf_counter() - t
     # Same rule as nanoGPT's lines: iteration i's time runs from the end of i-1 to the end of i;
     # the first has no start, and those that evaluated (and wrote a checkpoint) are left out.
@@ -230,7 +232,7 @@ def worker_lmforge(args: argparse.Namespace) -> dict[str, Any]:
         if not evaluated[i] and (i + 1) % EVAL_EVERY
     ]
     whole = dataclasses.replace(config, eval_batches=10**9)
-    val_full = evaluate(model, val_split, whole, None)
+    val_full = evaluate(model, data, whole, None)
     n_params, per_token = model_flops_per_token(model, BLOCK)
     return {
         "iter_ms_median": statistics.median(times) * 1e3,
@@ -249,17 +251,23 @@ def worker_lmforge(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def worker_large(args: argparse.Namespace) -> dict[str, Any]:
+    import dataclasses
+
     import torch
 
     from lmforge.data.loader import TokenSplit
     from lmforge.model.presets import model_config
     from lmforge.model.transformer import Transformer
     from lmforge.train.loop import LoopConfig, train
+    from lmforge.train.tasks import TokenWindows
 
     torch.set_num_threads(args.threads)
     train_split = TokenSplit.open(args.dataset, "train")
     torch.manual_seed(1337)
-    model = Transformer(model_config("small", train_split.vocab_size))
+    config_overrides = {"n_layer": 1, "max_seq_len": 64} if args.smoke else {}
+    model = Transformer(
+        dataclasses.replace(model_config("small", train_split.vocab_size), **config_overrides)
+    )
     block = model.config.max_seq_len
     config = LoopConfig(
         max_steps=args.large_steps,
@@ -274,14 +282,13 @@ def worker_large(args: argparse.Namespace) -> dict[str, Any]:
     t = time.perf_counter()
     result = train(
         model,
-        train_split,
-        None,
+        TokenWindows(train_split, None),
         config,
         Path(args.run_dir),
         on_step=lambda _: ends.append(time.perf_counter()),
     )
     loop_s = time.perf_counter() - t
-    times = [ends[i] - ends[i - 1] for i in range(2, len(ends) - 1)]
+    times = [ends[i] - ends[i - 1] for i in range(2, len(ends) - 1)] or [loop_s / len(ends)]
     n_params, per_token = model_flops_per_token(model, block)
     return {
         "step_s_median": statistics.median(times),
@@ -290,7 +297,7 @@ def worker_large(args: argparse.Namespace) -> dict[str, Any]:
         "loop_s": loop_s,
         "n_params": n_params,
         "flops_per_iter": per_token * args.large_batch * block,
-        "preset": "small",
+        "preset": "small (1 layer, context 64: --smoke)" if args.smoke else "small",
         "batch": args.large_batch,
         "block": block,
     }
@@ -310,6 +317,7 @@ WORKERS = {"peak": worker_peak, "lmforge": worker_lmforge, "large": worker_large
 
 def run_worker(name: str, args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", name, f"--threads={args.threads}"]
+    cmd += ["--smoke"] if args.smoke else []
     for key, value in extra.items():
         flag = "--" + key.replace("_", "-")
         if value is True:
@@ -487,6 +495,12 @@ def main() -> None:
     p.add_argument("--large-batch", type=int, default=16)
     p.add_argument("--large-dtype", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--out", type=Path, default=RESULTS / "train.json")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="seconds, for make test: a generated corpus, 12 steps eager, a 1-layer larger "
+        "configuration, tiny matmuls; nanoGPT skipped; writes nothing unless --out is given",
+    )
     # Worker-only arguments.
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--dataset", help=argparse.SUPPRESS)
@@ -497,7 +511,9 @@ def main() -> None:
     if args.worker:
         print(json.dumps(WORKERS[args.worker](args)))
         return
-    if not args.data.is_file():
+    if args.smoke:
+        apply_smoke(p, args)
+    if not args.smoke and not args.data.is_file():
         sys.exit(f"{args.data} is missing (see ../shared/data/README.md)")
     use_nanogpt = not args.skip_nanogpt
     if use_nanogpt and not args.nanogpt.exists():
@@ -506,6 +522,8 @@ def main() -> None:
     report: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         work = Path(tmp)
+        if args.smoke:
+            args.data = smoke_corpus(work)
         print("measuring the matmul peak …", file=sys.stderr, flush=True)
         peaks = [run_worker("peak", args)]
         folder = None
@@ -555,7 +573,8 @@ def main() -> None:
                 large_batch=args.large_batch,
                 large_dtype=args.large_dtype,
             )
-        peaks.append(run_worker("peak", args))
+        if not args.smoke:  # once is enough to see it run
+            peaks.append(run_worker("peak", args))
     peak = {d: max(pk[d]["gflops"] for pk in peaks) for d in ("fp32", "bf16")}
     report["peak_gflops"] = peak
     report["peak_runs"] = peaks
@@ -577,8 +596,35 @@ def main() -> None:
         )
         large["tokens_per_s"] = large["batch"] * large["block"] / large["step_s_median"]
     print_report(report, args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+
+
+def apply_smoke(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--smoke: tiny sizes, in-repo data only, no nanoGPT (the anchor is skipped)."""
+    print("--smoke: tiny sizes; the nanoGPT anchor is skipped", file=sys.stderr)
+    args.skip_nanogpt = True
+    args.steps, args.rounds, args.variants = 12, 1, "eager"
+    args.large_steps, args.large_batch, args.large_dtype = 3, 2, "fp32"
+    args.data = Path("-")  # generated in the temp folder
+    if args.out == parser.get_default("out"):
+        args.out = None
+
+
+def smoke_corpus(work: Path) -> Path:
+    """A seeded ~60 KB character corpus (made-up words) standing in for tinyshakespeare."""
+    import random
+
+    rng = random.Random(0)
+    syllables = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "de", "po"]
+    lines = [
+        " ".join("".join(rng.choices(syllables, k=rng.randint(1, 3))) for _ in range(10))
+        for _ in range(1200)
+    ]
+    path = work / "input.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
 
 
 LABELS = {

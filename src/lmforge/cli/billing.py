@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from lmforge.cli.console import stderr_console, stdout_console
 from lmforge.errors import LmforgeError
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = stdout_console()
+err = stderr_console()
 
 usage_app = typer.Typer(
     help="Usage from the ledger, by key, model or day.",

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
@@ -20,11 +19,12 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from lmforge.cli.console import stderr_console, stdout_console
 from lmforge.errors import LmforgeError
 from lmforge.home import lmforge_home
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = stdout_console()
+err = stderr_console()
 
 app = typer.Typer(
     help="Prepare data sets: clean, deduplicate, scrub PII, tokenize, shard.",
@@ -161,7 +161,7 @@ def prepare_command(
         str,
         typer.Option(
             help="local (worker processes here) or ray (Ray Data tasks on a Ray cluster; "
-            "same manifest and shards; pip install 'lmforge[ray]')."
+            "same manifest and shards; pip install 'lmforge\\[ray]')."
         ),
     ] = "local",
     ray_address: Annotated[
@@ -243,7 +243,7 @@ def prepare_command(
     if result.unchanged:
         out.print(
             f"data set [bold]{escape(name)}[/bold] is up to date (same inputs and options): "
-            f"{result.path}"
+            f"{escape(str(result.path))}"
         )
         return
     splits = ", ".join(
@@ -261,7 +261,7 @@ def prepare_command(
         out.print(f"  skipped {total:,} bad record{'s' * (total != 1)} ({kinds}), e.g.")
         for message in manifest["first_errors"][:3]:
             out.print(f"    {escape(message)}")
-    out.print(f"  {result.path}   (details: lmforge data show {name})")
+    out.print(f"  {escape(str(result.path))}   (details: lmforge data show {escape(name)})")
 
 
 @app.command(

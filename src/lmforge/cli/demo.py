@@ -28,16 +28,16 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
 from lmforge.builtin import DEFAULT_MODEL
+from lmforge.cli.console import stdout_console
 from lmforge.errors import LmforgeError
 from lmforge.home import lmforge_home
 
-out = Console(highlight=False)
+out = stdout_console()
 
 PROMPT = "ROMEO:\n"
 
@@ -109,7 +109,7 @@ def _chain(steps: int, tokens: int) -> None:
     train.update(max_steps=steps, eval_every=max(1, steps // 4), ckpt_every=max(1, steps // 2),
                  warmup=min(100, steps // 10))  # fmt: skip
     out.rule("[bold]pipeline: data → train → quantize → eval → register → price[/bold]")
-    out.print(f"[dim]{demo_pipeline_file()}[/dim]")
+    out.print(f"[dim]{escape(str(demo_pipeline_file()))}[/dim]")
 
     def execute(argv: list[str]) -> int:
         out.print(f"[bold]$ lmforge {escape(' '.join(argv))}[/bold]")
@@ -132,12 +132,15 @@ def _chain(steps: int, tokens: int) -> None:
         out.print(f"key [bold]{key_name}[/bold] created (shown once): {secret[:12]}…")
         usage, request_id = _stream(url, secret, model, tokens)
     _receipt(home, request_id, key_name, usage)
-    out.print(f"pipeline report: {reports[0]}\n                 {reports[1]}")
+    out.print(
+        f"pipeline report: {escape(str(reports[0]))}\n                 {escape(str(reports[1]))}"
+    )
     out.print(
         f"dashboard: lmforge serve {model}, then open http://127.0.0.1:8000/dashboard and sign "
         "in with an admin key (lmforge keys create --name me --admin)"
     )
-    out.print(f"[dim]the whole pipeline again: lmforge pipeline run {demo_pipeline_file()}[/dim]")
+    again = escape(f"lmforge pipeline run {demo_pipeline_file()}")
+    out.print(f"[dim]the whole pipeline again: {again}[/dim]")
 
 
 @contextmanager
@@ -153,7 +156,7 @@ def _server(model: str, home: Path) -> Iterator[str]:
     log_path = home / "logs" / "demo-serve.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     argv = ["serve", model, "--host", "127.0.0.1", "--port", str(port)]
-    out.print(f"[bold]$ lmforge {' '.join(argv)}[/bold]  [dim](log: {log_path})[/dim]")
+    out.print(f"[bold]$ lmforge {' '.join(argv)}[/bold]  [dim](log: {escape(str(log_path))})[/dim]")
     env = {**os.environ, "LMFORGE_HOME": str(home)}
     with open(log_path, "w") as log:
         process = subprocess.Popen(

@@ -16,17 +16,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from lmforge.cli.console import stderr_console, stdout_console
 from lmforge.errors import LmforgeError
 
 if TYPE_CHECKING:
     from torch import nn
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = stdout_console()
+err = stderr_console()
 
 FORMATS = ("gguf", "hf")
 GGUF_TYPES = ("f32", "f16", "q8_0")  # = gguf_export.GGUF_TYPES, without importing torch early

@@ -7,12 +7,12 @@ import sys
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
 from lmforge.builtin import DEFAULT_MODEL
+from lmforge.cli.console import stderr_console
 from lmforge.errors import LmforgeError
 
-err = Console(stderr=True, highlight=False)
+err = stderr_console()
 
 MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", help="New tokens at most.")]
 Temperature = Annotated[

@@ -12,14 +12,14 @@ import json
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from lmforge.cli.console import stderr_console, stdout_console
 from lmforge.errors import LmforgeError
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = stdout_console()
+err = stderr_console()
 
 app = typer.Typer(
     help="Create, list, change and revoke API keys.",

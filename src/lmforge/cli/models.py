@@ -16,16 +16,16 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Column, Table
 
 from lmforge.builtin import BUILTINS
+from lmforge.cli.console import stderr_console, stdout_console
 from lmforge.errors import LmforgeError
 from lmforge.home import lmforge_home
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = stdout_console()
+err = stderr_console()
 
 app = typer.Typer(
     help="List, inspect and import models.",
@@ -116,7 +116,7 @@ def path_size(path: Path) -> int:
     "  lmforge models show my-model@2 --json",
 )
 def show_command(
-    name: Annotated[str, typer.Argument(help="Registry name[@version], built-in, dir or .gguf.")],
+    name: Annotated[str, typer.Argument(help="Registry name\\[@version], built-in, dir or .gguf.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Show a model's location, architecture, size and lineage."""

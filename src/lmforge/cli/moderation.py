@@ -14,10 +14,10 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from lmforge.cli.console import stdout_console
 from lmforge.errors import LmforgeError
 
 if TYPE_CHECKING:
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     from lmforge.registry.moderation import Ruleset
 
-out = Console(highlight=False)
+out = stdout_console()
 
 
 def _typer(help: str) -> typer.Typer:

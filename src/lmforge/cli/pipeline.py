@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from lmforge.cli.console import stdout_console
 from lmforge.home import lmforge_home
 
-out = Console(highlight=False)
+out = stdout_console()
 
 app = typer.Typer(
     help="Run the whole chain (data → train → finetune → eval → quantize → register → price → "
@@ -38,7 +38,7 @@ RUN_EXAMPLES = """[bold]Examples[/bold]
 
   name: shakespeare
   stages:
-    data:  {sources: [input.txt], name: shakes, tokenizer: char, split: tail}
+    data:  {sources: \\[input.txt], name: shakes, tokenizer: char, split: tail}
     train: {data: shakes, model: nanogpt-shakespeare-cpu, name: shakes, max_steps: 200}
     eval:  {model: shakes, task: perplexity, data: held-out.txt}
     price: {model: shakes, input: 0.10, output: 0.40}
@@ -100,7 +100,7 @@ def run_command(
 
     def report(state: PipelineState) -> None:
         md, page = write_report(pipeline, state, home)
-        out.print(f"report: {md}\n        {page}")
+        out.print(f"report: {escape(str(md))}\n        {escape(str(page))}")
 
     steps, _ = run_pipeline(pipeline, home=home, execute=execute, until=until, before_serve=report)
     ran = [s.stage.id for s in steps if s.action != "skip"]

@@ -13,15 +13,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from lmforge.cli.console import stderr_console, stdout_console
 from lmforge.errors import LmforgeError
 from lmforge.home import lmforge_home
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = stdout_console()
+err = stderr_console()
 
 QUANTIZE_EXAMPLES = """[bold]Examples[/bold]
 

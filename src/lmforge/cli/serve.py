@@ -13,14 +13,14 @@ import sys
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 
 from lmforge.builtin import DEFAULT_MODEL
+from lmforge.cli.console import stderr_console
 
 if TYPE_CHECKING:
     from lmforge.serve.state import ServerSettings
 
-err = Console(stderr=True, highlight=False)
+err = stderr_console()
 
 EXAMPLES = """[bold]Examples[/bold]
 

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
@@ -36,11 +35,12 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from lmforge.cli.console import stderr_console, stdout_console
 from lmforge.errors import LmforgeError
 from lmforge.home import lmforge_home
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = stdout_console()
+err = stderr_console()
 T = TypeVar("T")
 R = TypeVar("R")
 

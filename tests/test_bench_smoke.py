@@ -1,0 +1,52 @@
+"""Every benchmark in bench/ runs its real code path at tiny sizes (`--smoke`), so none can rot.
+
+Each bench runs as a user runs it (`python bench/NAME.py --smoke`, a subprocess) and must exit 0
+and print its result lines. Nothing outside the repository is needed: the anchors that are
+(nanoGPT, llama.cpp, transformers, lm-eval) are skipped in smoke mode, and the benches that
+use the built-in model get the session's converted copy through $LMFORGE_HOME.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import run_env
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+# bench → (needs the built-in model, lines its report must print)
+SMOKES = {
+    "data": (False, ["prepare (clean + PII", "MinHash stage"]),
+    "train": (False, ["lmforge ", "larger: lmforge", "targets (the issue)"]),
+    "generate": (True, ["prefill tok/s", "lmforge "]),
+    "quantize": (True, ["perplexity", "int8 ", "int8 perplexity within 1% of fp32"]),
+    "finetune": (True, ["SST-2 (dev)"]),
+    "lm_eval_server": (True, ["max |Δ loglikelihood|", "OK"]),
+    "serve": (True, ["Part C:", "lmforge fp32", "cached TTFT"]),
+}
+
+
+def test_every_bench_has_a_smoke_run() -> None:
+    assert {p.stem for p in BENCH.glob("*.py") if not p.stem.startswith("_")} == set(SMOKES)
+
+
+@pytest.mark.parametrize("name", sorted(SMOKES))
+def test_bench_smoke(name: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    needs_builtin, lines = SMOKES[name]
+    home = request.getfixturevalue("builtin_home") if needs_builtin else tmp_path / "home"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / f"{name}.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        env=run_env(home),
+        cwd=tmp_path,
+        timeout=900,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for line in lines:
+        assert line in proc.stdout, f"{line!r} not printed:\n{proc.stdout[-3000:]}"
