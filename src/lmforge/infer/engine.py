@@ -1,6 +1,13 @@
 """`Engine` (synchronous: `step()` = schedule → run → update) and `AsyncEngine`, the
 `EngineClient` the server talks to.
 
+Faults stay where they start: the runner reports a request's own failure (a logits processor
+that raised, a NaN, nothing left to sample) and `update` finishes that request alone with
+finish_reason "error"; a failure of the shared forward pass fails the requests of its step and
+the next step runs as usual. A request whose logits came out non-finite has the blocks only it
+held zeroed and dropped from the prefix cache (masked attention still multiplies what it
+reads by 0, and 0 × NaN is NaN for the next owner).
+
 `AsyncEngine` runs the engine loop in one background thread (torch releases the GIL while it
 computes, so the event loop keeps serving HTTP). Requests and aborts cross into that thread
 through a lock-protected inbox, taken at the start of every step: an abort takes effect
