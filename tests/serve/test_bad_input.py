@@ -212,7 +212,7 @@ BAD_FIELDS = [
         "presence_penalty",
     ),
     ("repetition_penalty-0", CMPL, completion(repetition_penalty=0), "repetition_penalty"),
-    ("seed-negative", CMPL, completion(seed=-1), "seed"),
+    ("seed-below-int64", CMPL, completion(seed=-(2**63) - 1), "seed"),  # -1 is valid (OpenAI)
     ("seed-huge", CMPL, completion(seed=2**70), "seed"),
     ("stop-17", CMPL, completion(stop=[f"s{i}" for i in range(17)]), "stop"),
     ("stop-empty-string", CMPL, completion(stop=[""]), "stop"),
