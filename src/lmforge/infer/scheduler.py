@@ -164,24 +164,14 @@ class Scheduler:
 
     def abort(self, request_id: str) -> Request | None:
         """Finish the request as aborted and free what it holds; None if it is not here."""
-        return self.finish(request_id, RequestStatus.FINISHED_ABORTED)
-
-    def fail(self, request_id: str, error: str) -> Request | None:
-        """Finish the request with ERROR (a failure of its own); None if it is not here."""
-        request = self.finish(request_id, RequestStatus.FINISHED_ERROR)
-        if request is not None:
-            request.error = error
-        return request
-
-    def finish(self, request_id: str, status: RequestStatus) -> Request | None:
         for request in self.waiting:
             if request.request_id == request_id:
                 self.waiting.remove(request)
-                request.move_to(status)
+                request.move_to(RequestStatus.FINISHED_ABORTED)
                 return request
         for request in self.running:
             if request.request_id == request_id:
-                self._finish(request, status)
+                self._finish(request, RequestStatus.FINISHED_ABORTED)
                 return request
         return None
 
