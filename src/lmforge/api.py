@@ -30,7 +30,7 @@ from lmforge.infer.generate import check_prompt, context_length, generate_ids
 from lmforge.infer.logits import LogitsProcessor
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model.checkpoint import LoadedModel, load_model
-from lmforge.model.devices import resolve_device
+from lmforge.model.devices import model_device, resolve_device
 from lmforge.model.lstm import LSTMConfig, LSTMLanguageModel
 from lmforge.model.transformer import ModelConfig, Transformer, optimize_weight_layout
 from lmforge.resolve import ModelRef, resolve
@@ -228,7 +228,7 @@ class LLM:
     @torch.inference_mode()
     def logits(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Next-token logits for every position: ids [T] → [T, V], or [B, T] → [B, T, V]."""
-        x = torch.as_tensor(ids, dtype=torch.long, device=next(self.model.parameters()).device)
+        x = torch.as_tensor(ids, dtype=torch.long, device=model_device(self.model))
         single = x.dim() == 1
         if single:
             x = x.unsqueeze(0)

@@ -17,6 +17,7 @@ from lmforge.errors import LmforgeError
 from lmforge.infer.logits import LogitsProcessor
 from lmforge.infer.sampling import SamplingParams, SequenceSampler
 from lmforge.model import lstm
+from lmforge.model.devices import model_device
 from lmforge.model.kv_cache import KVCache
 from lmforge.model.lstm import LSTMLanguageModel
 from lmforge.model.transformer import Transformer, decode_step, prefill
@@ -66,7 +67,7 @@ def generate_ids(
     """
     context = context_length(model)
     check_prompt(prompt_ids, context, model.config.vocab_size)
-    device = next(model.parameters()).device
+    device = model_device(model)
     sampler = SequenceSampler(
         params, list(prompt_ids), model.config.vocab_size, processors=processors, device=device
     )

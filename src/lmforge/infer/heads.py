@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.data.features import pad_id, qa_windows, text_features
+from lmforge.model.devices import model_device
 from lmforge.model.heads import SequenceClassifier, SpanQA
 from lmforge.tokenizer import Tokenizer
 
@@ -51,10 +52,6 @@ def _batch(
     return torch.tensor(ids, dtype=torch.long, device=device), torch.tensor(lengths, device=device)
 
 
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.inference_mode()
 def classify(
     model: SequenceClassifier, tokenizer: Tokenizer, texts: Sequence[str], *, batch: int = BATCH
@@ -66,7 +63,7 @@ def classify(
     labels = model.labels
     for at in range(0, len(order), batch):
         idx = order[at : at + batch]
-        ids, lengths = _batch([rows[i] for i in idx], pad_id(tokenizer), _device(model))
+        ids, lengths = _batch([rows[i] for i in idx], pad_id(tokenizer), model_device(model))
         probs = torch.softmax(model(ids, lengths).float(), dim=-1)
         for i, p in zip(idx, probs.tolist(), strict=True):
             best = max(range(len(p)), key=p.__getitem__)
@@ -91,7 +88,7 @@ def answer(
     tokens = 0
     for at in range(0, len(windows), BATCH):
         group = windows[at : at + BATCH]
-        ids, lengths = _batch([w.ids for w in group], pad_id(tokenizer), _device(model))
+        ids, lengths = _batch([w.ids for w in group], pad_id(tokenizer), model_device(model))
         logits = model(ids, lengths).float()  # [B, T, 2]
         tokens += int(lengths.sum())
         for w, row in zip(group, logits, strict=True):

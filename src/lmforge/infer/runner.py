@@ -28,6 +28,7 @@ from lmforge.infer.logits import LogitsProcessor
 from lmforge.infer.request import Request, TokenLogprob
 from lmforge.infer.sampling import SamplingError, SequenceSampler
 from lmforge.infer.scheduler import Chunk, Sampled, SchedulerConfig, SchedulerOutput
+from lmforge.model.devices import model_device
 from lmforge.model.kv_cache import PagedKVCache
 from lmforge.model.transformer import Transformer
 
@@ -45,10 +46,6 @@ class StepResult:
     """Requests that failed on their own this step → why."""
     poisoned: list[str] = field(default_factory=list)
     """Of those, the ones whose logits were not finite: their cache blocks may hold NaN."""
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 class ModelRunner:

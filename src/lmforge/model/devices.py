@@ -13,6 +13,11 @@ from lmforge.errors import LmforgeError
 DEVICE_CHOICES = "cpu, cuda, cuda:N or auto"
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device MODEL's weights are on: where the tensors that serve it are born."""
+    return next(model.parameters()).device
+
+
 def resolve_device(name: str) -> torch.device:
     """NAME as a device; "auto" is the first CUDA GPU if there is one, else the CPU. A CUDA
     device that this machine does not have is an error naming it."""
