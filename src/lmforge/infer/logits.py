@@ -19,6 +19,7 @@ from typing import Protocol
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.infer.params import check_logit_bias_ids
 
 
 class LogitsProcessor(Protocol):
@@ -66,11 +67,7 @@ class LogitBias:
     def __init__(
         self, bias: Mapping[int, float], vocab_size: int, device: torch.device | str = "cpu"
     ) -> None:
-        bad = [t for t in bias if not 0 <= t < vocab_size]
-        if bad:
-            raise LmforgeError(
-                f"logit_bias: token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})"
-            )
+        check_logit_bias_ids(bias, vocab_size)
         forced = [t for t, b in bias.items() if b >= FORCE]
         banned = [t for t, b in bias.items() if b <= BAN]
         added = {t: b for t, b in bias.items() if BAN < b < FORCE and b}

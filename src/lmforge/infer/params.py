@@ -8,6 +8,7 @@ imports no torch, so the scheduler (pure Python) can read `max_tokens` and the s
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from lmforge.errors import LmforgeError
@@ -109,6 +110,15 @@ class SamplingParams:
     def penalized(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty) or (
             self.repetition_penalty != 1.0
+        )
+
+
+def check_logit_bias_ids(bias: Mapping[int, float], vocab_size: int) -> None:
+    """Every token id of a `logit_bias` in the vocabulary (the engine's and the route's check)."""
+    bad = [t for t in bias if not 0 <= t < vocab_size]
+    if bad:
+        raise LmforgeError(
+            f"logit_bias: token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})"
         )
 
 

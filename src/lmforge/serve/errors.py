@@ -80,8 +80,9 @@ def bad_request(message: str, param: str | None = None) -> OpenAIError:
 
 
 def _param_of(error: LmforgeError) -> str | None:
-    """The field a SamplingParams error names ("temperature must be …" → "temperature")."""
-    first = str(error).split(" ", 1)[0]
+    """The field a SamplingParams error names ("temperature must be …" → "temperature",
+    "logit_bias: …" → "logit_bias")."""
+    first = str(error).split(" ", 1)[0].removesuffix(":")
     return first if first.isidentifier() else None
 
 

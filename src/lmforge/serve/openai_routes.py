@@ -23,7 +23,7 @@ from fastapi import APIRouter
 
 from lmforge.errors import LmforgeError
 from lmforge.infer.generate import check_prompt
-from lmforge.infer.params import SamplingParams
+from lmforge.infer.params import SamplingParams, check_logit_bias_ids
 from lmforge.infer.request import TokenLogprob
 from lmforge.registry.keys import KeyRecord
 from lmforge.serve.auth import Call, Key, allowed_model, allowed_served
@@ -113,26 +113,15 @@ def _sampling(
 
 
 def _logit_bias(raw: dict[str, float] | None, vocab_size: int) -> dict[int, float] | None:
-    """OpenAI's `logit_bias` (token ids as JSON object keys) checked against the vocabulary;
-    a 400 naming it for anything else."""
+    """OpenAI's `logit_bias` with its token ids (JSON object keys) as ints, checked against the
+    vocabulary here; `SamplingParams` checks the values (its errors are 400s naming it too)."""
     if raw is None:
         return None
-    bias: dict[int, float] = {}
-    for key, value in raw.items():
+    for key in raw:
         if not key.isascii() or not key.isdigit():
             raise bad_request(f"logit_bias: {key!r} is not a token id", "logit_bias")
-        token = int(key)
-        if token >= vocab_size:
-            raise bad_request(
-                f"logit_bias: token id {token} is outside the vocabulary (0..{vocab_size - 1})",
-                "logit_bias",
-            )
-        if not -100 <= value <= 100:  # NaN too
-            raise bad_request(
-                f"logit_bias: the bias of token {token} must be in [-100, 100], got {value}",
-                "logit_bias",
-            )
-        bias[token] = value
+    bias = {int(key): value for key, value in raw.items()}
+    check_logit_bias_ids(bias, vocab_size)
     return bias or None
 
 
