@@ -66,15 +66,13 @@ class ModelRunner:
     def add(self, request: Request, processors: Sequence[LogitsProcessor] = ()) -> None:
         """Make REQUEST's sampler (its processors, seeded generator, penalty counts); raises
         `LmforgeError` for parameters the model cannot take (a logit_bias id out of range)."""
-        sampler = SequenceSampler(
+        self._samplers[request.request_id] = SequenceSampler(
             request.params,
             request.prompt_ids,
             self.vocab_size,
             processors=processors,
             device=self.device,
         )
-        sampler.replay(request.output_ids)
-        self._samplers[request.request_id] = sampler
 
     def release(self, request_id: str) -> None:
         """Forget a finished or aborted request's sampling state."""

@@ -166,12 +166,6 @@ class SequenceSampler:
         """Greedy with nothing between the logits and argmax (a batch can take one argmax)."""
         return self.params.greedy and self.history is None and not self.processors
 
-    def replay(self, output_ids: Sequence[int]) -> None:
-        """Count tokens generated before this sampler existed (a restarted sequence)."""
-        if self.history is not None:
-            for token in output_ids:
-                self.history.add(torch.tensor([token]))
-
     def choose(self, logits: torch.Tensor, output_ids: Sequence[int]) -> int:
         """The next token after OUTPUT_IDS from this sequence's logits row [V]."""
         row = logits.float()
