@@ -177,7 +177,8 @@ class ModelRunner:
                     )[0]
                 result.sampled[rid] = Sampled(token, logprob)
             except Exception as e:  # this request's own failure: the others go on
-                result.failed[rid] = str(e) if isinstance(e, SamplingError) else _describe(e)
+                why = f"sampling failed: {type(e).__name__}: {e}"
+                result.failed[rid] = str(e) if isinstance(e, SamplingError) else why
 
     # -- embeddings ---------------------------------------------------------------------------
 
@@ -190,10 +191,6 @@ class ModelRunner:
             hidden = self.model.hidden_states(batch)[0].float()  # [T, C]
             vectors.append(torch.nn.functional.normalize(hidden.mean(0), dim=0).tolist())
         return vectors
-
-
-def _describe(error: BaseException) -> str:
-    return f"sampling failed: {type(error).__name__}: {error}"
 
 
 def _prefill_groups(chunks: list[Chunk]) -> list[list[Chunk]]:
