@@ -622,13 +622,18 @@ async def bench_server(engine: str, args: argparse.Namespace, levels: list[int])
             out[str(n)] = await load_level(client, n, args)
         return out
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_server(proc)
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    """SIGINT (a server's clean shutdown), then SIGKILL after 20 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def ms(x: float | None) -> str:
@@ -925,13 +930,7 @@ async def measure_server(server: dict[str, Any], args: argparse.Namespace) -> di
             out["peak_rss_mb"] = peak.peak_mb
         return out
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_server(proc)
 
 
 def spread(xs: list[float], scale: float = 1.0, fmt: str = "{:.0f}") -> str:
