@@ -89,7 +89,7 @@ bench-data: $(STAMP)
 
 # Training vs nanoGPT's CPU shakespeare-char run (needs ../shared/data and a nanoGPT mirror).
 bench-train: $(STAMP)
-	$(PY) bench/train.py --rounds 2
+	$(PY) bench/train.py
 
 # Serving vs llama.cpp: llama-cpp-python (compiled from source, ~15 min once) is installed for
 # this bench only; pass BENCH_SERVE_ARGS="--llama-server-bin PATH" to add llama.cpp's C++ server.
