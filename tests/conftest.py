@@ -105,7 +105,7 @@ def tiny_model(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 def tiny_model_dir(tiny_model, tiny_tokenizer, tmp_path: Path) -> Path:  # type: ignore[no-untyped-def]
-    from lmforge.model.checkpoint import save_model
+    from lmforge.model.formats import save_model
 
     return save_model(tiny_model, tiny_tokenizer, tmp_path / f"tiny-{tiny_model.config.arch}")
 

@@ -55,7 +55,7 @@ def _safetensors(path: Path, header: bytes, data: bytes = b"") -> None:
 
 
 def _model_dir(root: Path, tokenizer: Any) -> Path:
-    from lmforge.model.checkpoint import save_model
+    from lmforge.model.formats import save_model
     from lmforge.model.transformer import Transformer
 
     return save_model(Transformer(tiny_config("llama")).eval(), tokenizer, root / "m")

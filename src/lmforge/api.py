@@ -29,8 +29,8 @@ from lmforge.errors import LmforgeError
 from lmforge.infer.generate import check_prompt, context_length, generate_ids
 from lmforge.infer.logits import LogitsProcessor
 from lmforge.infer.sampling import SamplingParams
-from lmforge.model.checkpoint import LoadedModel, load_model
 from lmforge.model.devices import model_device, resolve_device
+from lmforge.model.formats import LoadedModel, load_model
 from lmforge.model.lstm import LSTMConfig, LSTMLanguageModel
 from lmforge.model.transformer import ModelConfig, Transformer, optimize_weight_layout
 from lmforge.resolve import ModelRef, resolve

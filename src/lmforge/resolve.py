@@ -141,7 +141,8 @@ def _convert_builtin(name: str, gguf_path: Path, target: Path, key: dict[str, in
     import shutil
 
     from lmforge.atomic import atomic_directory
-    from lmforge.model.checkpoint import file_sha256, load_gguf, save_model
+    from lmforge.model.formats import file_sha256, save_model
+    from lmforge.model.formats.gguf_read import load_gguf
 
     log.info("preparing built-in model %s from %s (first use only)", name, gguf_path)
     loaded = load_gguf(gguf_path)

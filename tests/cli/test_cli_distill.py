@@ -42,7 +42,7 @@ def metrics(run_dir: Path) -> list[dict]:
 def test_distill_registers_the_student_with_the_teacher_as_parent(
     capsys, words: Path, lmforge_home: Path
 ) -> None:
-    from lmforge.model.checkpoint import load_model
+    from lmforge.model.formats import load_model
     from lmforge.registry import repo
     from lmforge.registry.db import connect
 
@@ -141,7 +141,7 @@ def test_resume_needs_the_same_teacher_weights(capsys, words: Path, lmforge_home
 @pytest.fixture
 def bpe_teacher(tiny_tokenizer, tmp_path: Path) -> Path:  # type: ignore[no-untyped-def]
     """A language model with a 384-token BPE vocabulary (the data set's is characters)."""
-    from lmforge.model.checkpoint import save_model
+    from lmforge.model.formats import save_model
     from lmforge.model.transformer import Transformer
 
     return save_model(Transformer(tiny_config("llama")), tiny_tokenizer, tmp_path / "bpe")
@@ -149,7 +149,7 @@ def bpe_teacher(tiny_tokenizer, tmp_path: Path) -> Path:  # type: ignore[no-unty
 
 @pytest.fixture
 def classifier(tiny_tokenizer, tmp_path: Path) -> Path:  # type: ignore[no-untyped-def]
-    from lmforge.model.checkpoint import save_model
+    from lmforge.model.formats import save_model
     from lmforge.model.heads import HeadConfig, head_model
     from lmforge.model.transformer import Transformer
 

@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.fixture(params=[False, True], ids=["untied", "tied"])
 def llama_dir(request: pytest.FixtureRequest, tiny_tokenizer, tmp_path: Path) -> Path:  # type: ignore[no-untyped-def]
-    from lmforge.model.checkpoint import save_model
+    from lmforge.model.formats import save_model
     from lmforge.model.transformer import Transformer
 
     torch.manual_seed(0)
@@ -35,7 +35,7 @@ def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 def test_gguf_then_hf_end_to_end(capsys, llama_dir: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """directory → F32 GGUF (exact) → HF directory that transformers loads (same logits)."""
-    from lmforge.model.checkpoint import load_model
+    from lmforge.model.formats import load_model
 
     original = load_model(llama_dir)
     path = tmp_path / "out" / "tiny.f32.gguf"
@@ -151,7 +151,7 @@ def test_bad_outputs(capsys, llama_dir: Path, tmp_path: Path) -> None:  # type: 
 
 
 def test_models_that_cannot_be_exported(capsys, tiny_tokenizer, llama_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from lmforge.model.checkpoint import load_model, save_adapter, save_model
+    from lmforge.model.formats import load_model, save_adapter, save_model
     from lmforge.model.heads import HeadConfig, head_model
     from lmforge.model.lora import LoraConfig, apply_lora
     from lmforge.model.transformer import Transformer

@@ -36,7 +36,7 @@ CHAT = json.dumps(
 def base_dir(tiny_tokenizer, tmp_path: Path) -> Path:  # type: ignore[no-untyped-def]
     import torch
 
-    from lmforge.model.checkpoint import save_model
+    from lmforge.model.formats import save_model
     from lmforge.model.transformer import Transformer
 
     torch.manual_seed(0)
@@ -183,7 +183,7 @@ def test_sft_trains_only_on_the_assistant(capsys, base_dir: Path, tmp_path: Path
         "-q",
     )
     assert proc.returncode == 0, proc.stderr
-    from lmforge.model.checkpoint import load_model
+    from lmforge.model.formats import load_model
     from lmforge.resolve import resolve
 
     loaded = load_model(resolve("chatty").path)
@@ -259,7 +259,7 @@ def test_bad_input_is_one_line(capsys, base_dir: Path, tmp_path: Path) -> None: 
     # LoRA targets that match no layer of a GPT-2 model (it has no gate projection).
     import torch
 
-    from lmforge.model.checkpoint import save_model
+    from lmforge.model.formats import save_model
     from lmforge.model.transformer import Transformer
 
     gpt2 = save_model(Transformer(tiny_config("gpt2")), load_tok(base_dir), tmp_path / "gpt2")

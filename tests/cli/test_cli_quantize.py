@@ -14,7 +14,7 @@ from conftest import TINY_TEXT, assert_one_line_error, lmforge_here, tiny_config
 def base_dir(tiny_tokenizer, tmp_path: Path) -> Path:  # type: ignore[no-untyped-def]
     import torch
 
-    from lmforge.model.checkpoint import save_model
+    from lmforge.model.formats import save_model
     from lmforge.model.transformer import Transformer
 
     torch.manual_seed(0)

@@ -54,7 +54,7 @@ def test_an_lstm_model_is_refused_with_one_line(
     tiny_tokenizer,
     capsys: pytest.CaptureFixture[str],  # type: ignore[no-untyped-def]
 ) -> None:
-    from lmforge.model.checkpoint import save_model
+    from lmforge.model.formats import save_model
     from lmforge.model.lstm import LSTMConfig, LSTMLanguageModel
 
     model = LSTMLanguageModel(LSTMConfig(vocab_size=384, d_model=16, n_layer=1)).eval()

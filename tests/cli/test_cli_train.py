@@ -106,7 +106,7 @@ def test_checkpoint_to_hf_layout_to_transformers(
     """The last checkpoint's weights, the exported directory and transformers agree."""
     from transformers import AutoModelForCausalLM
 
-    from lmforge.model.checkpoint import load_model
+    from lmforge.model.formats import load_model
     from lmforge.train.checkpoints import latest_checkpoint
 
     proc = train(

@@ -19,8 +19,7 @@ from gguf import GGMLQuantizationType as Q
 
 from conftest import TINY_TEXT, tiny_config
 from lmforge.errors import LmforgeError
-from lmforge.model import checkpoint
-from lmforge.model.checkpoint import load_model
+from lmforge.model.formats import gguf_read, load_model
 from lmforge.model.transformer import Transformer
 
 N_HEAD, N_KV_HEAD = 4, 2
@@ -244,7 +243,7 @@ def test_skipping_the_rope_unpermute_would_be_caught(tiny_tokenizer, tmp_path, m
         0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0)
     )
 
-    monkeypatch.setattr(checkpoint, "unpermute_rope", lambda w, n_head: w)
+    monkeypatch.setattr(gguf_read, "unpermute_rope", lambda w, n_head: w)
     wrong = load_model(path).model
     qkv = "model.layers.0.self_attn.qkv_proj.weight"
     q_rows = model.config.n_head * model.config.head_dim
@@ -259,7 +258,7 @@ def test_unpermute_rope_inverts_llama_cpp_permute():  # type: ignore[no-untyped-
     for n_head in (1, 2, 3, 6):
         permuted = llama_cpp_permute(w, n_head)
         assert not np.array_equal(permuted, w)
-        np.testing.assert_array_equal(checkpoint.unpermute_rope(permuted, n_head), w)
+        np.testing.assert_array_equal(gguf_read.unpermute_rope(permuted, n_head), w)
         np.testing.assert_array_equal(permuted[inverse_rows(48, n_head)], w)
 
 

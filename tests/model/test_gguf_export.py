@@ -21,9 +21,9 @@ from test_gguf import CHAT_TEMPLATE, REL_ERROR, inverse_rows, make_model, rel_er
 
 from conftest import TINY_TEXT, tiny_config
 from lmforge.errors import LmforgeError
-from lmforge.model import gguf_export
-from lmforge.model.checkpoint import LoadedModel, load_model, read_gguf_metadata
-from lmforge.model.gguf_export import check_exportable, export_gguf
+from lmforge.model.formats import LoadedModel, gguf_write, load_model
+from lmforge.model.formats.gguf_read import read_gguf_metadata
+from lmforge.model.formats.gguf_write import check_exportable, export_gguf
 from lmforge.model.transformer import Transformer
 from lmforge.tokenizer import Tokenizer
 
@@ -329,7 +329,7 @@ def test_a_failed_export_leaves_nothing(tiny_tokenizer, tmp_path, monkeypatch) -
             raise KeyboardInterrupt  # killed half-way through the tensors
         return real(arr, qtype)
 
-    monkeypatch.setattr(gguf_export.gguf.quants, "quantize", fail)
+    monkeypatch.setattr(gguf_write.gguf.quants, "quantize", fail)
     with pytest.raises(KeyboardInterrupt):
         export_gguf(loaded_of(make_model(True), tiny_tokenizer, tmp_path), target, "q8_0")
     assert [p.name for p in target.parent.iterdir()] == ["t.gguf"]

@@ -17,7 +17,7 @@ from lmforge.data.loader import TokenSplit
 from lmforge.errors import CorruptArtifactError
 from lmforge.infer.generate import generate_ids
 from lmforge.infer.sampling import SamplingParams
-from lmforge.model.checkpoint import load_model, save_model
+from lmforge.model.formats import load_model, save_model
 from lmforge.model.lstm import LSTMConfig, LSTMLanguageModel
 from lmforge.model.presets import model_config
 from lmforge.train.loop import LoopConfig, train

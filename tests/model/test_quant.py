@@ -16,7 +16,7 @@ from lmforge.infer.engine import Engine
 from lmforge.infer.generate import generate_ids
 from lmforge.infer.params import SamplingParams
 from lmforge.infer.scheduler import SchedulerConfig
-from lmforge.model.checkpoint import load_model, save_model
+from lmforge.model.formats import load_model, save_model
 from lmforge.model.quant import (
     KERNEL_MAX_ROWS,
     Int4Linear,

@@ -23,7 +23,7 @@ COMPLETIONS = [30, 11, 959]
 
 
 def save_tiny(tokenizer, directory: Path, lineage: dict) -> Path:  # type: ignore[no-untyped-def]
-    from lmforge.model.checkpoint import save_model
+    from lmforge.model.formats import save_model
     from lmforge.model.transformer import Transformer
 
     return save_model(Transformer(tiny_config("llama")), tokenizer, directory, lineage=lineage)

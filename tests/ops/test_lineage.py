@@ -113,7 +113,7 @@ def test_request_traced_to_source_files(chain: Path, capsys: pytest.CaptureFixtu
 def test_model_lineage_ends_at_the_builtin_gguf(
     tiny_tokenizer, tmp_path: Path, lmforge_home: Path
 ) -> None:  # type: ignore[no-untyped-def]
-    from lmforge.model.checkpoint import save_model
+    from lmforge.model.formats import save_model
     from lmforge.model.transformer import Transformer
 
     lineage = {"name": "child", "parent": "smollm2-135m-instruct"}
@@ -151,7 +151,7 @@ def test_model_lineage_ends_at_the_builtin_gguf(
 def test_missing_artifacts_are_marked_not_fatal(
     tiny_tokenizer, tmp_path: Path, lmforge_home: Path
 ) -> None:  # type: ignore[no-untyped-def]
-    from lmforge.model.checkpoint import save_model
+    from lmforge.model.formats import save_model
     from lmforge.model.transformer import Transformer
 
     data = tmp_path / "data"

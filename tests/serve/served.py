@@ -65,7 +65,7 @@ def make_model_dir(root: Path, tokenizer, **overrides: object) -> Path:  # type:
     """A random tiny Llama saved as TINY_NAME under ROOT (OVERRIDES change its config)."""
     import torch
 
-    from lmforge.model.checkpoint import save_model
+    from lmforge.model.formats import save_model
     from lmforge.model.transformer import Transformer
 
     torch.manual_seed(0)

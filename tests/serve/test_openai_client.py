@@ -20,7 +20,7 @@ from served import Server, make_model_dir, start_server, stop_server, tiny_serve
 from conftest import tiny_config
 from lmforge.infer.generate import generate_ids
 from lmforge.infer.params import SamplingParams
-from lmforge.model.checkpoint import LoadedModel, load_model, save_model
+from lmforge.model.formats import LoadedModel, load_model, save_model
 from lmforge.model.transformer import Transformer
 from lmforge.serve.app import create_app
 from lmforge.serve.state import ServerSettings

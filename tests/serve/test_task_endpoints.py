@@ -45,7 +45,7 @@ class Served:
 def _save_heads(root: Path, tokenizer: Any) -> tuple[Path, Path]:
     import torch
 
-    from lmforge.model.checkpoint import save_model
+    from lmforge.model.formats import save_model
     from lmforge.model.heads import HeadConfig, SequenceClassifier, SpanQA
     from lmforge.model.transformer import Transformer
 
@@ -110,7 +110,7 @@ def assert_error(r: httpx.Response, status: int, *words: str) -> dict[str, Any]:
 
 def test_classifications_match_in_process_and_keep_order(served: Served) -> None:
     from lmforge.infer.heads import classify
-    from lmforge.model.checkpoint import load_head_model
+    from lmforge.model.formats import load_head_model
 
     model, tokenizer, _ = load_head_model(served.clf_dir)
     expected = classify(model, tokenizer, TEXTS)  # type: ignore[arg-type]
@@ -147,7 +147,7 @@ def test_classifications_match_in_process_and_keep_order(served: Served) -> None
 
 def test_answers_match_in_process(served: Served) -> None:
     from lmforge.infer.heads import answer
-    from lmforge.model.checkpoint import load_head_model
+    from lmforge.model.formats import load_head_model
 
     model, tokenizer, _ = load_head_model(served.qa_dir)
     for max_answer_tokens in (30, 3):

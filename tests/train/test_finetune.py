@@ -179,7 +179,7 @@ def test_example_stream_resumes_on_the_next_batch(tiny_tokenizer, tmp_path: Path
 
 def test_saved_classifier_matches_transformers(tiny_tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     transformers = pytest.importorskip("transformers")
-    from lmforge.model.checkpoint import load_head_model, save_model
+    from lmforge.model.formats import load_head_model, save_model
 
     torch.manual_seed(0)
     model = SequenceClassifier(_body(), HeadConfig("classify", ("a", "b", "c"))).eval()
@@ -198,7 +198,7 @@ def test_saved_classifier_matches_transformers(tiny_tokenizer, tmp_path: Path) -
 
 def test_saved_span_model_matches_transformers(tiny_tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     transformers = pytest.importorskip("transformers")
-    from lmforge.model.checkpoint import load_head_model, save_model
+    from lmforge.model.formats import load_head_model, save_model
 
     torch.manual_seed(0)
     model = SpanQA(_body()).eval()

@@ -114,7 +114,7 @@ def _run(config: Any, dist: Any, *, quiet: bool) -> None:
 def _load_teacher(spec: str, home: Path) -> tuple[Any, str]:
     """The teacher, loaded, and how the lineage names it (registry ref, built-in or path)."""
     from lmforge.cli.finetune import _base_spec
-    from lmforge.model.checkpoint import head_of, is_adapter, load_model
+    from lmforge.model.formats import head_of, is_adapter, load_model
     from lmforge.resolve import resolve
 
     ref = resolve(spec, home=home)

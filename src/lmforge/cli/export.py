@@ -2,7 +2,7 @@
 
 MODEL is resolved as everywhere (registry name, directory, .gguf file, built-in name). GGUF
 export writes a llama-architecture file (`model/gguf_export.py`); HF export writes the directory
-`transformers` loads (`checkpoint.save_model`), so a .gguf or the built-in model becomes an
+`transformers` loads (`formats.save_model`), so a .gguf or the built-in model becomes an
 ordinary HF model. Outputs appear atomically: a killed export leaves no half-written file.
 """
 
@@ -133,7 +133,7 @@ def _check_out(target: Path, fmt: str, force: bool) -> None:
 
 
 def _refuse_adapter(source: Path, spec: str) -> None:
-    from lmforge.model.checkpoint import is_adapter
+    from lmforge.model.formats import is_adapter
 
     if source.is_dir() and is_adapter(source):
         raise LmforgeError(
@@ -143,8 +143,8 @@ def _refuse_adapter(source: Path, spec: str) -> None:
 
 
 def _export_gguf(source: Path, target: Path, kind: str, spec: str) -> None:
-    from lmforge.model.checkpoint import head_of, load_model
-    from lmforge.model.gguf_export import GGUFType, export_gguf
+    from lmforge.model.formats import head_of, load_model
+    from lmforge.model.formats.gguf_write import GGUFType, export_gguf
 
     _refuse_adapter(source, spec)
     head = head_of(source)
@@ -160,8 +160,8 @@ def _export_gguf(source: Path, target: Path, kind: str, spec: str) -> None:
 
 
 def _export_hf(source: Path, target: Path, force: bool, origin: str) -> None:
-    from lmforge.model.checkpoint import head_of, load_head_model, load_model, save_model
-    from lmforge.model.gguf_export import check_exportable
+    from lmforge.model.formats import head_of, load_head_model, load_model, save_model
+    from lmforge.model.formats.gguf_write import check_exportable
 
     _refuse_adapter(source, origin)
     model: nn.Module

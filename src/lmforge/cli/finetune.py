@@ -164,7 +164,7 @@ def finetune_command(
 
 def _run_finetune(config: Any, *, steps_given: bool, quiet: bool) -> None:
     from lmforge.cli.train import watch_run
-    from lmforge.model.checkpoint import load_model
+    from lmforge.model.formats import load_model
     from lmforge.registry.repo import validate_name
     from lmforge.resolve import resolve
     from lmforge.train.finetune import finetune, plan_finetune
@@ -321,7 +321,7 @@ def eval_command(
 
 
 def _load_for(spec: str, task: str) -> tuple[Any, Any, Path, str]:
-    from lmforge.model.checkpoint import (
+    from lmforge.model.formats import (
         head_of,
         is_adapter,
         load_adapter,
@@ -469,7 +469,7 @@ def _record(result: dict[str, Any], model_path: Path) -> None:
 
 
 def _weights_sha256(model_path: Path) -> str | None:
-    from lmforge.model.checkpoint import read_lineage
+    from lmforge.model.formats import read_lineage
 
     sha = read_lineage(model_path).get("weights_sha256") if model_path.is_dir() else None
     return sha if isinstance(sha, str) else None

@@ -255,7 +255,7 @@ def import_command(
     name: Annotated[str, typer.Option("--name", help="Registry name (a-z, 0-9, . _ -).")],
 ) -> None:
     """Import a model into the registry as an HF-layout directory under $LMFORGE_HOME/models."""
-    from lmforge.model.checkpoint import file_sha256, load_model, save_model
+    from lmforge.model.formats import file_sha256, load_model, save_model
     from lmforge.registry import repo
 
     home = lmforge_home()
@@ -292,7 +292,7 @@ def merge_command(
 ) -> None:
     """Merge a LoRA adapter into its base model and register the result (an ordinary model)."""
     from lmforge.eval.card import write_card
-    from lmforge.model.checkpoint import is_adapter, load_adapter, save_model
+    from lmforge.model.formats import is_adapter, load_adapter, save_model
     from lmforge.model.heads import HeadModel
     from lmforge.model.lora import merge_lora
     from lmforge.registry import repo
@@ -339,7 +339,7 @@ def store_model(
     """Write a model directory with WRITE (atomically, under models/NAME/) and register it as
     the next version of NAME; the weights' sha256 comes from the lmforge.json WRITE made."""
     from lmforge.atomic import atomic_directory
-    from lmforge.model.checkpoint import read_lineage
+    from lmforge.model.formats import read_lineage
     from lmforge.registry import repo
     from lmforge.registry.db import connect
 

@@ -61,7 +61,7 @@ def quantize_command(
     """Quantize MODEL's weights to int8 or int4 and register the result under --name."""
     from lmforge.cli.models import store_model
     from lmforge.eval.card import write_card
-    from lmforge.model.checkpoint import head_of, is_adapter, load_model, save_model
+    from lmforge.model.formats import head_of, is_adapter, load_model, save_model
     from lmforge.model.quant import QuantConfig, quantize_model
     from lmforge.registry.repo import validate_name
     from lmforge.resolve import resolve

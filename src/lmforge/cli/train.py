@@ -346,7 +346,7 @@ def finish_run(result: Any, config: Any, run: Any, home: Path, *, parent: str | 
 def _load_init(spec: str | None, home: Path) -> tuple[Any, str | None]:
     if spec is None:
         return None, None
-    from lmforge.model.checkpoint import load_model
+    from lmforge.model.formats import load_model
     from lmforge.resolve import resolve
 
     ref = resolve(spec, home=home)

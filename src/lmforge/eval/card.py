@@ -36,7 +36,7 @@ from lmforge.atomic import write_text_atomic
 from lmforge.errors import CorruptArtifactError, LmforgeError
 
 CARD_FILE = "README.md"
-LINEAGE_FILE = "lmforge.json"  # model/checkpoint.py's LINEAGE_FILE (not imported: torch)
+LINEAGE_FILE = "lmforge.json"  # model/formats/hf.py's LINEAGE_FILE (not imported: torch)
 CONFIG_FILE = "config.json"
 ADAPTER_CONFIG = "adapter_config.json"
 MAX_LABELS_SHOWN = 50

@@ -85,7 +85,7 @@ class ModelRunner:
         to_sample: list[tuple[Request, torch.Tensor]] = []  # (request, logits [V])
         if step.decodes:
             hidden = self._forward(step.decodes)[:, 0]  # [B, C]
-            logits = self.model.lm_head(hidden).float()  # [B, V]
+            logits = self.model.logits(hidden).float()  # [B, V]
             to_sample.extend((c.request, logits[i]) for i, c in enumerate(step.decodes))
         for group in _prefill_groups(step.prefills):
             hidden = self._forward(group)  # [P, T, C]
@@ -129,7 +129,7 @@ class ModelRunner:
         token (None unless the chunk samples) and the prompt logprobs it newly covers."""
         request = chunk.request
         samples = chunk.samples and request.params.max_tokens > 0
-        last = self.model.lm_head(hidden[-1:])[0].float() if samples else None
+        last = self.model.logits(hidden[-1:])[0].float() if samples else None
         return last, self._prompt_logprobs(request, chunk.start, hidden)
 
     def _prompt_logprobs(
@@ -145,7 +145,7 @@ class ModelRunner:
         first, last = max(start, len(have) - 1), min(start + hidden.shape[0], n_prompt - 1)
         if first >= last:
             return []
-        logits = self.model.lm_head(hidden[first - start : last - start]).float()
+        logits = self.model.logits(hidden[first - start : last - start]).float()
         targets = torch.tensor(request.prompt_ids[first + 1 : last + 1], device=self.device)
         return _logprobs(logits.log_softmax(-1), targets, request.params.top_logprobs)
 

@@ -7,7 +7,7 @@
 
 Both reuse the decoder's final hidden states (`Transformer.hidden_states`) and drop its LM head,
 as Hugging Face's `*ForSequenceClassification` / `*ForQuestionAnswering` do, so a saved head
-model loads there unchanged (`model/checkpoint.py` writes the names and architectures):
+model loads there unchanged (`model/formats/heads.py` writes the names and architectures):
 
 - `SequenceClassifier`: pooling `last` takes the hidden state of each row's last real token (a
   decoder's only position that has seen the whole text; HF's pooling for right-padded input),

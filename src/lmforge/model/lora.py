@@ -115,7 +115,7 @@ def _slices(model: Transformer, config: LoraConfig) -> dict[str, dict[str, tuple
             out[f"{prefix}.self_attn.qkv_proj"] = picked
         if "o" in wanted:
             out[f"{prefix}.self_attn.o_proj"] = {"o": (0, c.d_model)}
-        if c.arch == "llama":
+        if c.mlp == "gated":
             gate_up = {"gate": (0, c.d_ff), "up": (c.d_ff, 2 * c.d_ff)}
             picked = {t: s for t, s in gate_up.items() if t in wanted}
             if picked:

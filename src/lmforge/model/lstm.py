@@ -12,7 +12,7 @@ per `decode_step`, each in constant time and memory. `max_seq_len` is only the t
 context (the BPTT length of the batches); generation is not limited by it.
 
 Parameter names are torch's own (`embed_tokens.weight`, `lstm.weight_ih_l0`, …, `lm_head.weight`)
-and `checkpoint.py` stores them as they are; there is no Hugging Face LSTM LM to map them to.
+and `model/formats` stores them as they are; there is no Hugging Face LSTM LM to map them to.
 
 Shapes: B batch, T tokens, L n_layer, C d_model (embedding and hidden size), V vocabulary.
 """

@@ -25,7 +25,7 @@ Two methods, both with fp32 (or bf16) activations:
   scales and zeros are rounded to bf16 (8 significant bits) going in, the sums accumulate in
   fp32, and the result comes back as bf16 cast to the model's dtype.
 
-What a module keeps (and `checkpoint.py` saves) is portable plain tensors: `qweight` (int8
+What a module keeps (and `model/formats` saves) is portable plain tensors: `qweight` (int8
 [N, K], or uint8 [N, K/2] holding two int4 values per byte, the even column in the low nibble),
 `scales` (fp32 [N] or [N, K/group]) and `zeros` (int4: fp32 [N, K/group]). The CPU kernel's
 packed int4 layout is an implementation detail of torch, so `Int4Linear` converts to it when
@@ -364,7 +364,7 @@ def quant_targets(model: Transformer, include_head: bool) -> list[tuple[str, nn.
 def quantize_model(model: Transformer, config: QuantConfig) -> list[str]:
     """Swap MODEL's linear layers for Int8Linear / Int4Linear in place; their module paths.
 
-    A model on the meta device (`checkpoint.empty_model`) gets empty quantized layers of the
+    A model on the meta device (`formats.empty_model`) gets empty quantized layers of the
     right shapes, for loading a saved quantized model into. Refused (LmforgeError, one line)
     for anything but a plain Transformer language model: an LSTM, a task-head model, a model
     with LoRA adapters, or one that is already quantized; and for a layer whose shape the

@@ -1,20 +1,22 @@
-"""The decoder-only Transformer: `ModelConfig` and every module, in forward order.
+"""The decoder-only Transformer: every module, in forward order, for every family.
 
-Two families from one config:
-
-- `arch="llama"`: RoPE (configurable theta), RMSNorm, SwiGLU MLP, grouped-query attention, no
-  biases, tied or untied embeddings (Llama, SmolLM2, Mistral-style checkpoints).
-- `arch="gpt2"`: learned absolute positions, LayerNorm, GELU (tanh) MLP, biases everywhere,
-  tied embeddings.
+One model, driven by the explicit features of `ModelConfig` (`config.py`): norm kind and
+placement, gated or plain MLP and its activation, biases, QK-norm, per-layer attention kind
+(full, sliding window, no RoPE), RoPE θ per layer kind with scaling and partial rotary (`rope.py`),
+learned absolute positions, embedding scale, and tanh soft-capping of attention scores and of the
+logits. No family name is read here.
 
 Parameter names follow Hugging Face's `LlamaForCausalLM` (`model.layers.N.self_attn.o_proj`, …)
-except that Q/K/V and gate/up are fused (`qkv_proj`, `gate_up_proj`): at batch 1 the decoder
-is bound by weight reads and one larger matmul reads faster than several small ones.
-`checkpoint.py` splits and joins them.
+except that Q/K/V and gate/up are fused (`qkv_proj`, `gate_up_proj`: at batch 1 the decoder is
+bound by weight reads and one larger matmul reads faster than several small ones), and the
+norms are named by where they sit: `input_layernorm` (before attention),
+`post_attention_layernorm` (before the MLP, Llama's meaning), `attn_output_norm` and
+`mlp_output_norm` (on the attention and MLP outputs: Gemma's sandwich, OLMo 2's post-norm),
+`self_attn.q_norm` / `k_norm`. `formats/families.py` maps each family's names onto these.
 
-Attention: `eager_attention` is the plain reference (softmax(QKᵀ/√d)V); `sdpa_attention` calls
+Attention: `eager_attention` is the plain reference (softmax(QKᵀ·scale)V); `sdpa_attention` calls
 `torch.nn.functional.scaled_dot_product_attention`. Both live in `ATTENTION` with one signature;
-`Transformer.attn_impl` picks one.
+`Transformer.attn_impl` picks one. Layers with soft-capped scores take `softcap_attention`.
 
 KV cache: the caller allocates a cache (`KVCache`, contiguous rows, or a `PagedBatch` view of
 the engine's block pool, both in `kv_cache.py`) and passes it in; `forward` stores the new keys
@@ -22,158 +24,64 @@ and values of the tokens at `positions` and attends over the cached prefix. `pre
 `decode_step` are the two hot paths, kept separate so each can be optimised on its own.
 
 Shapes: B batch, T new tokens, Tk attended keys, H query heads, Hkv key/value heads, D head dim,
-C d_model, V vocabulary.
+R rotary dims, C d_model, V vocabulary.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal, Self
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.model.config import ConfigDict, ModelConfig
 from lmforge.model.kv_cache import KVCache, LayerCache, PagedBatch
+from lmforge.model.rope import apply_rope, rope_tables
 
-Arch = Literal["llama", "gpt2"]
-
-
-class ConfigDict:
-    """to_dict / from_dict for a model's config dataclass (ModelConfig, LSTMConfig)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)  # type: ignore[call-overload]
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Self:
-        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown model config key(s): {', '.join(unknown)}")
-        return cls(**data)
-
-
-@dataclass
-class ModelConfig(ConfigDict):
-    """Shape and family of a decoder-only Transformer."""
-
-    arch: Arch = "llama"
-    """`llama` (RoPE, RMSNorm, SwiGLU, GQA) or `gpt2` (learned positions, LayerNorm, GELU)."""
-    vocab_size: int = 32000
-    d_model: int = 512
-    n_layer: int = 8
-    n_head: int = 8
-    n_kv_head: int = 0
-    """Key/value heads for grouped-query attention; 0 means `n_head` (multi-head attention)."""
-    d_ff: int = 0
-    """MLP hidden size; 0 means 4·d_model (gpt2) or ⌈8/3·d_model⌉ rounded up to 64 (llama)."""
-    max_seq_len: int = 2048
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    tie_embeddings: bool = True
-    dropout: float = 0.0
-    head_dim: int = 0
-    """Per-head size; 0 means d_model // n_head."""
-    init_std: float = 0.02
-
-    def __post_init__(self) -> None:
-        if self.arch not in ("llama", "gpt2"):
-            raise ValueError(f"model.arch must be 'llama' or 'gpt2', got {self.arch!r}")
-        for name in ("vocab_size", "d_model", "n_layer", "n_head", "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
-        if self.n_kv_head == 0:
-            self.n_kv_head = self.n_head
-        if self.n_kv_head < 0 or self.n_head % self.n_kv_head:
-            raise ValueError(
-                f"model.n_head ({self.n_head}) must be a multiple of model.n_kv_head "
-                f"({self.n_kv_head})"
-            )
-        if self.head_dim == 0:
-            if self.d_model % self.n_head:
-                raise ValueError(
-                    f"model.d_model ({self.d_model}) must be divisible by model.n_head "
-                    f"({self.n_head}) unless model.head_dim is set"
-                )
-            self.head_dim = self.d_model // self.n_head
-        if self.arch == "llama" and self.head_dim % 2:
-            raise ValueError(f"model.head_dim must be even for RoPE, got {self.head_dim}")
-        if self.d_ff == 0:
-            if self.arch == "gpt2":
-                self.d_ff = 4 * self.d_model
-            else:
-                self.d_ff = 64 * math.ceil(8 * self.d_model / 3 / 64)
-        if not (0.0 <= self.dropout < 1.0):
-            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
-        if not (math.isfinite(self.norm_eps) and self.norm_eps > 0):
-            raise ValueError(f"model.norm_eps must be positive, got {self.norm_eps}")
-        if self.arch == "gpt2" and self.n_kv_head != self.n_head:
-            raise ValueError("model.n_kv_head must equal model.n_head for arch 'gpt2'")
-
-    @property
-    def bias(self) -> bool:
-        return self.arch == "gpt2"
-
-    def num_params(self) -> int:
-        """Parameter count (tied embeddings counted once)."""
-        c, f, d = self.d_model, self.d_ff, self.head_dim
-        attn = c * self.n_head * d * 2 + c * self.n_kv_head * d * 2
-        mlp = c * f * (3 if self.arch == "llama" else 2)
-        norms = 2 * c * (2 if self.arch == "gpt2" else 1)
-        biases = (self.n_head * d * 2 + self.n_kv_head * d * 2 + f + c) if self.bias else 0
-        per_layer = attn + mlp + norms + biases
-        emb = self.vocab_size * c * (1 if self.tie_embeddings else 2)
-        pos = self.max_seq_len * c if self.arch == "gpt2" else 0
-        final_norm = c * (2 if self.arch == "gpt2" else 1)
-        return self.n_layer * per_layer + emb + pos + final_norm
+__all__ = ["ConfigDict", "ModelConfig", "Transformer", "optimize_weight_layout"]
 
 
 # ---------------------------------------------------------------------------------------------
-# Norms and rotary embeddings
+# Norms and activations
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    """x / rms(x) · (w + offset): offset 0 for Llama's norm, 1 for Gemma's (weights start at 0)."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.offset = offset
+        self.weight = nn.Parameter(torch.ones(dim) if not offset else torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        # Normalise in fp32 like the reference Llama implementation, then cast back.
-        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
+        w = self.weight + self.offset if self.offset else self.weight
+        if x.dtype == torch.float32 and w.dtype == torch.float32:
+            return F.rms_norm(x, w.shape, w, self.eps)
+        # Normalise in fp32 like the reference implementations, then cast back.
+        return F.rms_norm(x.float(), w.shape, w.float(), self.eps).to(x.dtype)
 
 
-def make_norm(config: ModelConfig) -> nn.Module:
-    if config.arch == "gpt2":
-        return nn.LayerNorm(config.d_model, eps=config.norm_eps)
-    return RMSNorm(config.d_model, config.norm_eps)
+def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
+    dim = dim or config.d_model
+    if config.norm == "layer":
+        return nn.LayerNorm(dim, eps=config.norm_eps)
+    return RMSNorm(dim, config.norm_eps, 1.0 if config.norm == "rms_offset" else 0.0)
 
 
-def rope_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and signed-sin tables [max_seq_len, D] for HF Llama's rotate-half RoPE.
-
-    rotate_half(x)·sin = cat(-x₂, x₁)·cat(s, s) = roll(x, D/2)·cat(-s, s), so the sign lives in
-    the table and `apply_rope` needs one roll instead of two slices, a negation and a cat.
-    """
-    d = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    t = torch.arange(config.max_seq_len, dtype=torch.float32)
-    freqs = torch.outer(t, inv_freq)  # [T, D/2]
-    emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
-    sin = freqs.sin()
-    return emb.cos(), torch.cat((-sin, sin), dim=-1)
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+}
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, D]; cos, signed_sin [B, 1, T, D] from `rope_tables`."""
-    rotated = torch.roll(x, x.shape[-1] // 2, dims=-1)
-    return torch.addcmul(x * cos, rotated, signed_sin)
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap · tanh(x / cap): bounded scores or logits (Gemma 2)."""
+    return torch.tanh(x / cap) * cap
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,6 +242,29 @@ def sdpa_attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
 
 
+def softcap_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+    cap: float,
+) -> torch.Tensor:
+    """`eager_attention` with the scores soft-capped (cap·tanh(s/cap)) before the mask (Gemma 2)."""
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1:
+        k = k.repeat_interleave(n_rep, dim=1)
+        v = v.repeat_interleave(n_rep, dim=1)
+    scores = softcap((q @ k.transpose(-2, -1)).float() * scale, cap)  # [B, H, T, Tk]
+    if is_causal:
+        t, tk = scores.shape[-2:]
+        mask = torch.ones(t, tk, dtype=torch.bool, device=q.device).tril(tk - t)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1).to(v.dtype) @ v
+
+
 ATTENTION: dict[str, AttentionFn] = {"eager": eager_attention, "sdpa": sdpa_attention}
 
 
@@ -343,9 +274,28 @@ class AttentionPlan:
 
     positions: torch.Tensor  # [B, T] int64
     write_start: int | None  # contiguous cache: slice write at [start, start+T) for every row
-    k_len: int  # keys attended: cache prefix [0, k_len)
+    k_len: int  # keys attended: cache prefix [0, k_len); key j holds position j
     mask: torch.Tensor | None  # [B, 1, T, Tk] bool, True = attend
     is_causal: bool
+    windowed: dict[int, tuple[torch.Tensor | None, bool]] = field(default_factory=dict)
+
+    def for_window(self, window: int) -> tuple[torch.Tensor | None, bool]:
+        """(mask, is_causal) for a layer that sees only the last WINDOW positions (0: all).
+
+        A query at position p sees keys p − window < j ≤ p, as Hugging Face's sliding-window
+        masks do. Computed once per window size and forward call.
+        """
+        if window <= 0 or self.k_len <= window:  # no query is far enough to lose a key
+            return self.mask, self.is_causal
+        if window not in self.windowed:
+            keys = torch.arange(self.k_len, device=self.positions.device)
+            pos = self.positions[:, :, None]
+            near = (keys[None, None, :] > pos - window) & (keys[None, None, :] <= pos)
+            mask = near.unsqueeze(1)  # [B, 1, T, Tk]
+            if self.mask is not None:
+                mask = mask & self.mask
+            self.windowed[window] = (mask, False)
+        return self.windowed[window]
 
 
 def plan_attention(
@@ -392,16 +342,26 @@ def plan_attention(
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer_type: str = "full") -> None:
         super().__init__()
         self.n_head = config.n_head
         self.n_kv_head = config.n_kv_head
         self.head_dim = config.head_dim
-        self.scale = 1.0 / math.sqrt(config.head_dim)
+        self.scale = config.attn_scale
+        self.window = config.sliding_window if layer_type == "sliding" else 0
+        self.softcap = config.attn_softcap
         qd, kvd = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
         # Q, K and V in one matmul: one weight read per token instead of three.
-        self.qkv_proj = Linear(config.d_model, qd + 2 * kvd, bias=config.bias)
-        self.o_proj = Linear(qd, config.d_model, bias=config.bias)
+        self.qkv_proj = Linear(config.d_model, qd + 2 * kvd, bias=config.qkv_bias)
+        self.o_proj = Linear(qd, config.d_model, bias=config.o_bias)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm == "head":  # one norm over each head's D dims (Qwen3, Gemma 3)
+            self.q_norm, self.k_norm = (
+                make_norm(config, config.head_dim),
+                make_norm(config, config.head_dim),
+            )
+        elif config.qk_norm == "full":  # over all heads' dims at once (OLMo 2)
+            self.q_norm, self.k_norm = make_norm(config, qd), make_norm(config, kvd)
         self.dropout = config.dropout
 
     def forward(
@@ -413,18 +373,29 @@ class Attention(nn.Module):
         attn_fn: AttentionFn,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        h, hkv = self.n_head, self.n_kv_head
-        qkv = self.qkv_proj(x).view(b, t, h + 2 * hkv, self.head_dim).transpose(1, 2)
+        h, hkv, d = self.n_head, self.n_kv_head, self.head_dim
+        qkv = self.qkv_proj(x)  # [B, T, (H + 2·Hkv)·D]
+        if self.qk_norm == "full":
+            q, k, v = qkv.split([h * d, hkv * d, hkv * d], dim=-1)
+            qkv = torch.cat((self.q_norm(q), self.k_norm(k), v), dim=-1)
+        heads = qkv.view(b, t, h + 2 * hkv, d)
+        if self.qk_norm == "head":
+            q, k, v = heads.split([h, hkv, hkv], dim=2)
+            heads = torch.cat((self.q_norm(q), self.k_norm(k), v), dim=2)
         # `split`, not slicing: its backward is one cat, where each slice's backward zero-fills
         # a gradient of the whole and copies into it.
-        qk, v = qkv.split([h + hkv, hkv], dim=1)  # [B, H + Hkv, T, D]: one RoPE call for both
+        qk, v = heads.transpose(1, 2).split([h + hkv, hkv], dim=1)  # one RoPE call for Q and K
         if rope is not None:
             qk = apply_rope(qk, *rope)
         q, k = qk.split([h, hkv], dim=1)  # [B, H, T, D], [B, Hkv, T, D]
         if cache is not None:  # store the new keys and values, attend over the cached ones
             k, v = cache.update(k, v, plan)  # [B, Hkv, Tk, D]
-        y = attn_fn(q, k, v, plan.mask, plan.is_causal, self.scale)  # [B, H, T, D]
-        y = y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim)
+        mask, is_causal = plan.for_window(self.window)
+        if self.softcap:
+            y = softcap_attention(q, k, v, mask, is_causal, self.scale, self.softcap)
+        else:
+            y = attn_fn(q, k, v, mask, is_causal, self.scale)  # [B, H, T, D]
+        y = y.transpose(1, 2).reshape(b, t, h * d)
         y = self.o_proj(y)
         # Functional dropout, skipped at p = 0: a module call per layer costs ~5 µs at decode.
         return F.dropout(y, self.dropout, self.training) if self.dropout else y
@@ -433,30 +404,40 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gated = config.arch == "llama"
+        self.gated = config.mlp == "gated"
+        self.act = ACTIVATIONS[str(config.activation)]
         if self.gated:  # gate and up in one matmul
-            self.gate_up_proj = Linear(config.d_model, 2 * config.d_ff, bias=False)
+            self.gate_up_proj = Linear(config.d_model, 2 * config.d_ff, bias=config.mlp_bias)
         else:
-            self.up_proj = Linear(config.d_model, config.d_ff, bias=config.bias)
-        self.down_proj = Linear(config.d_ff, config.d_model, bias=config.bias)
+            self.up_proj = Linear(config.d_model, config.d_ff, bias=config.mlp_bias)
+        self.down_proj = Linear(config.d_ff, config.d_model, bias=config.mlp_bias)
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = self.act(gate) * up
         else:
-            h = F.gelu(self.up_proj(x), approximate="tanh")
+            h = self.act(self.up_proj(x))
         y = self.down_proj(h)
         return F.dropout(y, self.dropout, self.training) if self.dropout else y
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """One layer; its norms by `norm_placement`: pre (Llama), sandwich (Gemma), post (OLMo 2)."""
+
+    def __init__(self, config: ModelConfig, layer_type: str = "full") -> None:
         super().__init__()
-        self.input_layernorm = make_norm(config)
-        self.self_attn = Attention(config)
-        self.post_attention_layernorm = make_norm(config)
+        self.layer_type = layer_type
+        if config.norm_placement in ("pre", "sandwich"):
+            self.input_layernorm = make_norm(config)
+            self.post_attention_layernorm = make_norm(config)  # before the MLP (Llama's name)
+        if config.norm_placement in ("sandwich", "post"):
+            self.attn_output_norm = make_norm(config)
+            self.mlp_output_norm = make_norm(config)
+        self.pre = config.norm_placement != "post"
+        self.post = config.norm_placement != "pre"
+        self.self_attn = Attention(config, layer_type)
         self.mlp = MLP(config)
 
     def forward(
@@ -467,8 +448,10 @@ class Block(nn.Module):
         cache: LayerCache | None,
         attn_fn: AttentionFn,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, plan, cache, attn_fn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.self_attn(self.input_layernorm(x) if self.pre else x, rope, plan, cache, attn_fn)
+        x = x + (self.attn_output_norm(h) if self.post else h)
+        h = self.mlp(self.post_attention_layernorm(x) if self.pre else x)
+        return x + (self.mlp_output_norm(h) if self.post else h)
 
 
 class Backbone(nn.Module):
@@ -477,10 +460,16 @@ class Backbone(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
-        if config.arch == "gpt2":
+        if config.positions == "learned":
             self.embed_positions = nn.Embedding(config.max_seq_len, config.d_model)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        assert config.layer_types is not None
+        self.layers = nn.ModuleList(Block(config, kind) for kind in config.layer_types)
         self.norm = make_norm(config)
+
+
+ROPE_TABLE_LEN = 4096
+"""RoPE tables start this long (or the context, if shorter) and double when a position needs
+it: a 32k-context model with 256-dim heads would otherwise keep 128 MB of tables."""
 
 
 class Transformer(nn.Module):
@@ -492,19 +481,53 @@ class Transformer(nn.Module):
         self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        if config.arch == "llama":
-            self.register_buffer("rope_cos", torch.empty(0), persistent=False)
-            self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        # RoPE tables: "global" for full layers, "local" for sliding ones with their own θ.
+        self.rope_kinds = self._rope_kinds(config)
+        for kind in set(self.rope_kinds.values()) - {None}:
+            self.register_buffer(f"rope_cos_{kind}", torch.empty(0), persistent=False)
+            self.register_buffer(f"rope_sin_{kind}", torch.empty(0), persistent=False)
         if not any(p.is_meta for p in self.parameters()):
             self.init_buffers()
             self.reset_parameters()
 
-    def init_buffers(self) -> None:
-        """(Re)compute the RoPE tables; needed after building on the meta device."""
-        if self.config.arch == "llama":
-            cos, sin = rope_tables(self.config)
-            device = self.model.embed_tokens.weight.device
-            self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+    @staticmethod
+    def _rope_kinds(config: ModelConfig) -> dict[str, str | None]:
+        """Layer type → which RoPE table it uses (None: no RoPE)."""
+        if config.positions != "rope":
+            return dict.fromkeys(("full", "sliding", "nope"))
+        local = "local" if config.rope_theta_local else "global"
+        return {"full": "global", "sliding": local, "nope": None}
+
+    def init_buffers(self, length: int = 0) -> None:
+        """(Re)compute the RoPE tables (at least LENGTH positions); needed after building on the
+        meta device, and done again when a position goes past the tables."""
+        c = self.config
+        length = min(c.max_seq_len, max(length, ROPE_TABLE_LEN))
+        device = self.model.embed_tokens.weight.device
+        assert c.rope_theta is not None
+        thetas = {"global": (c.rope_theta, c.rope_scaling), "local": (c.rope_theta_local, None)}
+        # Never inference tensors, even when first needed under inference_mode: training
+        # afterwards would have to save them for backward.
+        with torch.inference_mode(False), torch.no_grad():
+            for kind in set(self.rope_kinds.values()) - {None}:
+                theta, scaling = thetas[str(kind)]
+                cos, sin = rope_tables(c.rotary_dim, float(theta), scaling, length)
+                setattr(self, f"rope_cos_{kind}", cos.to(device))
+                setattr(self, f"rope_sin_{kind}", sin.to(device))
+
+    def _ropes(
+        self, positions: torch.Tensor, k_len: int, dtype: torch.dtype
+    ) -> dict[str | None, tuple[torch.Tensor, torch.Tensor] | None]:
+        """cos/sin [B, 1, T, R] at POSITIONS, per table."""
+        kinds = set(self.rope_kinds.values()) - {None}
+        out: dict[str | None, tuple[torch.Tensor, torch.Tensor] | None] = {None: None}
+        if kinds and getattr(self, f"rope_cos_{next(iter(kinds))}").shape[0] < k_len:
+            self.init_buffers(max(2 * k_len, ROPE_TABLE_LEN))
+        for kind in kinds:
+            cos = getattr(self, f"rope_cos_{kind}")[positions].unsqueeze(1)
+            sin = getattr(self, f"rope_sin_{kind}")[positions].unsqueeze(1)
+            out[kind] = (cos.to(dtype), sin.to(dtype))
+        return out
 
     @property
     def attn_impl(self) -> str:
@@ -517,13 +540,16 @@ class Transformer(nn.Module):
         self._attn_impl = name
 
     def reset_parameters(self) -> None:
-        """GPT-2 style init: N(0, 0.02), residual projections scaled by 1/√(2·n_layer)."""
+        """GPT-2 style init: N(0, 0.02), residual projections scaled by 1/√(2·n_layer); norms
+        start as the identity (weight 1, or 0 for Gemma's 1 + w)."""
         std = self.config.init_std
+        norms = {id(m.weight): m for m in self.modules() if isinstance(m, (RMSNorm, nn.LayerNorm))}
         for name, p in self.named_parameters():
+            norm = norms.get(id(p))
             if name.endswith("bias"):
                 nn.init.zeros_(p)
-            elif "norm" in name:
-                nn.init.ones_(p)
+            elif norm is not None:
+                nn.init.constant_(p, 0.0 if getattr(norm, "offset", 0.0) else 1.0)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layer))
             else:
@@ -542,19 +568,24 @@ class Transformer(nn.Module):
         if plan.k_len > cfg.max_seq_len:
             raise ValueError(f"position {plan.k_len - 1} is beyond the context {cfg.max_seq_len}")
         x = self.model.embed_tokens(ids)  # [B, T, C]
-        rope = None
-        if cfg.arch == "gpt2":
+        if cfg.embed_scale != 1.0:  # Gemma: √C, rounded to the activations' dtype as HF does
+            x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
+        if cfg.positions == "learned":
             x = x + self.model.embed_positions(plan.positions)
-        else:
-            cos = self.rope_cos[plan.positions].unsqueeze(1)  # [B, 1, T, D]
-            sin = self.rope_sin[plan.positions].unsqueeze(1)
-            rope = (cos.to(x.dtype), sin.to(x.dtype))
+        ropes = self._ropes(plan.positions, plan.k_len, x.dtype)
         if cfg.dropout:
             x = F.dropout(x, cfg.dropout, self.training)
         attn_fn = ATTENTION[self._attn_impl]
         for i, layer in enumerate(self.model.layers):
+            rope = ropes[self.rope_kinds[layer.layer_type]]
             x = layer(x, rope, plan, kv_cache.layer(i) if kv_cache is not None else None, attn_fn)
         return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head on final hidden states [..., C] → [..., V], soft-capped if configured."""
+        out = self.lm_head(hidden)
+        cap = self.config.final_softcap
+        return softcap(out, cap) if cap else out
 
     def forward(
         self,
@@ -568,7 +599,7 @@ class Transformer(nn.Module):
         h = self.hidden_states(ids, positions, kv_cache)
         if last_only:
             h = h[:, -1:]
-        return self.lm_head(h)
+        return self.logits(h)
 
 
 # ---------------------------------------------------------------------------------------------

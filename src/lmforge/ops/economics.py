@@ -248,7 +248,7 @@ def measure_throughput(
     from lmforge.infer.engine import Engine, default_max_model_len
     from lmforge.infer.params import SamplingParams
     from lmforge.infer.scheduler import SchedulerConfig
-    from lmforge.model.checkpoint import load_model
+    from lmforge.model.formats import load_model
     from lmforge.model.transformer import Transformer, optimize_weight_layout
 
     model = load_model(path).model

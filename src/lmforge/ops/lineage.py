@@ -37,7 +37,7 @@ from lmforge.ops.pricing import format_price, format_usd
 from lmforge.registry import ledger, repo
 from lmforge.registry.db import read_existing
 
-LINEAGE_FILE = "lmforge.json"  # model/checkpoint.py's LINEAGE_FILE (not imported: torch)
+LINEAGE_FILE = "lmforge.json"  # model/formats/hf.py's LINEAGE_FILE (not imported: torch)
 WEIGHTS_FILE = "model.safetensors"
 _REGISTRY_REF = re.compile(r"^(?P<name>[a-z0-9][a-z0-9._-]{0,63})(?:@(?P<version>\d+))?$")
 _VERSION = re.compile(r"^(?P<name>.+)@(?:(?P<number>\d+)|sha256:(?P<hex>[0-9a-f]{1,64}))$")

@@ -243,7 +243,7 @@ class ServerState:
 
 def check_servable(spec: str | None, *, home: Path | None = None) -> None:
     """Refuse at once what `load_served` would refuse after loading: an unknown model, an LSTM."""
-    from lmforge.model.checkpoint import LSTM_ARCHITECTURE
+    from lmforge.model.formats import LSTM_ARCHITECTURE
 
     ref = resolve(spec, home=home)
     config = ref.path / "config.json"
@@ -263,7 +263,7 @@ def _name_and_version(ref: ModelRef) -> tuple[str, str]:
     A registry model is served under its name (prices and key limits use it), whichever version
     was asked for, and an alias under the alias; the ledger records the exact version.
     """
-    from lmforge.model.checkpoint import WEIGHTS_FILE, file_sha256
+    from lmforge.model.formats import WEIGHTS_FILE, file_sha256
 
     if ref.alias is not None:
         return ref.alias, ref.name
@@ -282,8 +282,8 @@ def load_served(spec: str | None, settings: ServerSettings) -> ServedModel | Ser
     from lmforge.infer.engine import AsyncEngine, Engine, default_max_model_len
     from lmforge.infer.memory import format_size, kv_cache_tokens
     from lmforge.infer.scheduler import SchedulerConfig
-    from lmforge.model.checkpoint import head_of, load_head_model, load_model
     from lmforge.model.devices import resolve_device
+    from lmforge.model.formats import head_of, load_head_model, load_model
     from lmforge.model.kv_cache import PagedKVCache
     from lmforge.model.transformer import Transformer, optimize_weight_layout
 

@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 from lmforge.config import to_dict
 from lmforge.errors import LmforgeError
-from lmforge.model.checkpoint import WEIGHTS_FILE, LoadedModel, file_sha256
+from lmforge.model.formats import WEIGHTS_FILE, LoadedModel, file_sha256
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.distributed import Distributed
 from lmforge.train.loop import LoopConfig, StepCallback, with_block_size

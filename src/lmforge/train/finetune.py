@@ -15,7 +15,7 @@ classify and QA, the model (`model/heads.py`) differ. The number of steps is `--
 LoRA freezes the decoder and trains the adapters — plus the new head, which starts random (as
 PEFT's `modules_to_save`). The adapter directory holds `adapter_model.safetensors` (adapters and
 head, a few MB), `adapter_config.json` (rank, alpha, targets, the base model's directory) and
-`lmforge.json`; `model/checkpoint.py`'s `load_adapter` rebuilds the model from it, and
+`lmforge.json`; `model/formats/adapters.py`'s `load_adapter` rebuilds the model from it, and
 `merge_lora` makes it an ordinary model again.
 """
 
@@ -33,7 +33,7 @@ from lmforge.config import to_dict
 from lmforge.data import examples as ex
 from lmforge.data.features import require_chat_template
 from lmforge.errors import LmforgeError
-from lmforge.model.checkpoint import LoadedModel, save_adapter, save_model
+from lmforge.model.formats import LoadedModel, save_adapter, save_model
 from lmforge.model.heads import HeadConfig, HeadModel, head_model
 from lmforge.model.lora import LoraConfig, apply_lora, merge_lora
 from lmforge.model.quant import refuse_training

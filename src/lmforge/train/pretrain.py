@@ -36,7 +36,7 @@ from lmforge.config import dump_yaml, read_yaml, to_dict
 from lmforge.data.loader import TokenSplit, check_windows
 from lmforge.data.shards import read_manifest, shard_infos
 from lmforge.errors import LmforgeError
-from lmforge.model.checkpoint import LoadedModel, save_model
+from lmforge.model.formats import LoadedModel, save_model
 from lmforge.model.presets import model_config
 from lmforge.model.quant import refuse_training
 from lmforge.tokenizer import Tokenizer
@@ -262,9 +262,9 @@ def build_model(config: TrainConfig, vocab_size: int, init: LoadedModel | None) 
 
 def new_model(shape: Any) -> nn.Module:
     """A freshly initialised model of SHAPE (a `ModelConfig` or an `LSTMConfig`)."""
-    if shape.arch == "lstm":
-        from lmforge.model.lstm import LSTMLanguageModel
+    from lmforge.model.lstm import LSTMConfig, LSTMLanguageModel
 
+    if isinstance(shape, LSTMConfig):
         return LSTMLanguageModel(shape)
     from lmforge.model.transformer import Transformer
 
@@ -405,7 +405,9 @@ def run_lineage(
 def export_model(result: PretrainResult, directory: Path) -> Path:
     """Write the trained model to DIRECTORY in the Hugging Face layout with its lineage."""
     shape = getattr(result.model, "config")  # noqa: B009 - nn.Module's __getattr__ is untyped
-    if shape.arch != "lstm":
+    from lmforge.model.lstm import LSTMConfig
+
+    if not isinstance(shape, LSTMConfig):  # a Transformer's context (an LSTM has none)
         result.tokenizer.model_max_length = shape.max_seq_len
     return save_model(result.model, result.tokenizer, directory, lineage=result.lineage)  # type: ignore[arg-type]
 

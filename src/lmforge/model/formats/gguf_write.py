@@ -1,6 +1,6 @@
 """GGUF export: an lmforge Llama-style model as a llama.cpp `llama`-architecture GGUF file.
 
-The inverse of `checkpoint.load_gguf`, laid out the way llama.cpp's convert_hf_to_gguf.py
+The inverse of `gguf_read.load_gguf`, laid out the way llama.cpp's convert_hf_to_gguf.py
 (`LlamaModel`) writes a Hugging Face Llama: the same metadata keys, tensor names and types, Q/K
 rows permuted into llama.cpp's interleaved-RoPE order, our fused `qkv_proj` / `gate_up_proj`
 split into attn_q/k/v and ffn_gate/up, the LM head left out when tied. File types: F32 (exact),
@@ -8,14 +8,11 @@ F16 and Q8_0 (`gguf.quants.quantize`); norm weights stay F32 in every type, as l
 them, and a matrix whose rows are not a whole number of Q8_0 blocks falls back to F16, as the
 converter does. The tokenizer's metadata comes from `tokenizer/gguf.py` (`gguf_vocab`).
 
-DESIGN.md makes `checkpoint.py` the one module that knows file formats; this writer lives beside
-it rather than inside because checkpoint.py is already past 900 lines. It reuses checkpoint's
-knowledge only through `LoadedModel` and writes nothing but the GGUF file (atomically: temp
-file, fsync, rename). GPT-2-style models and the LSTM are refused: llama.cpp's `gpt2`
-architecture is another tensor layout that lmforge cannot read back to test; export them with
-`--format hf` and llama.cpp's own converter.
+It writes nothing but the GGUF file (atomically: temp file, fsync, rename). GPT-2-style models
+and the LSTM are refused: llama.cpp's `gpt2` architecture is another tensor layout that lmforge
+cannot read back to test; export them with `--format hf` and llama.cpp's own converter.
 
-    from lmforge.model.gguf_export import export_gguf
+    from lmforge.model.formats.gguf_write import export_gguf
     export_gguf(load_model("my-model-dir"), Path("my-model.Q8_0.gguf"), "q8_0")
 """
 
@@ -35,7 +32,7 @@ from torch import nn
 
 from lmforge.atomic import write_with
 from lmforge.errors import LmforgeError
-from lmforge.model.checkpoint import LoadedModel
+from lmforge.model.formats.hf import LoadedModel
 from lmforge.model.heads import HeadModel
 from lmforge.model.transformer import Transformer
 from lmforge.tokenizer.gguf import GGUFVocab, gguf_vocab
@@ -94,7 +91,7 @@ def check_exportable(model: nn.Module, source: str) -> None:
 
 def permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     """HF's rotate-half Q/K rows → llama.cpp's interleaved pairs (convert_hf_to_gguf.py
-    `LlamaModel.permute`); `checkpoint.unpermute_rope` is its inverse."""
+    `LlamaModel.permute`); `gguf_read.unpermute_rope` is its inverse."""
     rows = w.shape[0]
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
