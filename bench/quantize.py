@@ -328,7 +328,7 @@ def _save_bf16(source: Path, out: Path) -> None:
     """The fp32 built-in saved in bf16: what a bf16 model weighs on disk."""
     import torch
 
-    from lmforge.model.checkpoint import load_model, save_model
+    from lmforge.model.formats import load_model, save_model
 
     loaded = load_model(source, dtype=torch.bfloat16)
     save_model(loaded.model, loaded.tokenizer, out, lineage=loaded.lineage)

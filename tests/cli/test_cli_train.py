@@ -99,7 +99,15 @@ def test_train_registers_a_model_that_generate_uses(char_data: Path, lmforge_hom
     assert len(gen.stdout.rstrip("\n")) == 12  # 12 character tokens
 
 
-@pytest.mark.parametrize("preset", ["tiny", "nanogpt-shakespeare-cpu"])
+HF_CLASS = {
+    "tiny": "LlamaForCausalLM",
+    "nanogpt-shakespeare-cpu": "GPT2LMHeadModel",
+    "tiny-qwen3": "Qwen3ForCausalLM",
+    "tiny-gemma3": "Gemma3ForCausalLM",
+}
+
+
+@pytest.mark.parametrize("preset", list(HF_CLASS))
 def test_checkpoint_to_hf_layout_to_transformers(
     preset: str, char_data: Path, lmforge_home: Path
 ) -> None:
@@ -125,9 +133,7 @@ def test_checkpoint_to_hf_layout_to_transformers(
         ours = exported.model.eval()(ids)
         reference = hf(ids).logits
         checkpoint = from_ckpt.eval()(ids)
-    assert hf.config.architectures[0] == (
-        "LlamaForCausalLM" if preset == "tiny" else "GPT2LMHeadModel"
-    )
+    assert hf.config.architectures[0] == HF_CLASS[preset]
     torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(checkpoint, ours, atol=0, rtol=0)
 

@@ -143,7 +143,7 @@ def test_unsupported_rope_scaling_is_refused(tmp_path: Path, tiny_tokenizer) -> 
     cfg["rope_scaling"] = {"rope_type": "longrope", "factor": 4.0}
     cfg.pop("rope_parameters", None)
     cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(LmforgeError, match="longrope.*not supported.*linear, llama3, yarn"):
+    with pytest.raises(LmforgeError, match=r"longrope.*not supported.*linear, llama3, yarn"):
         load_model(directory)
 
 

@@ -10,6 +10,8 @@ tokenizer, and any field can be overridden (`--arch.n_layer=6`, `--dropout 0.1`)
 | `small`                   | gpt2        | 6      | 6     | 384     | 256     | 10.8 M  |
 | `llama-small`             | llama (GQA) | 6      | 6 (2) | 384     | 256     | 9.5 M   |
 | `gpt2-124m`               | gpt2        | 12     | 12    | 768     | 1024    | 85.9 M  |
+| `tiny-qwen3`              | qwen3 (GQA) | 2      | 4 (2) | 64      | 128     | 0.10 M  |
+| `tiny-gemma3`             | gemma3      | 6      | 4 (1) | 64      | 128     | 0.29 M  |
 | `lstm`                    | lstm        | 2      | –     | 256     | 64      | 1.07 M  |
 
 * for a 65-symbol vocabulary (tinyshakespeare, character level); `gpt2-124m` has 124 M with
@@ -17,7 +19,9 @@ GPT-2's 50,257 tokens.
 
 `nanogpt-shakespeare-cpu` is nanoGPT's published CPU configuration for shakespeare-char
 (github.com/karpathy/nanoGPT README, "I only have a macbook"); `small` is the "baby GPT" of
-nanoGPT's `config/train_shakespeare_char.py`; `gpt2-124m` is GPT-2 small.
+nanoGPT's `config/train_shakespeare_char.py`; `gpt2-124m` is GPT-2 small. `tiny-qwen3` (QK-norm) and
+`tiny-gemma3` (5 sliding-window layers of 32 : 1 global, two RoPE θ, sandwich norms, QK-norm)
+are the two newer families at test size; any family's defaults come with `arch` (config.py).
 """
 
 from __future__ import annotations
@@ -50,6 +54,24 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_seq_len": 256,
     },
     "gpt2-124m": {"arch": "gpt2", "n_layer": 12, "n_head": 12, "d_model": 768, "max_seq_len": 1024},
+    "tiny-qwen3": {
+        "arch": "qwen3",
+        "n_layer": 2,
+        "n_head": 4,
+        "n_kv_head": 2,
+        "d_model": 64,
+        "max_seq_len": 128,
+    },
+    "tiny-gemma3": {
+        "arch": "gemma3",
+        "n_layer": 6,
+        "n_head": 4,
+        "n_kv_head": 1,
+        "d_model": 64,
+        "head_dim": 16,
+        "max_seq_len": 128,
+        "sliding_window": 32,
+    },
     "lstm": {"arch": "lstm", "n_layer": 2, "d_model": 256, "max_seq_len": 64},
 }
 

@@ -82,6 +82,8 @@ class ArchOverrides:
     norm_eps: float | None = None
     tie_embeddings: bool | None = None
     init_std: float | None = None
+    sliding_window: int | None = None
+    qk_norm: str | None = None
 
     def given(self) -> dict[str, Any]:
         return {
