@@ -352,8 +352,8 @@ class Attention(nn.Module):
         self.softcap = config.attn_softcap
         qd, kvd = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
         # Q, K and V in one matmul: one weight read per token instead of three.
-        self.qkv_proj = Linear(config.d_model, qd + 2 * kvd, bias=config.qkv_bias)
-        self.o_proj = Linear(qd, config.d_model, bias=config.o_bias)
+        self.qkv_proj = Linear(config.d_model, qd + 2 * kvd, bias=bool(config.qkv_bias))
+        self.o_proj = Linear(qd, config.d_model, bias=bool(config.o_bias))
         self.qk_norm = config.qk_norm
         if config.qk_norm == "head":  # one norm over each head's D dims (Qwen3, Gemma 3)
             self.q_norm, self.k_norm = (
@@ -407,10 +407,10 @@ class MLP(nn.Module):
         self.gated = config.mlp == "gated"
         self.act = ACTIVATIONS[str(config.activation)]
         if self.gated:  # gate and up in one matmul
-            self.gate_up_proj = Linear(config.d_model, 2 * config.d_ff, bias=config.mlp_bias)
+            self.gate_up_proj = Linear(config.d_model, 2 * config.d_ff, bias=bool(config.mlp_bias))
         else:
-            self.up_proj = Linear(config.d_model, config.d_ff, bias=config.mlp_bias)
-        self.down_proj = Linear(config.d_ff, config.d_model, bias=config.mlp_bias)
+            self.up_proj = Linear(config.d_model, config.d_ff, bias=bool(config.mlp_bias))
+        self.down_proj = Linear(config.d_ff, config.d_model, bias=bool(config.mlp_bias))
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -511,7 +511,7 @@ class Transformer(nn.Module):
         with torch.inference_mode(False), torch.no_grad():
             for kind in set(self.rope_kinds.values()) - {None}:
                 theta, scaling = thetas[str(kind)]
-                cos, sin = rope_tables(c.rotary_dim, float(theta), scaling, length)
+                cos, sin = rope_tables(c.rotary_dim, float(theta or 0), scaling, length)
                 setattr(self, f"rope_cos_{kind}", cos.to(device))
                 setattr(self, f"rope_sin_{kind}", sin.to(device))
 
@@ -577,7 +577,7 @@ class Transformer(nn.Module):
             x = F.dropout(x, cfg.dropout, self.training)
         attn_fn = ATTENTION[self._attn_impl]
         for i, layer in enumerate(self.model.layers):
-            rope = ropes[self.rope_kinds[layer.layer_type]]
+            rope = ropes[self.rope_kinds[str(layer.layer_type)]]
             x = layer(x, rope, plan, kv_cache.layer(i) if kv_cache is not None else None, attn_fn)
         return self.model.norm(x)
 

@@ -195,7 +195,7 @@ def _add_metadata(
     writer.add_feed_forward_length(cfg.d_ff)
     writer.add_head_count(cfg.n_head)
     writer.add_head_count_kv(cfg.n_kv_head)
-    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_rope_freq_base(float(cfg.rope_theta or 0))
     writer.add_layer_norm_rms_eps(cfg.norm_eps)
     writer.add_file_type(_FILE_TYPES[dtype])
     writer.add_vocab_size(cfg.vocab_size)
