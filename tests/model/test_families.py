@@ -295,3 +295,27 @@ def test_num_params_counts_every_feature() -> None:
         model = Transformer(config)
         unique = {id(p): p.numel() for p in model.parameters()}
         assert config.num_params() == sum(unique.values()), arch
+
+
+def test_sliding_window_blocks_outside_the_window_are_freed(
+    tmp_path: Path, tiny_tokenizer: Any
+) -> None:
+    """Every Mistral layer sees the last 24 positions: a 140-token sequence holds at most
+    ⌈24/16⌉ + 1 blocks at any step, and the tokens equal full recomputation."""
+    model = load_model(make_hf("mistral", tmp_path / "m", tiny_tokenizer)).model
+    assert isinstance(model, Transformer)
+    engine = Engine(model, SchedulerConfig(max_batch=2, max_model_len=CONTEXT, block_size=16))
+    prompt = prompts()[0] * 5  # 80 tokens: the prompt alone is longer than the window
+    params = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
+    request = engine.add_request(prompt, params)
+    held = []
+    while engine.has_work:
+        engine.step()
+        held.append(sum(b != 0 for b in request.block_ids))
+    assert max(held[1:-1]) <= 3, held
+    assert engine.scheduler.blocks.num_used == 0
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(NEW):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    assert request.output_ids == seq[len(prompt) :]

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from lmforge.errors import LmforgeError
+from lmforge.infer.blocks import NULL_BLOCK
 from lmforge.infer.generate import check_prompt
 from lmforge.infer.logits import LogitsProcessor
 from lmforge.infer.params import SamplingParams
@@ -119,7 +120,9 @@ class Engine:
             )
         self.config = config
         self.model = model
-        self.scheduler = Scheduler(config)
+        layers = set(model.config.layer_types or ())
+        window = model.config.sliding_window if layers == {"sliding"} else 0
+        self.scheduler = Scheduler(config, window)
         self.runner = ModelRunner(model, config)
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
@@ -222,7 +225,7 @@ class Engine:
         which attention's masked reads would spread to their next owner) and drop them from the
         prefix cache. Shared prefix blocks were computed by others and stay."""
         pool = self.scheduler.blocks
-        private = [b for b in request.block_ids if pool.ref_counts[b] == 1]
+        private = [b for b in request.block_ids if b != NULL_BLOCK and pool.ref_counts[b] == 1]
         pool.forget(private)
         self.runner.cache.zero_blocks(private)
 

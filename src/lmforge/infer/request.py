@@ -99,6 +99,9 @@ class Request:
     """Prefix hashes of the full blocks of prompt + output (computed as they are needed)."""
     num_registered: int = 0
     """Blocks of `block_ids` already put in the prefix cache."""
+    num_dropped: int = 0
+    """Leading blocks given back because no layer can see them any more (sliding window);
+    their `block_ids` entries are the null block."""
     num_cached_tokens: int = 0
     """Prompt tokens found in the prefix cache when the request was first admitted."""
     error: str | None = None

@@ -31,7 +31,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from lmforge.errors import LmforgeError
-from lmforge.infer.blocks import BlockPool, hash_block
+from lmforge.infer.blocks import NULL_BLOCK, BlockPool, hash_block
 from lmforge.infer.request import Request, RequestStatus, TokenLogprob
 
 
@@ -140,8 +140,16 @@ class Sampled:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig) -> None:
+    """Admission, chunked prefill and decode, preemption, blocks and the prefix cache.
+
+    WINDOW > 0 says every layer of the model attends only to the last WINDOW positions
+    (sliding-window attention in all layers): blocks that no later query can see go back to
+    the pool as a request advances, so a long generation holds about WINDOW tokens of cache.
+    """
+
+    def __init__(self, config: SchedulerConfig, window: int = 0) -> None:
         self.config = config
+        self.window = window
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in arrival order
         self.blocks = BlockPool(config.num_blocks, config.block_size, caching=config.prefix_caching)
@@ -246,6 +254,7 @@ class Scheduler:
                 continue
             request.num_computed += chunk.length
             self._register(request)
+            self._drop_outside_window(request)
             if prompt_logprobs and request.request_id in prompt_logprobs:
                 assert request.prompt_logprobs is not None
                 request.prompt_logprobs.extend(prompt_logprobs[request.request_id])
@@ -320,6 +329,20 @@ class Scheduler:
                 del self._pending[hashes[i]]
         request.num_registered = full
 
+    def _drop_outside_window(self, request: Request) -> None:
+        """Give back the leading blocks no later query of REQUEST can see: the next query is
+        at position num_computed and sees keys num_computed − window < j ≤ num_computed."""
+        if not self.window:
+            return
+        gone = min(
+            (request.num_computed - self.window + 1) // self.config.block_size,
+            len(request.block_ids),
+        )
+        for i in range(request.num_dropped, gone):
+            self.blocks.release([request.block_ids[i]])
+            request.block_ids[i] = NULL_BLOCK
+        request.num_dropped = max(request.num_dropped, gone)
+
     # -- internals ----------------------------------------------------------------------------
 
     def _append(self, request: Request, result: Sampled) -> None:
@@ -347,10 +370,11 @@ class Scheduler:
 
     def _release(self, request: Request) -> None:
         self.running.remove(request)
-        self.blocks.release(request.block_ids)
+        self.blocks.release([b for b in request.block_ids if b != NULL_BLOCK])
         for h in request.block_hashes:
             if self._pending.get(h) is request:
                 del self._pending[h]
         request.block_ids = []
         request.num_computed = 0
         request.num_registered = 0
+        request.num_dropped = 0
