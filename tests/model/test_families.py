@@ -21,7 +21,14 @@ from lmforge.infer.generate import generate_ids
 from lmforge.infer.params import SamplingParams
 from lmforge.infer.scheduler import SchedulerConfig
 from lmforge.model.config import ModelConfig
-from lmforge.model.formats import load_adapter, load_model, save_adapter, save_model
+from lmforge.model.formats import (
+    load_adapter,
+    load_head_model,
+    load_model,
+    save_adapter,
+    save_model,
+)
+from lmforge.model.heads import HeadConfig, head_model
 from lmforge.model.lora import LoraConfig, apply_lora, merge_lora
 from lmforge.model.quant import QuantConfig, quantize_model
 from lmforge.model.transformer import Transformer
@@ -319,3 +326,38 @@ def test_sliding_window_blocks_outside_the_window_are_freed(
         for _ in range(NEW):
             seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
     assert request.output_ids == seq[len(prompt) :]
+
+
+@pytest.mark.parametrize("task", ["classify", "qa"])
+def test_task_heads_round_trip_and_load_in_transformers(family: Any, task: str) -> None:
+    """A classification or QA head on each family's body: saved in the HF layout, it loads back
+    in lmforge unchanged and, where transformers has the class, in transformers too."""
+    name, hf_dir, _, tmp = family
+    loaded = load_model(hf_dir)
+    assert isinstance(loaded.model, Transformer)
+    torch.manual_seed(0)
+    head = HeadConfig(task, ("neg", "pos") if task == "classify" else ())
+    model = head_model(loaded.model, head).eval()
+    ids = torch.randint(3, 200, (2, 30), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = model(ids)
+    out = save_model(model, loaded.tokenizer, tmp / f"head-{task}")
+    again, _, _ = load_head_model(out)
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids), want)
+    auto = {
+        "classify": transformers.AutoModelForSequenceClassification,
+        "qa": transformers.AutoModelForQuestionAnswering,
+    }[task]
+    try:
+        theirs = auto.from_pretrained(out).eval()
+    except ValueError:  # transformers has no such head class for this family
+        assert task == "qa", name
+        return
+    with torch.no_grad():
+        got = theirs(ids)
+    if task == "classify":
+        torch.testing.assert_close(got.logits, want, atol=1e-4, rtol=1e-4)
+    else:
+        torch.testing.assert_close(got.start_logits, want[..., 0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got.end_logits, want[..., 1], atol=1e-4, rtol=1e-4)
