@@ -433,6 +433,12 @@ def test_export_refuses_what_llama_cpp_cannot_say() -> None:
     one_line(info, "'<x>'", "strips whitespace")
 
     tok = tokenizer_from_gguf_fields(spm_meta(), "t")
+    tok.backend.add_tokens([AddedToken("<y>", normalized=True)])
+    with pytest.raises(LmforgeError) as info:
+        gguf_vocab(tok, 1000, "n")
+    one_line(info, "'<y>'", "normalized text")
+
+    tok = tokenizer_from_gguf_fields(spm_meta(), "t")
     spec = json.loads(tok.backend.to_str())
     del spec["model"]["merges"][10]  # a token llama.cpp would build and this BPE never does
     tok = Tokenizer(backend=HFTokenizer.from_str(json.dumps(spec)))

@@ -4,7 +4,8 @@ GGUF keeps the vocabulary (`tokenizer.ggml.tokens`), token types, BPE merges or 
 scores, special-token ids and the chat template; the pre-tokenizer is only named
 (`tokenizer.ggml.pre`), its regexes live in llama.cpp (`llama-vocab.cpp`). The rebuilt
 tokenizer must give llama.cpp's ids, so anything it cannot reproduce is refused with one
-LmforgeError line naming the field, never approximated:
+LmforgeError line naming the field, not approximated (one exception, with a warning: the BPE
+pre-tokenizer "default", read as GPT-2's, see `_APPROXIMATE`):
 
 - `tokenizer.ggml.model == "gpt2"`: byte-level BPE, here, for the pre-tokenizer names in
   `PRE_TOKENIZERS` (GPT-2, SmolLM/StarCoder, Llama 3 / SmolLM3, DBRX / OLMo 2, Qwen 2–3,
@@ -113,7 +114,19 @@ _QWEN2 = PreTokenizer(_split(QWEN2_REGEX))
 # no special BOS handling). SmolLM3 files say "llama-bpe", Qwen 3 "qwen2", OLMo 2 "dbrx".
 PRE_TOKENIZERS: dict[str, PreTokenizer] = {
     **dict.fromkeys(
-        ["gpt-2", "gpt2", "phi-2", "mpt", "olmo", "jais", "trillion", "gigachat", "a.x-4.0"], _GPT2
+        [
+            "gpt-2",
+            "gpt2",
+            "phi-2",
+            "mpt",
+            "olmo",
+            "jais",
+            "trillion",
+            "gigachat",
+            "a.x-4.0",
+            "exaone4",
+        ],
+        _GPT2,
     ),
     **dict.fromkeys(
         ["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"],
@@ -125,7 +138,8 @@ PRE_TOKENIZERS: dict[str, PreTokenizer] = {
     ),
     **dict.fromkeys(["dbrx", "smaug-bpe"], _DBRX),
     **dict.fromkeys(
-        ["qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "stablelm2", "hunyuan"], _QWEN2
+        ["qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "stablelm2", "hunyuan", "megrez"],
+        _QWEN2,
     ),
     "qwen35": PreTokenizer(_split(QWEN35_REGEX)),
 }

@@ -29,7 +29,7 @@ longer left part first (as transformers' `generate_merges` does). It shows only 
 "▁▁▁▁▁" whose middle merges tie, and was not seen on Gemma 3 or SmolLM-style vocabularies (see
 tests/tokenizer/test_gguf_spm.py and the llama-tokenize comparison in the issue 22 report).
 
-The way back, `spm_vocab`, writes such a tokenizer (or a Hugging Face SentencePiece-style
+The way back, `spm_fields`, writes such a tokenizer (or a Hugging Face SentencePiece-style
 `tokenizer.json`: BPE with byte fallback and a "▁" normalizer, as Llama 2's and Gemma's) as the
 same metadata, with each token's score the negated rank of its first merge, and checks that the
 result rebuilds into the same tokenizer.
@@ -328,15 +328,17 @@ def spm_fields(
         )
     added = {int(i): tok for i, tok in backend.get_added_tokens_decoder().items()}
     for extra in added.values():
-        if (
-            extra.lstrip
-            or extra.rstrip
-            or extra.single_word
-            or (extra.normalized and (" " in extra.content or SPACE in extra.content))
-        ):
+        if extra.lstrip or extra.rstrip or extra.single_word:
             raise LmforgeError(
                 f"{source}: added token {extra.content!r} strips whitespace or matches whole words "
                 "only, which a GGUF cannot say"
+            )
+        # One matched after the normalizer splits the text after the "▁" is prepended, so the
+        # text after it gets none; llama.cpp matches in the raw text and prepends to both sides.
+        if extra.normalized and (add_space_prefix or {" ", SPACE} & set(extra.content)):
+            raise LmforgeError(
+                f"{source}: added token {extra.content!r} is matched in normalized text; "
+                "llama.cpp matches special tokens in the raw text"
             )
     if tokenizer.vocab_size > vocab_size:
         raise LmforgeError(
