@@ -377,6 +377,8 @@ def export_and_read(tok: Tokenizer, vocab_size: int, tmp_path: Path) -> dict[str
 def test_export_round_trips(add_space_prefix: bool, tmp_path: Path) -> None:
     meta = spm_meta(add_space_prefix=add_space_prefix)
     tok = tokenizer_from_gguf_fields(meta, "t")
+    tok.save(tmp_path)  # as a model directory keeps it: tokenizer.json
+    tok = Tokenizer.load(tmp_path)
     n = len(meta["tokenizer.ggml.tokens"])
     back_meta = export_and_read(tok, n + 3, tmp_path)
     assert back_meta["tokenizer.ggml.model"] == "llama"
