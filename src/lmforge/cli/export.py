@@ -1,7 +1,8 @@
 """`lmforge export`: a model as a GGUF file for llama.cpp, or as a Hugging Face directory.
 
 MODEL is resolved as everywhere (registry name, directory, .gguf file, built-in name). GGUF
-export writes a llama-architecture file (`model/gguf_export.py`); HF export writes the directory
+export writes the family's llama.cpp architecture (`model/formats/gguf_write.py`: llama, qwen2,
+qwen3, gemma2, gemma3, phi3); HF export writes the directory
 `transformers` loads (`formats.save_model`), so a .gguf or the built-in model becomes an
 ordinary HF model. Outputs appear atomically: a killed export leaves no half-written file.
 """
@@ -41,7 +42,8 @@ EXAMPLES = """[bold]Examples[/bold]
 
   lmforge export model.Q8_0.gguf --format hf --out ./model-hf --force
 
-[bold]gguf[/bold]: llama architecture, for llama.cpp (Llama-style models only; norms stay F32).
+[bold]gguf[/bold]: for llama.cpp — Llama, Qwen2, Qwen3, Gemma 2, Gemma 3 and Phi-3 models, as
+llama.cpp's converter writes them (norms stay F32).
 --type f16 is the default, f32 is exact, q8_0 is 8-bit. LoRA adapters: run `lmforge models
 merge` first. Task (classify/QA) models: --format hf only.
 """

@@ -7,7 +7,9 @@
 - `hf.py`: the Hugging Face directory layout, read and written, for every family, quantized
   models and the LSTM baseline; `load_model` (a directory or a .gguf file);
 - `heads.py`: classification and QA models; `adapters.py`: LoRA adapters;
-- `gguf_read.py`, `gguf_write.py`: GGUF files (llama.cpp's format), read and written.
+- `gguf_layout.py`: each family's GGUF layout (llama.cpp architecture, tensor names, metadata
+  keys) ↔ features; `gguf_read.py`, `gguf_write.py`: GGUF files (llama.cpp's format), read and
+  written through it.
 """
 
 from lmforge.model.formats.adapters import is_adapter, load_adapter, save_adapter

@@ -10,7 +10,10 @@ family says:
 - `to_hf`: the config.json `transformers` loads unchanged;
 - `layer_names`: each of its per-layer tensors (HF name → ours), used to load and to save;
   Q/K/V and gate/up are fused in our model (`FUSED`) and split again for families that keep
-  them apart.
+  them apart;
+- `gguf`: its llama.cpp GGUF layout (`gguf_layout.py`: architecture name, GGUF tensor names →
+  ours, how the file differs), shared by the GGUF reader and writer; None where lmforge has no
+  GGUF support for the family.
 
 Hugging Face has two spellings of RoPE settings: `rope_theta` + `rope_scaling` (checkpoints
 written by transformers 4) and `rope_parameters` (transformers 5, per layer type for Gemma 3).
@@ -26,6 +29,8 @@ from typing import Any
 
 from lmforge.errors import LmforgeError
 from lmforge.model.config import ModelConfig
+from lmforge.model.formats import gguf_layout
+from lmforge.model.formats.gguf_layout import GGUFLayout
 
 # Our fused layers ← the separate ones, concatenated along the output rows; that holds for every
 # tensor with one row per output: a weight, a bias, a quantized layer's tensors.
@@ -123,6 +128,8 @@ class Family:
     """config.json spells the shape as Llama does (hidden_size, …); GPT-2 has its own names."""
     layer_types_key: bool = False
     """config.json lists `layer_types` (else a `sliding_window` applies to every layer)."""
+    gguf: GGUFLayout | None = None
+    """Its GGUF layout (llama.cpp architecture, tensor names, metadata), if lmforge has one."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,7 +461,14 @@ _FIXED = ("positions", "norm", "norm_placement", "mlp", "qk_norm", "embed_scale"
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("llama", "LlamaForCausalLM", "llama", _LLAMA_LAYER, qa_prefix="transformer."),
+        Family(
+            "llama",
+            "LlamaForCausalLM",
+            "llama",
+            _LLAMA_LAYER,
+            qa_prefix="transformer.",
+            gguf=gguf_layout.LLAMA,
+        ),
         Family(
             "mistral",
             "MistralForCausalLM",
@@ -476,6 +490,7 @@ FAMILIES: dict[str, Family] = {
             one_attention_bias=False,
             layer_types_key=True,
             layer_kinds=("full", "sliding"),
+            gguf=gguf_layout.QWEN2,
         ),
         Family(
             "qwen3",
@@ -487,6 +502,7 @@ FAMILIES: dict[str, Family] = {
             qa_prefix="transformer.",
             layer_types_key=True,
             layer_kinds=("full", "sliding"),
+            gguf=gguf_layout.QWEN3,
         ),
         Family(
             "gemma2",
@@ -498,6 +514,7 @@ FAMILIES: dict[str, Family] = {
             fixed=(),
             layer_types_key=True,
             layer_kinds=("full", "sliding"),
+            gguf=gguf_layout.GEMMA2,
         ),
         Family(
             "gemma3",
@@ -509,6 +526,7 @@ FAMILIES: dict[str, Family] = {
             fixed=(),
             layer_types_key=True,
             layer_kinds=("full", "sliding"),
+            gguf=gguf_layout.GEMMA3,
         ),
         Family(
             "phi3",
@@ -518,6 +536,7 @@ FAMILIES: dict[str, Family] = {
             from_hf=_phi3_from_hf,
             layer_kinds=("full", "sliding"),
             uniform_layers=True,
+            gguf=gguf_layout.PHI3,
         ),
         Family("olmo2", "Olmo2ForCausalLM", "olmo2", _OLMO2_LAYER),
         Family(
@@ -558,4 +577,18 @@ def family_for_model_type(model_type: Any, source: str) -> Family:
     raise LmforgeError(
         f"{source}: model_type {model_type!r} is not supported "
         f"({', '.join(supported_model_types())} are)"
+    )
+
+
+def gguf_families() -> list[str]:
+    return [f.gguf.arch for f in FAMILIES.values() if f.gguf is not None]
+
+
+def family_for_gguf_arch(arch: Any, source: str) -> Family:
+    """The family a GGUF file's `general.architecture` names."""
+    for family in FAMILIES.values():
+        if family.gguf is not None and family.gguf.arch == arch:
+            return family
+    raise LmforgeError(
+        f"{source}: GGUF architecture {arch!r} is not supported ({', '.join(gguf_families())} are)"
     )

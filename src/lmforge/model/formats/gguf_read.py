@@ -1,6 +1,12 @@
-"""GGUF files (read): llama-architecture files, every tensor dequantized to fp32 with the `gguf`
-package (F32, F16, BF16, Q8_0, Q4_0, Q4_1 and the K-quants it knows), the tokenizer rebuilt from
-the metadata (`tokenizer/gguf.py`)."""
+"""GGUF files (read): llama.cpp's llama, qwen2, qwen3, gemma2, gemma3 and phi3 architectures.
+
+Each family's layout — tensor names, Q/K row order, Gemma's stored norm weights, metadata keys —
+is `Family.gguf` (`gguf_layout.py`); this file streams the tensors through it: every tensor
+dequantized to fp32 with the `gguf` package (F32, F16, BF16, Q8_0, Q4_0/1, Q5_0/1, the K-quants
+Q2_K…Q6_K, the IQ types, TQ1_0/TQ2_0, MXFP4: whatever `gguf.quants.dequantize` knows), renamed,
+Llama's Q/K rows put back in rotate-half order, Gemma's norms less 1, Q/K/V and gate/up fused.
+The tokenizer is rebuilt from the metadata (`tokenizer/gguf.py`). What lmforge cannot run
+(another architecture, experts, LongRoPE factors, …) is a one-line error naming it."""
 
 from __future__ import annotations
 
@@ -12,32 +18,13 @@ import numpy as np
 import torch
 
 from lmforge.errors import CorruptArtifactError, LmforgeError
+from lmforge.model.config import ModelConfig
+from lmforge.model.formats.families import family_for_gguf_arch
+from lmforge.model.formats.gguf_layout import ROPE_ROWS, TOP, GGUFLayout, config_from_gguf
 from lmforge.model.formats.hf import LoadedModel, empty_model, load_state
-from lmforge.model.formats.tensors import hf_to_ours
-from lmforge.model.transformer import ModelConfig
+from lmforge.model.formats.tensors import LAYERS, fuse_layers
 
 log = logging.getLogger(__name__)
-
-# ---------------------------------------------------------------------------------------------
-# GGUF
-
-# GGUF block tensor → HF Llama name (then fused by `llama_to_ours`).
-_GGUF_LAYER = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_GGUF_TOP = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
 
 
 def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -67,83 +54,75 @@ def open_gguf(path: Path) -> Any:
         raise CorruptArtifactError(f"{path} is not a readable GGUF file: {exc}") from None
 
 
-def gguf_config(meta: dict[str, Any], has_output: bool, source: str) -> ModelConfig:
-    arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise LmforgeError(f"{source}: GGUF architecture {arch!r} is not supported (llama is)")
-
-    def get(key: str, default: Any = None) -> Any:
-        value = meta.get(f"llama.{key}", default)
-        if value is None:
-            raise CorruptArtifactError(f"{source}: GGUF metadata lacks llama.{key}")
-        return value
-
-    n_head = int(get("attention.head_count"))
-    d_model = int(get("embedding_length"))
-    tokens = meta.get("tokenizer.ggml.tokens") or []
-    try:
-        return ModelConfig(
-            arch="llama",
-            vocab_size=int(meta.get("llama.vocab_size") or len(tokens)),
-            d_model=d_model,
-            n_layer=int(get("block_count")),
-            n_head=n_head,
-            n_kv_head=int(get("attention.head_count_kv", n_head)),
-            d_ff=int(get("feed_forward_length")),
-            head_dim=int(get("attention.key_length", d_model // n_head)),
-            max_seq_len=int(get("context_length", 2048)),
-            norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(get("rope.freq_base", 10000.0)),
-            tie_embeddings=not has_output,
-        )
-    except ValueError as exc:
-        raise CorruptArtifactError(f"{source}: {exc}") from None
+def gguf_config(reader: Any, meta: dict[str, Any], source: str) -> tuple[ModelConfig, GGUFLayout]:
+    """The ModelConfig of an open GGUF file, and its family's layout."""
+    family = family_for_gguf_arch(meta.get("general.architecture"), source)
+    assert family.gguf is not None
+    shapes = {t.name: tuple(int(x) for x in reversed(t.shape)) for t in reader.tensors}
+    rope_freqs = None
+    for t in reader.tensors:
+        if t.name == "rope_freqs.weight":
+            rope_freqs = _dequantize(t, source)
+    config = config_from_gguf(family.name, family.gguf, meta, shapes, rope_freqs, source)
+    return config, family.gguf
 
 
-def load_gguf(path: Path) -> LoadedModel:
+def _dequantize(t: Any, source: str) -> np.ndarray:
     import gguf
     from gguf.quants import dequantize
 
+    try:
+        arr = dequantize(t.data, t.tensor_type)
+    except (NotImplementedError, ValueError) as exc:
+        kind = gguf.GGMLQuantizationType(t.tensor_type).name
+        raise CorruptArtifactError(
+            f"{source}: cannot dequantize {t.name} ({kind}): {exc}"
+        ) from None
+    shape = tuple(int(x) for x in reversed(t.shape))
+    return np.asarray(arr, dtype=np.float32).reshape(shape)
+
+
+def our_name(name: str, layout: GGUFLayout, source: str) -> str:
+    """GGUF tensor NAME → ours (Q/K/V and gate/up as their pieces where the file splits them)."""
+    base, _, kind = name.rpartition(".")
+    if base in TOP:
+        return f"{TOP[base]}.{kind}"
+    parts = base.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in layout.tensors:
+        return f"{LAYERS}{parts[1]}.{layout.tensors[parts[2]]}.{kind}"
+    if base.endswith(("rope_factors_long", "rope_factors_short")):
+        raise LmforgeError(f"{source}: LongRoPE factors ({name}) are not supported")
+    raise CorruptArtifactError(f"{source}: unexpected tensor {name} for {layout.arch}")
+
+
+def load_gguf(path: Path) -> LoadedModel:
     from lmforge.tokenizer.gguf import tokenizer_from_gguf_fields
 
+    source = str(path)
     reader = open_gguf(path)
     meta = read_gguf_metadata(reader)
-    names = {t.name for t in reader.tensors}
-    config = gguf_config(meta, "output.weight" in names, str(path))
-    tokenizer = tokenizer_from_gguf_fields(meta, str(path))
+    config, layout = gguf_config(reader, meta, source)
+    tokenizer = tokenizer_from_gguf_fields(meta, source)
+    heads = {module: getattr(config, count) for module, count in ROPE_ROWS.items()}
     sd: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
-        try:
-            arr = dequantize(t.data, t.tensor_type)
-        except (NotImplementedError, ValueError) as exc:
-            kind = gguf.GGMLQuantizationType(t.tensor_type).name
-            raise CorruptArtifactError(
-                f"{path}: cannot dequantize {t.name} ({kind}): {exc}"
-            ) from None
-        shape = tuple(int(x) for x in reversed(t.shape))
-        arr = np.asarray(arr, dtype=np.float32).reshape(shape)
-        if t.name in _GGUF_TOP:
-            ours = _GGUF_TOP[t.name]
-        elif t.name.startswith("blk."):
-            _, idx, kind_, suffix = t.name.split(".", 3)
-            if kind_ not in _GGUF_LAYER:
-                raise CorruptArtifactError(f"{path}: unexpected tensor {t.name}")
-            if kind_ == "attn_q":
-                arr = unpermute_rope(arr, config.n_head)
-            elif kind_ == "attn_k":
-                arr = unpermute_rope(arr, config.n_kv_head)
-            ours = f"model.layers.{idx}.{_GGUF_LAYER[kind_]}.{suffix}"
-        elif t.name == "rope_freqs.weight":
-            raise LmforgeError(f"{path}: RoPE frequency factors are not supported yet")
-        else:
-            raise CorruptArtifactError(f"{path}: unexpected tensor {t.name}")
-        sd[ours] = torch.from_numpy(arr.copy())
+        if t.name == "rope_freqs.weight":  # read into config.rope_scaling
+            continue
+        ours = our_name(t.name, layout, source)
+        arr = _dequantize(t, source)
+        module = ours.rsplit(".", 1)[0].removeprefix(LAYERS).split(".", 1)[-1]
+        if layout.interleaved_rope and module in heads:
+            arr = unpermute_rope(arr, heads[module])
+        if layout.norm_shift and t.name.endswith("norm.weight"):
+            arr = arr - np.float32(layout.norm_shift)  # exact: 1 + w back to w (Sterbenz)
+        # a copy only where the array is the file's own (read-only, memory-mapped) F32 data
+        sd[ours] = torch.from_numpy(np.require(arr, np.float32, ("C", "W")))
     model = empty_model(config)
-    load_state(model, hf_to_ours(sd, config), str(path))
+    load_state(model, fuse_layers(sd, config.n_layer), source)
     gen = {
         "bos_token_id": tokenizer.bos_id,
         "eos_token_id": tokenizer.eos_id,
         "pad_token_id": tokenizer.pad_id,
     }
-    lineage = {"source": {"kind": "gguf", "path": str(path), "name": meta.get("general.name")}}
+    lineage = {"source": {"kind": "gguf", "path": source, "name": meta.get("general.name")}}
     return LoadedModel(model, tokenizer, path, gen, lineage)

@@ -1,16 +1,21 @@
-"""GGUF export: an lmforge Llama-style model as a llama.cpp `llama`-architecture GGUF file.
+"""GGUF export: an lmforge model as a llama.cpp GGUF file — llama, qwen2, qwen3, gemma2, gemma3,
+phi3.
 
-The inverse of `gguf_read.load_gguf`, laid out the way llama.cpp's convert_hf_to_gguf.py
-(`LlamaModel`) writes a Hugging Face Llama: the same metadata keys, tensor names and types, Q/K
-rows permuted into llama.cpp's interleaved-RoPE order, our fused `qkv_proj` / `gate_up_proj`
-split into attn_q/k/v and ffn_gate/up, the LM head left out when tied. File types: F32 (exact),
-F16 and Q8_0 (`gguf.quants.quantize`); norm weights stay F32 in every type, as llama.cpp keeps
-them, and a matrix whose rows are not a whole number of Q8_0 blocks falls back to F16, as the
-converter does. The tokenizer's metadata comes from `tokenizer/gguf.py` (`gguf_vocab`).
+The inverse of `gguf_read.load_gguf`, through the same per-family layout (`Family.gguf`,
+`gguf_layout.py`), laid out the way llama.cpp's convert_hf_to_gguf.py writes the family's
+Hugging Face checkpoint: its architecture name, metadata keys and tensor names, Llama's Q/K rows
+permuted into llama.cpp's interleaved-RoPE order, Gemma's norm weights stored as 1 + w, our
+fused `qkv_proj` / `gate_up_proj` split into attn_q/k/v and ffn_gate/up (Phi-3 keeps them fused,
+as its converter does), Llama 3 RoPE scaling as a `rope_freqs` tensor, the LM head left out
+when tied. File types: F32 (exact), F16 and Q8_0 (`gguf.quants.quantize`); 1-D tensors (norms,
+biases, rope_freqs) stay F32 in every type, as the converter keeps them, and a matrix whose rows
+are not a whole number of Q8_0 blocks falls back to F16, as the converter does. The tokenizer's
+metadata comes from `tokenizer/gguf.py` (`gguf_vocab`).
 
-It writes nothing but the GGUF file (atomically: temp file, fsync, rename). GPT-2-style models
-and the LSTM are refused: llama.cpp's `gpt2` architecture is another tensor layout that lmforge
-cannot read back to test; export them with `--format hf` and llama.cpp's own converter.
+It writes nothing but the GGUF file (atomically: temp file, fsync, rename). Refused with one
+line: families without a GGUF layout (GPT-2, OLMo 2, SmolLM3, Mistral: export them with
+`--format hf` and llama.cpp's own converter), the LSTM, and any feature the family's llama.cpp
+architecture would run differently (`gguf_layout.check_gguf_writable`).
 
     from lmforge.model.formats.gguf_write import export_gguf
     export_gguf(load_model("my-model-dir"), Path("my-model.Q8_0.gguf"), "q8_0")
@@ -32,7 +37,18 @@ from torch import nn
 
 from lmforge.atomic import write_with
 from lmforge.errors import LmforgeError
+from lmforge.model.formats.families import FAMILIES, check_saveable, gguf_families
+from lmforge.model.formats.gguf_layout import (
+    KEY_TYPES,
+    ROPE_ROWS,
+    TOP,
+    GGUFLayout,
+    check_gguf_writable,
+    gguf_metadata,
+    llama3_rope_factors,
+)
 from lmforge.model.formats.hf import LoadedModel
+from lmforge.model.formats.tensors import LAYERS, piece_of
 from lmforge.model.heads import HeadModel
 from lmforge.model.transformer import Transformer
 from lmforge.tokenizer.gguf import GGUFVocab, gguf_vocab
@@ -97,50 +113,61 @@ def permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def gguf_tensors(model: Transformer, dtype: GGUFType) -> list[GGUFTensor]:
-    """MODEL's tensors under llama.cpp's names, in the converter's order (embeddings, blocks,
-    final norm, LM head), each with the type it is stored as for file type DTYPE."""
+    """MODEL's tensors under llama.cpp's names, in the converter's order (rope_freqs,
+    embeddings, blocks, final norm, LM head), each with the type it is stored as for file type
+    DTYPE."""
     cfg = model.config
+    layout = _layout(cfg.arch)
     sd = {k: v.detach() for k, v in model.state_dict().items()}
-    qd, kvd = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    heads = {module: getattr(cfg, count) for module, count in ROPE_ROWS.items()}
     want = GGUF_TYPES[dtype]
     out: list[GGUFTensor] = []
 
     def add(name: str, t: torch.Tensor, permute_heads: int = 0) -> None:
+        shift = layout.norm_shift if name.endswith("norm.weight") else 0.0
+
         def data() -> np.ndarray:
             arr = t.to(torch.float32).contiguous().numpy()
-            return permute_rope(arr, permute_heads) if permute_heads else arr
+            if permute_heads:
+                arr = permute_rope(arr, permute_heads)
+            return arr + np.float32(shift) if shift else arr
 
-        qtype = want if t.ndim == 2 else Q.F32  # norms (1-D) stay F32, as in llama.cpp
+        qtype = want if t.ndim == 2 else Q.F32  # norms, biases (1-D) stay F32, as in llama.cpp
         block = gguf.GGML_QUANT_SIZES[qtype][0]
         if t.shape[-1] % block:  # as the converter does on a QuantError
             log.info("%s: %d columns are not whole %s blocks: F16", name, t.shape[-1], qtype.name)
             qtype = Q.F16
         out.append(GGUFTensor(name, tuple(t.shape), qtype, data))
 
-    add("token_embd.weight", sd["model.embed_tokens.weight"])
+    if cfg.rope_scaling is not None and cfg.rope_scaling.get("type") == "llama3":
+        factors = llama3_rope_factors(cfg.rope_scaling, cfg.rotary_dim, float(cfg.rope_theta or 0))
+        add("rope_freqs.weight", torch.from_numpy(factors))
+    add("token_embd.weight", sd[f"{TOP['token_embd']}.weight"])
     for i in range(cfg.n_layer):
-        p, b = f"model.layers.{i}.", f"blk.{i}."
-        q, k, v = sd[p + "self_attn.qkv_proj.weight"].split((qd, kvd, kvd))
-        gate, up = sd[p + "mlp.gate_up_proj.weight"].split((cfg.d_ff, cfg.d_ff))
-        add(b + "attn_norm.weight", sd[p + "input_layernorm.weight"])
-        add(b + "attn_q.weight", q, cfg.n_head)
-        add(b + "attn_k.weight", k, cfg.n_kv_head)
-        add(b + "attn_v.weight", v)
-        add(b + "attn_output.weight", sd[p + "self_attn.o_proj.weight"])
-        add(b + "ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
-        add(b + "ffn_gate.weight", gate)
-        add(b + "ffn_up.weight", up)
-        add(b + "ffn_down.weight", sd[p + "mlp.down_proj.weight"])
-    add("output_norm.weight", sd["model.norm.weight"])
+        for name, ours in layout.tensors.items():
+            for kind in ("weight", "bias"):
+                t = piece_of(sd, f"{LAYERS}{i}.{ours}.{kind}", cfg)
+                if t is not None:
+                    permute = heads.get(ours, 0) if layout.interleaved_rope else 0
+                    add(f"blk.{i}.{name}.{kind}", t, permute)
+    add("output_norm.weight", sd[f"{TOP['output_norm']}.weight"])
     if not cfg.tie_embeddings:
-        add("output.weight", sd["lm_head.weight"])
+        add("output.weight", sd[f"{TOP['output']}.weight"])
     return out
+
+
+def _layout(arch: str) -> GGUFLayout:
+    layout = FAMILIES[arch].gguf
+    if layout is None:
+        raise LmforgeError(f"{arch} has no GGUF layout")
+    return layout
 
 
 def export_gguf(
     loaded: LoadedModel, path: Path, dtype: GGUFType = "f32", *, name: str | None = None
 ) -> Path:
-    """Write LOADED as a llama-architecture GGUF file at PATH (atomically); returns PATH.
+    """Write LOADED as a GGUF file of its family's llama.cpp architecture at PATH (atomically);
+    returns PATH.
 
     DTYPE: "f32" (bit-exact), "f16" or "q8_0" for the matrices; norms are F32 in all three.
     NAME is `general.name` (default: the lineage's name, else the source's file name).
@@ -153,20 +180,27 @@ def export_gguf(
         raise LmforgeError(f"{source} is a {model.head.task} model; GGUF holds language models")
     if not isinstance(model, Transformer):
         raise LmforgeError(f"{source}: GGUF export supports Transformers, not the LSTM baseline")
-    if model.config.arch != "llama":
+    cfg = model.config
+    layout = FAMILIES[cfg.arch].gguf
+    if layout is None:
         raise LmforgeError(
-            f"{source}: GGUF export supports Llama-style models, not {model.config.arch!r}; "
+            f"{source}: GGUF export supports {', '.join(gguf_families())}, not {cfg.arch!r}; "
             "use --format hf and llama.cpp's convert_hf_to_gguf.py"
         )
+    try:
+        check_saveable(cfg)  # what its Hugging Face class (the converter's input) cannot say
+    except LmforgeError as exc:
+        raise LmforgeError(f"{source}: {exc}") from None
+    check_gguf_writable(cfg, layout, source)
     check_exportable(model, source)
     vocab = gguf_vocab(loaded.tokenizer, model.config.vocab_size, source)
     tensors = gguf_tensors(model, dtype)
     title = name or str(loaded.lineage.get("name") or Path(source).name.removesuffix(".gguf"))
 
     def write(tmp: Path) -> None:
-        writer = gguf.GGUFWriter(tmp, "llama")
+        writer = gguf.GGUFWriter(tmp, layout.arch)
         try:
-            _add_metadata(writer, model, vocab, title, dtype)
+            _add_metadata(writer, model, layout, vocab, title, dtype)
             for t in tensors:
                 writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, t.qtype)
             writer.write_header_to_file()
@@ -182,27 +216,33 @@ def export_gguf(
     return path
 
 
+_VALUE_TYPES = {
+    "uint32": gguf.GGUFValueType.UINT32,
+    "float32": gguf.GGUFValueType.FLOAT32,
+    "string": gguf.GGUFValueType.STRING,
+}
+
+
 def _add_metadata(
-    writer: gguf.GGUFWriter, model: Transformer, vocab: GGUFVocab, name: str, dtype: GGUFType
+    writer: gguf.GGUFWriter,
+    model: Transformer,
+    layout: GGUFLayout,
+    vocab: GGUFVocab,
+    name: str,
+    dtype: GGUFType,
 ) -> None:
-    """The keys convert_hf_to_gguf.py writes for a Llama, in its order."""
-    cfg = model.config
+    """The keys convert_hf_to_gguf.py writes for the family, in its order."""
     writer.add_type("model")
     writer.add_name(name)
-    writer.add_block_count(cfg.n_layer)
-    writer.add_context_length(cfg.max_seq_len)
-    writer.add_embedding_length(cfg.d_model)
-    writer.add_feed_forward_length(cfg.d_ff)
-    writer.add_head_count(cfg.n_head)
-    writer.add_head_count_kv(cfg.n_kv_head)
-    writer.add_rope_freq_base(float(cfg.rope_theta or 0))
-    writer.add_layer_norm_rms_eps(cfg.norm_eps)
-    writer.add_file_type(_FILE_TYPES[dtype])
-    writer.add_vocab_size(cfg.vocab_size)
-    writer.add_rope_dimension_count(cfg.head_dim)
-    if cfg.head_dim != cfg.d_model // cfg.n_head:  # llama.cpp assumes d_model / n_head otherwise
-        writer.add_key_length(cfg.head_dim)
-        writer.add_value_length(cfg.head_dim)
+    for key, value in gguf_metadata(model.config, layout).items():
+        full = f"{layout.arch}.{key}"
+        kind = KEY_TYPES[key]
+        if kind == "bool array":
+            writer.add_array(full, [bool(v) for v in value])
+        else:
+            writer.add_key_value(full, value, _VALUE_TYPES[kind])
+        if key == "attention.layer_norm_rms_epsilon":
+            writer.add_file_type(_FILE_TYPES[dtype])
     writer.add_add_space_prefix(False)
     writer.add_add_bos_token(vocab.add_bos)  # always written: llama.cpp's default differs by pre
     writer.add_add_eos_token(vocab.add_eos)

@@ -56,7 +56,13 @@ def hf_to_ours(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, to
         if gpt2 and module in _CONV1D and kind == "weight":
             tensor = tensor.t().contiguous()
         sd[f"{LAYERS}{idx}.{family.layer_names[module]}.{kind}"] = tensor
-    for i in range(config.n_layer):
+    return fuse_layers(sd, config.n_layer)
+
+
+def fuse_layers(sd: dict[str, torch.Tensor], n_layer: int) -> dict[str, torch.Tensor]:
+    """SD (our names, Q/K/V and gate/up as their `FUSED` pieces) with the pieces fused, in
+    place."""
+    for i in range(n_layer):
         p = f"{LAYERS}{i}."
         for fused, pieces in FUSED.items():
             for kind in ROW_TENSORS:
@@ -66,12 +72,33 @@ def hf_to_ours(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, to
     return sd
 
 
+def fused_sizes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Rows of each piece of our fused layers (`FUSED` order)."""
+    qd, kvd = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
+    return {"self_attn.qkv_proj": (qd, kvd, kvd), "mlp.gate_up_proj": (config.d_ff, config.d_ff)}
+
+
+def piece_of(sd: dict[str, torch.Tensor], name: str, config: ModelConfig) -> torch.Tensor | None:
+    """Tensor NAME of SD (our names), where NAME may be a piece of a fused layer
+    (`model.layers.3.self_attn.k_proj.bias`); None if SD has no such tensor."""
+    if name in sd:
+        return sd[name]
+    parts = _split_layer(name, LAYERS)
+    if parts is None:
+        return None
+    idx, module, kind = parts
+    for fused, pieces in FUSED.items():
+        whole = sd.get(f"{LAYERS}{idx}.{fused}.{kind}")
+        if module in pieces and whole is not None:
+            return whole.split(fused_sizes(config)[fused])[pieces.index(module)]
+    return None
+
+
 def ours_to_hf(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """SD (our names) split and renamed to CONFIG's family's HF names, contiguous."""
     family = FAMILIES[config.arch]
     theirs = {ours: hf for hf, ours in family.layer_names.items()}
-    qd, kvd = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
-    sizes = {"self_attn.qkv_proj": (qd, kvd, kvd), "mlp.gate_up_proj": (config.d_ff, config.d_ff)}
+    sizes = fused_sizes(config)
     gpt2 = not family.llama_keys
     top = {ours: hf for hf, ours in _GPT2_TOP.items()}
     out: dict[str, torch.Tensor] = {}
