@@ -35,7 +35,7 @@ from tokenizers import (
 from tokenizers import Tokenizer as HFTokenizer
 
 from lmforge.errors import LmforgeError
-from lmforge.model.checkpoint import open_gguf, read_gguf_metadata
+from lmforge.model.formats.gguf_read import open_gguf, read_gguf_metadata
 from lmforge.tokenizer.gguf import gguf_vocab, tokenizer_from_gguf_fields
 from lmforge.tokenizer.tokenizer import Tokenizer
 

@@ -30,7 +30,7 @@ out = stdout_console()
 err = stderr_console()
 
 FORMATS = ("gguf", "hf")
-GGUF_TYPES = ("f32", "f16", "q8_0")  # = gguf_export.GGUF_TYPES, without importing torch early
+GGUF_TYPES = ("f32", "f16", "q8_0")  # = gguf_write.GGUF_TYPES, without importing torch early
 
 EXAMPLES = """[bold]Examples[/bold]
 

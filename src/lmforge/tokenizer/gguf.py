@@ -18,7 +18,7 @@ In both, control, user-defined and unknown tokens are cut out of the text first,
 (llama.cpp's defaults when absent).
 
 The way back — a Tokenizer as the metadata llama.cpp reads (`gguf_vocab`, used by
-`model/gguf_export.py`) — is here too, since it must know the tokenizer's internals.
+`model/formats/gguf_write.py`) — is here too, since it must know the tokenizer's internals.
 """
 
 from __future__ import annotations

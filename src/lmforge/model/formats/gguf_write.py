@@ -243,21 +243,5 @@ def _add_metadata(
             writer.add_key_value(full, value, _VALUE_TYPES[kind])
         if key == "attention.layer_norm_rms_epsilon":
             writer.add_file_type(_FILE_TYPES[dtype])
-    writer.add_add_space_prefix(False)
-    writer.add_add_bos_token(vocab.add_bos)  # always written: llama.cpp's default differs by pre
-    writer.add_add_eos_token(vocab.add_eos)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(vocab.pre)
-    writer.add_token_list(vocab.tokens)
-    writer.add_token_types(vocab.token_types)
-    writer.add_token_merges(vocab.merges)
-    for key, tid in (
-        ("bos", vocab.bos_id),
-        ("eos", vocab.eos_id),
-        ("unk", vocab.unk_id),
-        ("pad", vocab.pad_id),
-    ):
-        if tid is not None:
-            getattr(writer, f"add_{key}_token_id")(tid)
-    writer.add_chat_template(vocab.chat_template)
+    vocab.write_to(writer)  # the tokenizer keys, gpt2 (BPE) or llama (SentencePiece)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
