@@ -270,7 +270,6 @@ def worker_lmforge(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def worker_large(args: argparse.Namespace) -> dict[str, Any]:
-    import dataclasses
 
     import torch
 
@@ -284,9 +283,7 @@ def worker_large(args: argparse.Namespace) -> dict[str, Any]:
     train_split = TokenSplit.open(args.dataset, "train")
     torch.manual_seed(1337)
     config_overrides = {"n_layer": 1, "max_seq_len": 64} if args.smoke else {}
-    model = Transformer(
-        dataclasses.replace(model_config("small", train_split.vocab_size), **config_overrides)
-    )
+    model = Transformer(model_config("small", train_split.vocab_size, config_overrides))
     block = model.config.max_seq_len
     config = LoopConfig(
         max_steps=args.large_steps,

@@ -88,7 +88,8 @@ def test_builtin_facts(builtin_llm, builtin_home: Path) -> None:  # type: ignore
     assert len(lineage["source"]["sha256"]) == 64
     cfg = json.loads((cache / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"]
-    assert cfg["num_key_value_heads"] == 3 and cfg["rope_theta"] == 100000.0
+    assert cfg["num_key_value_heads"] == 3
+    assert cfg["rope_parameters"] == {"rope_type": "default", "rope_theta": 100000.0}
 
 
 def test_cached_dir_loads_in_transformers(builtin_llm, builtin_home: Path) -> None:  # type: ignore[no-untyped-def]

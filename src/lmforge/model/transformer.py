@@ -429,16 +429,18 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_type: str = "full") -> None:
         super().__init__()
         self.layer_type = layer_type
-        if config.norm_placement in ("pre", "sandwich"):
-            self.input_layernorm = make_norm(config)
-            self.post_attention_layernorm = make_norm(config)  # before the MLP (Llama's name)
-        if config.norm_placement in ("sandwich", "post"):
-            self.attn_output_norm = make_norm(config)
-            self.mlp_output_norm = make_norm(config)
         self.pre = config.norm_placement != "post"
         self.post = config.norm_placement != "pre"
+        # Registered in Llama's order (state dicts and seeded initialisations keep theirs).
+        if self.pre:
+            self.input_layernorm = make_norm(config)
         self.self_attn = Attention(config, layer_type)
+        if self.pre:
+            self.post_attention_layernorm = make_norm(config)  # before the MLP (Llama's name)
         self.mlp = MLP(config)
+        if self.post:
+            self.attn_output_norm = make_norm(config)
+            self.mlp_output_norm = make_norm(config)
 
     def forward(
         self,
