@@ -200,14 +200,52 @@ def compare(exe: Path, path: Path, model: torch.nn.Module, prompt: list[int]) ->
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--llama-cpp", type=Path, required=True, help="a built llama.cpp tree")
-    args = parser.parse_args()
+def tiny_model(fields: dict[str, Any]) -> torch.nn.Module:
     from lmforge.model.config import ModelConfig
+    from lmforge.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**{**COMMON, **fields})).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def smoke() -> None:
+    """Every case exported as F32 and read back by lmforge: the plumbing, without llama.cpp."""
     from lmforge.model.formats import LoadedModel, load_model
     from lmforge.model.formats.gguf_write import export_gguf
-    from lmforge.model.transformer import Transformer
+
+    tokenizer = tiny_tokenizer()
+    prompt = torch.tensor([np.random.default_rng(0).integers(3, VOCAB, PROMPT).tolist()])
+    with tempfile.TemporaryDirectory() as tmp:
+        for case, fields in CASES.items():
+            model = tiny_model(fields)
+            loaded = LoadedModel(model, tokenizer, Path(tmp) / "m", lineage={"name": "tiny"})
+            path = export_gguf(loaded, Path(tmp) / f"{case.split()[0]}.gguf", "f32")
+            with torch.no_grad():
+                diff = (load_model(path).model(prompt) - model(prompt)).abs().max()
+            print(f"{case:17s} F32 read back by lmforge: max |Δlogit| {float(diff):.1e}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--llama-cpp", type=Path, help="a built llama.cpp tree")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="seconds, for make test: no llama.cpp; each family's F32 export read back by lmforge",
+    )
+    args = parser.parse_args()
+    if args.smoke:
+        smoke()
+        return
+    if args.llama_cpp is None:
+        parser.error("--llama-cpp PATH is required (or --smoke)")
+    from lmforge.model.formats import LoadedModel, load_model
+    from lmforge.model.formats.gguf_write import export_gguf
 
     tokenizer = tiny_tokenizer()
     quantize = args.llama_cpp / "build" / "bin" / "llama-quantize"
@@ -217,12 +255,7 @@ def main() -> None:
         exe = compile_dumper(args.llama_cpp, work)
         prompt = np.random.default_rng(0).integers(3, VOCAB, PROMPT).tolist()
         for case, fields in CASES.items():
-            torch.manual_seed(0)
-            model = Transformer(ModelConfig(**{**COMMON, **fields})).eval()
-            with torch.no_grad():
-                for name, p in model.named_parameters():
-                    if "norm" in name or name.endswith("bias"):
-                        p.add_(torch.randn_like(p) * 0.1)
+            model = tiny_model(fields)
             # general.name "tiny": llama.cpp sets Phi-3 token attributes on names with "phi3"
             loaded = LoadedModel(model, tokenizer, work / "m", lineage={"name": "tiny"})
             stem = case.split()[0] + str(len(fields))

@@ -27,6 +27,7 @@ SMOKES = {
     "finetune": (True, ["SST-2 (dev)"]),
     "lm_eval_server": (True, ["max |Δ loglikelihood|", "OK"]),
     "serve": (True, ["Part C:", "lmforge fp32", "cached TTFT"]),
+    "gguf_llama_cpp": (False, ["gemma3", "F32 read back by lmforge"]),
 }
 
 

@@ -304,7 +304,6 @@ def test_arch_and_n_params_are_the_ggufs(name: str, request: pytest.FixtureReque
 
 
 @needs(GEMMA3)
-@pytest.mark.skip(reason="waits for Gemma 3 support in lmforge.model (arch 'gemma3')")
 def test_gemma3_loads_with_its_n_params(gemma3_home: Path) -> None:
     import lmforge
 

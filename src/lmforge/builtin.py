@@ -77,6 +77,8 @@ class BuiltinModel:
     sha256: str  # the GGUF's
     chunks: tuple[Chunk, ...]  # one: the file, used in place; several: concatenated in order
     extra_packages: tuple[str, ...] = ()  # installed beside the chunks (licence, checksums)
+    chat_template: str | None = None  # applied when the GGUF ships none
+    stop_tokens: tuple[str, ...] = ()  # end generation besides the EOS (a turn's end)
 
     @property
     def size(self) -> int:
@@ -180,6 +182,22 @@ def _gemma3_part(n: int, size: int, sha256: str) -> Chunk:
     )
 
 
+# Gemma's turn format (its model card's: `<start_of_turn>user` … `<end_of_turn>`, the reply after
+# `<start_of_turn>model`; no system role, so a system message opens the next user turn). The
+# Gemma 3 270M GGUF ships no chat template; its vocabulary has these turn tokens.
+GEMMA_TURNS = (
+    "{{ bos_token }}{% set ns = namespace(system='') %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}"
+    "{% set ns.system = ns.system + message['content'] + '\n\n' %}"
+    "{% else %}{% set role = 'model' if message['role'] == 'assistant' else 'user' %}"
+    "{{ '<start_of_turn>' + role + '\n' + (ns.system if role == 'user' else '') "
+    "+ message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% if role == 'user' %}{% set ns.system = '' %}{% endif %}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
 BUILTINS: dict[str, BuiltinModel] = {
     DEFAULT_MODEL: BuiltinModel(
         name=DEFAULT_MODEL,
@@ -222,5 +240,7 @@ BUILTINS: dict[str, BuiltinModel] = {
             ),
         ),
         extra_packages=(_GEMMA3,),
+        chat_template=GEMMA_TURNS,
+        stop_tokens=("<end_of_turn>",),
     ),
 }

@@ -20,6 +20,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lmforge.builtin import BUILTINS, DEFAULT_MODEL
 from lmforge.errors import CorruptArtifactError, LmforgeError, ModelNotFoundError
@@ -137,6 +138,18 @@ def _cache_matches(target: Path, key: dict[str, int]) -> bool:
     )
 
 
+def _stop_ids(loaded: Any, stop_tokens: tuple[str, ...]) -> dict[str, Any]:
+    """generation_config's eos ids: the tokenizer's EOS and the built-in's turn-end tokens."""
+    if not stop_tokens:
+        return {}
+    ids = [loaded.tokenizer.eos_id] if loaded.tokenizer.eos_id is not None else []
+    for token in stop_tokens:
+        tid = loaded.tokenizer.token_to_id(token)
+        if tid is not None and tid not in ids:
+            ids.append(tid)
+    return {"eos_token_id": ids}
+
+
 def _convert_builtin(name: str, gguf_path: Path, target: Path, key: dict[str, int]) -> None:
     import shutil
 
@@ -158,6 +171,8 @@ def _convert_builtin(name: str, gguf_path: Path, target: Path, key: dict[str, in
             f"{spec.sha256[:12]}…; {fix}"
         )
     loaded = load_gguf(gguf_path)
+    if loaded.tokenizer.chat_template is None and spec.chat_template is not None:
+        loaded.tokenizer.chat_template = spec.chat_template  # the file ships none
     lineage = {
         "name": name,
         "source": {"kind": "gguf", "path": str(gguf_path), "sha256": sha256, **key},
@@ -168,7 +183,13 @@ def _convert_builtin(name: str, gguf_path: Path, target: Path, key: dict[str, in
         target.rename(stale)
     try:
         with atomic_directory(target) as tmp:
-            save_model(loaded.model, loaded.tokenizer, tmp, lineage=lineage)
+            save_model(
+                loaded.model,
+                loaded.tokenizer,
+                tmp,
+                lineage=lineage,
+                generation_config=_stop_ids(loaded, spec.stop_tokens),
+            )
     except (FileExistsError, OSError) as exc:
         if not _cache_matches(target, key):  # not a concurrent conversion that won the race
             raise LmforgeError(f"cannot write the built-in model cache {target}: {exc}") from None

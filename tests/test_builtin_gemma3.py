@@ -1,0 +1,85 @@
+"""The second built-in, `gemma3-270m` (Gemma 3 270M, Q4_K_M GGUF), against `transformers`
+loading the same GGUF file (`gguf_file=`): fp32 logits within 1e-3 with the same top 5, and 64
+identical greedy tokens for three fixed prompts; and `lmforge chat gemma3-270m` piped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from conftest import lmforge
+from lmforge.builtin import BUILTINS
+
+GEMMA3 = BUILTINS["gemma3-270m"]
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "长城是中国古代的",
+]
+
+pytestmark = pytest.mark.skipif(
+    GEMMA3.unavailable() is not None, reason=f"{GEMMA3.unavailable()} (make setup does)"
+)
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("gemma3-home")
+
+
+@pytest.fixture(scope="module")
+def ours(home: Path) -> Any:
+    import lmforge
+
+    return lmforge.load("gemma3-270m", home=home)
+
+
+@pytest.fixture(scope="module")
+def theirs(home: Path) -> Any:
+    transformers = pytest.importorskip("transformers")
+    path = GEMMA3.gguf_path(home)
+    assert path is not None
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    )
+    model.generation_config.eos_token_id = None  # plain greedy for 64 tokens
+    return model.eval()
+
+
+def prompt_ids(ours: Any, text: str) -> list[int]:
+    ids = ours.tokenizer.encode(text)
+    assert ids[0] == ours.tokenizer.bos_id  # Gemma's files add BOS
+    return ids
+
+
+def test_logits_equal_transformers_on_the_same_gguf(ours: Any, theirs: Any) -> None:
+    for text in PROMPTS:
+        ids = torch.tensor([prompt_ids(ours, text)])
+        with torch.no_grad():
+            want = theirs(ids).logits[0, -1]
+            got = ours.model(ids)[0, -1]
+        assert (got - want).abs().max() < 1e-3, text
+        assert got.topk(5).indices.tolist() == want.topk(5).indices.tolist(), text
+
+
+def test_64_greedy_tokens_equal_transformers(ours: Any, theirs: Any) -> None:
+    for text in PROMPTS:
+        ids = prompt_ids(ours, text)
+        with torch.no_grad():
+            out = theirs.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False)
+        want = out[0, len(ids) :].tolist()
+        got = ours.complete(text, max_tokens=64, temperature=0.0, ignore_eos=True).token_ids
+        assert got == want, text
+
+
+def test_chat_piped_uses_gemmas_own_template(ours: Any, home: Path) -> None:
+    question = "What is the capital of France?"
+    rendered = ours.tokenizer.render_chat([{"role": "user", "content": question}])
+    assert "<start_of_turn>user" in rendered and rendered.endswith("<start_of_turn>model\n")
+    proc = lmforge("chat", "gemma3-270m", "-n", "16", home=home, stdin=f"{question}\n")
+    assert proc.returncode == 0, proc.stderr
+    answer = ours.chat([{"role": "user", "content": question}], max_tokens=16)
+    assert answer.strip() and proc.stdout == f"{answer}\n"
