@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-pg test-ray postgres browser reliability lint format bench bench-data bench-train bench-serve bench-serve-c bench-quantize bench-lm-eval clean
+.PHONY: setup demo test test-pg test-ray postgres browser reliability lint format bench bench-data bench-train bench-serve bench-serve-c bench-quantize bench-families bench-lm-eval clean
 
 setup: $(STAMP)
 
@@ -109,6 +109,11 @@ bench-serve: $(STAMP)
 LLAMA_SERVER ?= $(shell command -v llama-server)
 bench-serve-c: $(STAMP)
 	$(PY) bench/serve.py --part c $(if $(LLAMA_SERVER),--llama-server-bin $(LLAMA_SERVER)) $(BENCH_SERVE_ARGS)
+
+# gemma3-270m vs llama.cpp's llama-perplexity and llama-bench on the same GGUF (built by
+# ../shared/bench/build-llama-cpp.sh; LLAMA_BIN names their directory).
+bench-families: $(STAMP)
+	$(PY) bench/families.py $(if $(LLAMA_BIN),--llama-bin $(LLAMA_BIN)) $(BENCH_FAMILIES_ARGS)
 
 # Quantization vs llama.cpp on the same GGUF: llama-cpp-python as for bench-serve.
 bench-quantize: $(STAMP)

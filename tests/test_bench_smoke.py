@@ -28,6 +28,7 @@ SMOKES = {
     "lm_eval_server": (True, ["max |Δ loglikelihood|", "OK"]),
     "serve": (True, ["Part C:", "lmforge fp32", "cached TTFT"]),
     "gguf_llama_cpp": (False, ["gemma3", "F32 read back by lmforge"]),
+    "families": (False, ["lmforge tiny gemma3: perplexity"]),
 }
 
 
