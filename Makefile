@@ -28,12 +28,14 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/lmforge demo
 
-# Chromium installs (apt) while lint runs; the tests start when both are done.
+# Chromium installs (apt) while lint runs; the tests start when both are done. Two pytest-xdist
+# workers, one thread each (and each test's subprocesses): the suite waits on servers and
+# subprocesses as much as it computes, and 2 × 1 threads do not oversubscribe 2 cores.
 test: $(STAMP)
 	@$(MAKE) --no-print-directory browser & browser=$$!; \
 	$(MAKE) --no-print-directory lint; lint=$$?; wait $$browser; browser=$$?; \
 	test $$lint = 0 && test $$browser = 0
-	$(VENV)/bin/pytest -q -p no:cacheprovider tests
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -p no:cacheprovider -n 2 --dist worksteal tests
 
 # The reliability suites at full size (`make test` runs them smaller).
 reliability: $(STAMP)

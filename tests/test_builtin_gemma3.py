@@ -1,9 +1,12 @@
 """The second built-in, `gemma3-270m` (Gemma 3 270M, Q4_K_M GGUF), against `transformers`
 loading the same GGUF file (`gguf_file=`): fp32 logits within 1e-3 with the same top 5, and 64
-identical greedy tokens for three fixed prompts; and `lmforge chat gemma3-270m` piped."""
+identical greedy tokens for three fixed prompts; its parameter count and lineage; and
+`lmforge chat gemma3-270m` piped. Each model is loaded once (one test uses transformers'), so
+that a parallel run does not load them twice."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +40,7 @@ def ours(home: Path) -> Any:
     return lmforge.load("gemma3-270m", home=home)
 
 
-@pytest.fixture(scope="module")
-def theirs(home: Path) -> Any:
+def load_theirs(home: Path) -> Any:
     transformers = pytest.importorskip("transformers")
     path = GEMMA3.gguf_path(home)
     assert path is not None
@@ -55,24 +57,27 @@ def prompt_ids(ours: Any, text: str) -> list[int]:
     return ids
 
 
-def test_logits_equal_transformers_on_the_same_gguf(ours: Any, theirs: Any) -> None:
-    for text in PROMPTS:
-        ids = torch.tensor([prompt_ids(ours, text)])
-        with torch.no_grad():
-            want = theirs(ids).logits[0, -1]
-            got = ours.model(ids)[0, -1]
-        assert (got - want).abs().max() < 1e-3, text
-        assert got.topk(5).indices.tolist() == want.topk(5).indices.tolist(), text
+def test_loads_with_its_n_params_and_lineage(ours: Any, home: Path) -> None:
+    assert sum(p.numel() for p in ours.model.parameters()) == GEMMA3.n_params
+    record = json.loads((home / "builtin" / "gemma3-270m" / "lmforge.json").read_text())
+    assert record["source"]["sha256"] == GEMMA3.sha256
 
 
-def test_64_greedy_tokens_equal_transformers(ours: Any, theirs: Any) -> None:
+def test_logits_and_64_greedy_tokens_equal_transformers_on_the_same_gguf(
+    ours: Any, home: Path
+) -> None:
+    theirs = load_theirs(home)
     for text in PROMPTS:
         ids = prompt_ids(ours, text)
         with torch.no_grad():
+            want = theirs(torch.tensor([ids])).logits[0, -1]
+            got = ours.model(torch.tensor([ids]))[0, -1]
+        assert (got - want).abs().max() < 1e-3, text
+        assert got.topk(5).indices.tolist() == want.topk(5).indices.tolist(), text
+        with torch.no_grad():
             out = theirs.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False)
-        want = out[0, len(ids) :].tolist()
-        got = ours.complete(text, max_tokens=64, temperature=0.0, ignore_eos=True).token_ids
-        assert got == want, text
+        greedy = ours.complete(text, max_tokens=64, temperature=0.0, ignore_eos=True)
+        assert greedy.token_ids == out[0, len(ids) :].tolist(), text
 
 
 def test_chat_piped_uses_gemmas_own_template(ours: Any, home: Path) -> None:
