@@ -17,6 +17,8 @@ Each side runs `--rounds` times, alternating with the other, and the best round 
 machines here are shared, and noise only ever slows a run down.
 
 Prints a table and the lmforge / transformers ratios; writes bench/results/generate.json.
+`--smoke` (for make test) runs the lmforge side once at tiny sizes on a tiny random Llama
+(byte-level tokenizer) saved to a temporary directory; the transformers anchor is skipped.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,7 +57,7 @@ def worker_lmforge(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    llm = lmforge.load(dtype=args.dtype)
+    llm = lmforge.load(args.model, dtype=args.dtype)
     load_s = time.perf_counter() - t0
     ids = torch.tensor([prompt_ids(llm.config.vocab_size, args.prompt_tokens)])
     prefill_s = []
@@ -127,6 +130,23 @@ def worker_transformers(args: argparse.Namespace) -> dict:
 WORKERS = {"lmforge": worker_lmforge, "transformers": worker_transformers}
 
 
+def smoke_model(folder: Path) -> Path:
+    """A tiny random Llama with a byte-level tokenizer, in the Hugging Face layout (--smoke)."""
+    import torch
+
+    from lmforge.model.config import ModelConfig
+    from lmforge.model.formats import save_model
+    from lmforge.model.transformer import Transformer
+    from lmforge.tokenizer.bpe import byte_tokenizer
+
+    torch.manual_seed(0)
+    config = ModelConfig(
+        arch="llama", vocab_size=320, d_model=64, n_layer=2, n_head=4, n_kv_head=2,
+        max_seq_len=256,
+    )  # fmt: skip
+    return save_model(Transformer(config), byte_tokenizer(), folder / "tiny-llama")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
@@ -137,28 +157,36 @@ def main() -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--sides", default="transformers,lmforge")
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)  # lmforge side only; None: the built-in
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "generate.json")
     p.add_argument(
         "--smoke",
         action="store_true",
-        help="seconds, for make test: 16 prompt and 8 decode tokens, one round, lmforge only "
-        "(the transformers anchor is skipped); writes no results unless --out is given",
+        help="seconds, for make test: a tiny random Llama, 16 prompt and 8 decode tokens, one "
+        "round, lmforge only (the transformers anchor is skipped); writes no results unless "
+        "--out is given",
     )
     args = p.parse_args()
     if args.worker:
         print(json.dumps(WORKERS[args.worker](args)))
         return
-    if args.smoke:
-        print("--smoke: tiny sizes; the transformers anchor is skipped", file=sys.stderr)
-        args.prompt_tokens, args.decode_tokens, args.repeats, args.rounds = 16, 8, 1, 1
-        args.sides = "lmforge"
-        if args.out == p.get_default("out"):
-            args.out = None
+    with tempfile.TemporaryDirectory(prefix="bench-generate-") as tmp:
+        if args.smoke:
+            print("--smoke: a tiny random Llama, no transformers anchor", file=sys.stderr)
+            args.prompt_tokens, args.decode_tokens, args.repeats, args.rounds = 16, 8, 1, 1
+            args.sides = "lmforge"
+            args.model = str(smoke_model(Path(tmp)))
+            if args.out == p.get_default("out"):
+                args.out = None
+        run(args)
 
-    # Convert the built-in GGUF once, outside the measured processes (its peak RSS is not ours).
-    prepare = "from lmforge.resolve import builtin_dir; from lmforge.builtin import DEFAULT_MODEL; "
-    prepare += "builtin_dir(DEFAULT_MODEL)"
-    subprocess.run([sys.executable, "-c", prepare], check=True)
+
+def run(args: argparse.Namespace) -> None:
+    if args.model is None:
+        # Convert the built-in GGUF once, outside the measured processes (its peak RSS is not ours).
+        prepare = "from lmforge.resolve import builtin_dir; "
+        prepare += "from lmforge.builtin import DEFAULT_MODEL; builtin_dir(DEFAULT_MODEL)"
+        subprocess.run([sys.executable, "-c", prepare], check=True)
     runs: dict[str, list[dict]] = {}
     sides = args.sides.split(",")
     # Sides alternate (A B A B …) so that a change in the machine's load hits both alike.
@@ -173,6 +201,7 @@ def main() -> None:
             f"--decode-tokens={args.decode_tokens}",
             f"--repeats={args.repeats}",
             f"--dtype={args.dtype}",
+            *([f"--model={args.model}"] if args.model else []),
         ]
         print(f"round {rnd + 1}/{args.rounds}: {side} …", file=sys.stderr, flush=True)
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
@@ -192,8 +221,9 @@ def main() -> None:
         for side, rs in runs.items()
     }
 
+    model = "a tiny random Llama" if args.smoke else "built-in model smollm2-135m-instruct"
     print(
-        f"\nbuilt-in model smollm2-135m-instruct, {args.dtype}, {args.threads} threads, "
+        f"\n{model}, {args.dtype}, {args.threads} threads, "
         f"prefill {args.prompt_tokens} tokens, decode {args.decode_tokens} tokens (batch 1), "
         f"best of {args.rounds} alternating rounds × {args.repeats} repeats (median)\n"
     )
