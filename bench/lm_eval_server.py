@@ -44,6 +44,10 @@ Measured (lm-eval 0.4.13, 2 shared CPU cores, defaults: 100 items, remote tokeni
 200/200 is_greedy agree, max |Δ loglikelihood| 2.4e-06; server start 3.5 s, lm-eval 32 s,
 in-process 24 s, 60 s in all. The huggingface tokenizer backend gives the same scores.
 (`lm-eval[api]`: plain `lm-eval` lacks `tenacity`, which local-completions needs.)
+
+`--smoke` (for make test) serves a tiny random Llama (byte-level tokenizer, saved to a temporary
+directory; --model, if given, instead), sends four generated items' pairs the way lm-eval does
+without lm-eval, and checks the echoed loglikelihoods against in-process scoring.
 """
 
 from __future__ import annotations
@@ -229,16 +233,19 @@ def score_in_process(
     return scores
 
 
-def score_via_server(base: str, model: str, items: list[dict[str, Any]]) -> list[list[float]]:
+def score_via_server(
+    base: str, model: str, spec: str, items: list[dict[str, Any]]
+) -> list[list[float]]:
     """What lm-eval's local-completions sends, without lm-eval (--smoke): the pair's token ids
-    to /v1/completions with echo, logprobs 1, max_tokens 1; the continuation's loglikelihood
-    is the sum of its echoed `token_logprobs`."""
+    (SPEC's tokenizer, SPEC as given to `lmforge serve`) to /v1/completions for the served
+    MODEL with echo, logprobs 1, max_tokens 1; the continuation's loglikelihood is the sum of
+    its echoed `token_logprobs`."""
     import httpx
 
     from lmforge.resolve import resolve
     from lmforge.tokenizer import Tokenizer
 
-    tok = Tokenizer.load(resolve(model).path)
+    tok = Tokenizer.load(resolve(spec).path)
     auth = {"Authorization": f"Bearer {os.environ['OPENAI_API_KEY']}"}
     scores = []
     with httpx.Client(base_url=base, headers=auth, timeout=300) as http:
@@ -258,10 +265,35 @@ def score_via_server(base: str, model: str, items: list[dict[str, Any]]) -> list
     return scores
 
 
+def smoke_model(folder: Path) -> Path:
+    """A tiny random Llama with a byte-level tokenizer, in the Hugging Face layout (--smoke)."""
+    import torch
+
+    from lmforge.model.config import ModelConfig
+    from lmforge.model.formats import save_model
+    from lmforge.model.transformer import Transformer
+    from lmforge.tokenizer.bpe import byte_tokenizer
+
+    torch.manual_seed(0)
+    config = ModelConfig(
+        arch="llama", vocab_size=320, d_model=64, n_layer=2, n_head=4, n_kv_head=2,
+        max_seq_len=256,
+    )  # fmt: skip
+    return save_model(Transformer(config), byte_tokenizer(), folder / "tiny-llama")
+
+
 def smoke(args: argparse.Namespace) -> int:
     """The server's loglikelihoods against in-process scoring on four generated items, the
     way lm-eval asks for them; lm-eval itself (the anchor) is skipped."""
     print("--smoke: 4 generated items; lm-eval is skipped (its requests are sent directly)")
+    with tempfile.TemporaryDirectory(prefix="lmforge-lm-eval-") as tmp:
+        if args.model == MODEL:
+            args.model = str(smoke_model(Path(tmp)))
+            print("model: a tiny random Llama")
+        return smoke_run(args, Path(tmp))
+
+
+def smoke_run(args: argparse.Namespace, folder: Path) -> int:
     items = [
         {"sentence": "a warm , funny and moving film", "label": 1},
         {"sentence": "a dull , lifeless and tedious mess", "label": 0},
@@ -271,17 +303,16 @@ def smoke(args: argparse.Namespace) -> int:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     os.environ["OPENAI_API_KEY"] = create_key("bench-lm-eval")
-    with tempfile.TemporaryDirectory(prefix="lmforge-lm-eval-") as tmp:
-        log = Path(tmp) / "server.log"
-        cmd = [*lmforge_command(), "serve", args.model, "--port", str(port)]
-        cmd += ["--threads", str(args.threads), *args.serve_args.split()]
-        with log.open("wb") as f:
-            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
-        try:
-            served = wait_ready(base, proc, log, args.ready_timeout)
-            theirs = score_via_server(base, served, items)
-        finally:
-            stop(proc)
+    log = folder / "server.log"
+    cmd = [*lmforge_command(), "serve", args.model, "--port", str(port)]
+    cmd += ["--threads", str(args.threads), *args.serve_args.split()]
+    with log.open("wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        served = wait_ready(base, proc, log, args.ready_timeout)
+        theirs = score_via_server(base, served, args.model, items)
+    finally:
+        stop(proc)
     mine = score_in_process(args, items)
     diff = max(abs(t - m[0]) for tr, mr in zip(theirs, mine, strict=True)
                for t, m in zip(tr, mr, strict=True))  # fmt: skip
@@ -326,8 +357,9 @@ def main() -> int:
     p.add_argument(
         "--smoke",
         action="store_true",
-        help="seconds, for make test: four generated items, the server's echoed loglikelihoods "
-        "(as lm-eval requests them) against in-process scoring; lm-eval itself is skipped",
+        help="seconds, for make test: a tiny random Llama (unless --model is given), four "
+        "generated items, the server's echoed loglikelihoods (as lm-eval requests them) against "
+        "in-process scoring; lm-eval itself is skipped",
     )
     args = p.parse_args()
     if args.smoke:
