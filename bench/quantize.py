@@ -26,6 +26,10 @@ subprocess, so its peak RSS is its own, with the same thread count. Measured per
 Targets (issue 8): int8 perplexity within 1% of fp32 and int4 within 5%; int4 decode ≥ llama.cpp
 Q4_1 decode; decode ≥ 70% of the bandwidth limit. Prints a table and writes
 bench/results/quantize.json.
+
+`--smoke` (for make test) makes the fp32 and int8 rows, with the same commands in a temporary
+$LMFORGE_HOME, from a tiny random Llama (byte-level tokenizer) instead of the built-in model, at
+tiny sizes on generated text; llama.cpp is skipped and nothing is written.
 """
 
 from __future__ import annotations
@@ -285,21 +289,22 @@ def weights_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
-def prepare(home: Path, smoke: bool = False) -> dict[str, dict[str, Any]]:
+def prepare(home: Path, smoke: Path | None = None) -> dict[str, dict[str, Any]]:
     """Make every row's model with lmforge's commands; {row: {model, dtype, size_bytes}}.
-    SMOKE: fp32 and int8 only."""
+    SMOKE (a model directory): fp32 and int8 rows of that model only."""
     from lmforge.builtin import BUILTINS, DEFAULT_MODEL
 
     env = {**os.environ, "LMFORGE_HOME": str(home)}
     rows: dict[str, dict[str, Any]] = {}
+    source = str(smoke) if smoke else DEFAULT_MODEL
     for method in ("int8",) if smoke else ("int8", "int4"):
         print(f"lmforge quantize --method {method} …", file=sys.stderr, flush=True)
-        lmforge(["quantize", DEFAULT_MODEL, "--method", method, "--name", f"bench-{method}"], env)
+        lmforge(["quantize", source, "--method", method, "--name", f"bench-{method}"], env)
 
     def path_of(name: str) -> Path:
         return Path(json.loads(lmforge(["models", "show", name, "--json"], env))["path"])
 
-    builtin = path_of(DEFAULT_MODEL)
+    builtin = smoke or path_of(DEFAULT_MODEL)
     rows["fp32"] = {"model": str(builtin), "dtype": "float32"}
     rows["int8"] = {"model": str(path_of("bench-int8")), "dtype": "float32"}
     if smoke:
@@ -334,6 +339,23 @@ def _save_bf16(source: Path, out: Path) -> None:
     save_model(loaded.model, loaded.tokenizer, out, lineage=loaded.lineage)
 
 
+def smoke_model(folder: Path) -> Path:
+    """A tiny random Llama with a byte-level tokenizer, in the Hugging Face layout (--smoke)."""
+    import torch
+
+    from lmforge.model.config import ModelConfig
+    from lmforge.model.formats import save_model
+    from lmforge.model.transformer import Transformer
+    from lmforge.tokenizer.bpe import byte_tokenizer
+
+    torch.manual_seed(0)
+    config = ModelConfig(
+        arch="llama", vocab_size=320, d_model=64, n_layer=2, n_head=4, n_kv_head=2,
+        max_seq_len=256,
+    )  # fmt: skip
+    return save_model(Transformer(config), byte_tokenizer(), folder / "tiny-llama")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
@@ -346,9 +368,9 @@ def main() -> None:
     p.add_argument(
         "--smoke",
         action="store_true",
-        help="seconds, for make test: fp32 and int8 rows only, 16 prompt and 8 decode tokens, "
-        "one 64-token perplexity window of generated text, llama.cpp skipped; a temp home "
-        "(reusing $LMFORGE_HOME's converted built-in model when there is one)",
+        help="seconds, for make test: a tiny random Llama's fp32 and int8 rows only, 16 prompt "
+        "and 8 decode tokens, one 64-token perplexity window of generated text, llama.cpp "
+        "skipped; a temp home",
     )
     p.add_argument("--worker", choices=["lmforge", "llamacpp"], help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -366,12 +388,9 @@ def main() -> None:
         args.window, args.ppl_windows, args.skip_llama_cpp = 64, 1, True
         with tempfile.TemporaryDirectory(prefix="bench-quantize-") as tmp:
             home = Path(tmp)
-            converted = Path(os.environ.get("LMFORGE_HOME", Path.home() / ".lmforge")) / "builtin"
-            if converted.is_dir():  # the built-in model, converted already: not measured here
-                (home / "builtin").symlink_to(converted)
             text = home / "text.txt"
             text.write_text(SMOKE_TEXT * 200, encoding="utf-8")
-            measure(args, home, text)
+            measure(args, home, text, smoke_model(home))
         return
     text = DATA / "tinyshakespeare" / "input.txt"
     if not text.is_file():
@@ -391,10 +410,11 @@ def main() -> None:
     measure(args, home, text)
 
 
-def measure(args: argparse.Namespace, home: Path, text: Path) -> None:
+def measure(args: argparse.Namespace, home: Path, text: Path, smoke: Path | None = None) -> None:
+    """Every row on TEXT's held-out ids; SMOKE: the tiny model whose rows to make instead."""
     bandwidth = read_bandwidth_gbs(args.threads, 64 if args.smoke else 1024)
     print(f"read bandwidth: {bandwidth:.1f} GB/s ({args.threads} threads)", file=sys.stderr)
-    models = prepare(home, args.smoke)
+    models = prepare(home, smoke)
     ids = held_out_ids(text, Path(models["fp32"]["model"]))
     ppl_file = home / "held-out-windows.json"
     ppl_file.write_text(json.dumps(windows(ids, args.window, args.ppl_windows)))
@@ -423,8 +443,9 @@ def measure(args: argparse.Namespace, home: Path, text: Path) -> None:
     fp32 = results["fp32"]["perplexity"]
     source = "generated text" if args.smoke else "tinyshakespeare's last 10%"
     scored = results["fp32"]["scored_tokens"]
+    model = "a tiny random Llama" if smoke else "built-in model smollm2-135m-instruct"
     print(
-        f"\nbuilt-in model smollm2-135m-instruct, {args.threads} threads; perplexity over {scored} "
+        f"\n{model}, {args.threads} threads; perplexity over {scored} "
         f"tokens of {source} "
         f"(windows of {args.window}); read bandwidth "
         f"{bandwidth:.1f} GB/s\n"
