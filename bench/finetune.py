@@ -17,6 +17,10 @@ In one run, on ../shared/data, with the same training data for both sides:
 Each lmforge side runs the real commands (`lmforge finetune`, `lmforge eval --json`) in a fresh
 $LMFORGE_HOME under bench/results/, and the table (also written to bench/results/finetune.json)
 shows training seconds, accuracy or EM/F1, and the ratio to the baseline.
+
+`--smoke` (for make test) runs the SST-2 row's commands for 2 steps on a generated data set, in a
+temporary $LMFORGE_HOME, with a tiny random Llama (byte-level tokenizer) as the base instead of
+the built-in model; nothing is written.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from _shared import lmforge_command
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 RESULTS = Path(__file__).resolve().parent / "results"
+BASE = "smollm2-135m-instruct"
 
 
 def _rows(path: Path) -> tuple[list[str], list[str]]:
@@ -78,8 +83,9 @@ def lmforge_task(
     steps: int,
     extra: list[str],
     env: dict[str, str],
+    base_model: str = BASE,
 ) -> dict[str, Any]:
-    args = ["finetune", "--base", "smollm2-135m-instruct", "--task", task, "--data", str(train)]
+    args = ["finetune", "--base", base_model, "--task", task, "--data", str(train)]
     args += ["--name", name, "--lora", "--merge", "--max-steps", str(steps), "-q", *extra]
     seconds = run(args, env)
     (run_file,) = (Path(env["LMFORGE_HOME"]) / "runs").glob(f"{name}-*/run.json")
@@ -127,15 +133,32 @@ def main() -> None:
         "--smoke",
         action="store_true",
         help="seconds, for make test: SST-2 only, on a generated 48-row sentiment set, 2 steps "
-        "of batch 4; a temp home (reusing $LMFORGE_HOME's converted built-in model when there "
-        "is one); writes no results",
+        "of batch 4 from a tiny random Llama; a temp home; writes no results",
     )
     opts = parser.parse_args()
     if opts.smoke:
         with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:
-            measure(opts, smoke_data(Path(tmp)), Path(tmp) / "home")
+            tiny = smoke_model(Path(tmp))
+            measure(opts, smoke_data(Path(tmp)), Path(tmp) / "home", str(tiny))
         return
     measure(opts, DATA, None)
+
+
+def smoke_model(folder: Path) -> Path:
+    """A tiny random Llama with a byte-level tokenizer, in the Hugging Face layout (--smoke)."""
+    import torch
+
+    from lmforge.model.config import ModelConfig
+    from lmforge.model.formats import save_model
+    from lmforge.model.transformer import Transformer
+    from lmforge.tokenizer.bpe import byte_tokenizer
+
+    torch.manual_seed(0)
+    config = ModelConfig(
+        arch="llama", vocab_size=320, d_model=64, n_layer=2, n_head=4, n_kv_head=2,
+        max_seq_len=256,
+    )  # fmt: skip
+    return save_model(Transformer(config), byte_tokenizer(), folder / "tiny-llama")
 
 
 def smoke_data(folder: Path) -> Path:
@@ -151,8 +174,11 @@ def smoke_data(folder: Path) -> Path:
     return folder
 
 
-def measure(opts: argparse.Namespace, data: Path, home: Path | None) -> None:
-    """The tasks on DATA in HOME (default: a fresh folder under bench/results)."""
+def measure(
+    opts: argparse.Namespace, data: Path, home: Path | None, base_model: str = BASE
+) -> None:
+    """The tasks on DATA in HOME (default: a fresh folder under bench/results), from
+    BASE_MODEL."""
     if not data.is_dir():
         sys.exit(f"{data} is missing: this benchmark reads ../shared/data")
     steps = {"sst2": opts.sst2_steps, "agnews": opts.agnews_steps, "squad": opts.squad_steps}
@@ -160,16 +186,13 @@ def measure(opts: argparse.Namespace, data: Path, home: Path | None) -> None:
         steps = dict.fromkeys(steps, 5)
     wanted = opts.only or ["sst2", "agnews", "squad"]
     if opts.smoke:
-        print("--smoke: a generated data set, 2 steps", file=sys.stderr)
+        print("--smoke: a generated data set, 2 steps, a tiny random Llama", file=sys.stderr)
         steps, wanted, opts.batch_size = dict.fromkeys(steps, 2), ["sst2"], 4
     if home is None:
         RESULTS.mkdir(exist_ok=True)
         home = Path(tempfile.mkdtemp(prefix="finetune-home-", dir=RESULTS))
     else:
         home.mkdir(parents=True)
-        converted = Path(os.environ.get("LMFORGE_HOME", Path.home() / ".lmforge")) / "builtin"
-        if converted.is_dir():  # the built-in model, converted already: not measured here
-            (home / "builtin").symlink_to(converted)
     env = {**os.environ, "LMFORGE_HOME": str(home)}
     # fp32, not bf16: CPUs without native bf16 (no AVX512-BF16/AMX, as here) run bf16 autocast
     # about 20x slower (a 576x1536 linear forward+backward: 220 ms vs 9 ms).
@@ -186,6 +209,7 @@ def measure(opts: argparse.Namespace, data: Path, home: Path | None) -> None:
             steps["sst2"],
             [*common, "--block-size", "96"],
             env,
+            base_model,
         )
         rows.append({"task": "SST-2 (dev)", "target": 0.85, "baseline": base, **ours})
         rows[-1]["steps"] = steps["sst2"]
@@ -214,6 +238,7 @@ def measure(opts: argparse.Namespace, data: Path, home: Path | None) -> None:
             steps["agnews"],
             [*common, "--block-size", "128"],
             env,
+            base_model,
         )
         rows.append({"task": "AG News (test)", "target": 0.88, "baseline": base, **ours})
         rows[-1]["steps"] = steps["agnews"]
@@ -231,7 +256,7 @@ def measure(opts: argparse.Namespace, data: Path, home: Path | None) -> None:
             "--lr",
             "5e-4",
         ]
-        ours = lmforge_task("squad", "qa", train, test, steps["squad"], extra, env)
+        ours = lmforge_task("squad", "qa", train, test, steps["squad"], extra, env, base_model)
         rows.append({"task": "SQuAD sample (dev)", "steps": steps["squad"], **ours})
     print(
         f"{'task':<24} {'lmforge':>9} {'baseline':>9} {'ratio':>6} {'target':>7} "
