@@ -66,8 +66,10 @@ messages (uncached, then cached), median and range over --prefix-trials prompts 
 --max-tokens); and the ratios lmforge / llama-server. --lmforge-args adds `lmforge serve`
 options to every lmforge server; when `lmforge serve --help` lists --kv-cache-memory, a server
 with that budget (--kv-cache-memory; auto: the fp32 KV of 16 × 2,048 tokens) is added, and when
-it lists --no-prefix-cache, one without the cache (TTFT only). --smoke: part C with lmforge fp32
-only, one client, one 4-token request, a 100-word prefix, no llama-server.
+it lists --no-prefix-cache, one without the cache (TTFT only). --smoke (for make test): part C
+with lmforge fp32 only, serving a tiny random Llama (byte-level tokenizer, saved to a temporary
+directory) instead of the built-in, one client, one 4-token request, a 100-word prefix, no
+llama-server.
 
 Prints tables, the lmforge / llama.cpp (/ transformers) ratios and, for the servers, the
 16-client / 1-client throughput ratio (target ≥ 4×); writes
@@ -792,12 +794,15 @@ def kv_bytes_per_token(model: str) -> int:
     return 2 * cfg["num_hidden_layers"] * kv_heads * head_dim * 4
 
 
-def capacity_models(args: argparse.Namespace, work: Path) -> dict[str, dict[str, str]]:
+def capacity_models(
+    args: argparse.Namespace, work: Path, model: str = MODEL
+) -> dict[str, dict[str, str]]:
     """{precision: {"lmforge": model spec, "gguf": path}}: the built-in in fp32 and int8 for
-    lmforge, and the same weights exported by `lmforge export` as F32 / Q8_0 GGUFs."""
+    lmforge, and the same weights exported by `lmforge export` as F32 / Q8_0 GGUFs. MODEL
+    (--smoke: a tiny one) is the fp32 row's model."""
     precisions = ["fp32"] if args.smoke else [p for p in args.precisions.split(",") if p]
     out: dict[str, dict[str, str]] = {}
-    names = {"fp32": MODEL, "int8": "bench-serve-int8"}
+    names = {"fp32": model, "int8": "bench-serve-int8"}
     for precision in precisions:
         if precision == "int8":
             show = subprocess.run(
@@ -941,7 +946,26 @@ def spread(xs: list[float], scale: float = 1.0, fmt: str = "{:.0f}") -> str:
     return f"{fmt.format(m)} [{fmt.format(lo)}–{fmt.format(hi)}]"
 
 
-def part_c(args: argparse.Namespace) -> dict:
+def smoke_model(folder: Path) -> Path:
+    """A tiny random Llama with a byte-level tokenizer, in the Hugging Face layout (--smoke);
+    max_seq_len covers part C's --max-model-len."""
+    import torch
+
+    from lmforge.model.config import ModelConfig
+    from lmforge.model.formats import save_model
+    from lmforge.model.transformer import Transformer
+    from lmforge.tokenizer.bpe import byte_tokenizer
+
+    torch.manual_seed(0)
+    config = ModelConfig(
+        arch="llama", vocab_size=320, d_model=64, n_layer=2, n_head=4, n_kv_head=2,
+        max_seq_len=CONTEXT,
+    )  # fmt: skip
+    return save_model(Transformer(config), byte_tokenizer(), folder / "tiny-llama")
+
+
+def part_c(args: argparse.Namespace, model: str = MODEL) -> dict:
+    """The issue's serving run of MODEL (--smoke: a tiny one, lmforge only)."""
     work = Path(tempfile.gettempdir()) / "lmforge-bench"
     work.mkdir(parents=True, exist_ok=True)
     if args.smoke:
@@ -950,7 +974,7 @@ def part_c(args: argparse.Namespace) -> dict:
         print("part C: no llama-server (--llama-server-bin PATH): lmforge only", file=sys.stderr)
     if "--no-auth" not in lmforge_serve_help() and not AUTH:
         AUTH["Authorization"] = f"Bearer {create_key('bench-serve')}"
-    servers = capacity_servers(args, capacity_models(args, work))
+    servers = capacity_servers(args, capacity_models(args, work, model))
     results: dict[str, Any] = {}
     for server in servers:
         try:
@@ -1091,8 +1115,9 @@ def main() -> None:
     p.add_argument(
         "--smoke",
         action="store_true",
-        help="seconds, for make test: part C with lmforge only (fp32), one client, one request "
-        "of 4 tokens, a 100-word prefix; llama-server skipped; writes no results unless --out",
+        help="seconds, for make test: part C with lmforge only (fp32) on a tiny random Llama, one "
+        "client, one request of 4 tokens, a 100-word prefix; llama-server skipped; writes no "
+        "results unless --out",
     )
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--make-f32", action="store_true", help=argparse.SUPPRESS)
@@ -1105,16 +1130,25 @@ def main() -> None:
         print(f32_gguf(args.threads))
         return
 
+    only = args.only.split(",") if args.only else None
+    unknown = set(only or []) - set(PART_A_ENGINES + PART_B_ENGINES + PART_B_OPTIONAL)
+    if unknown:
+        p.error(f"unknown engine(s): {', '.join(sorted(unknown))}")
     if args.smoke:
         args.part, args.capacity_clients, args.requests, args.max_tokens = "c", 1, 1, 4
         args.prefix_words, args.prefix_trials, args.ready_timeout = 100, 1, 120.0
         if args.out == p.get_default("out"):
             args.out = None
-    only = args.only.split(",") if args.only else None
-    unknown = set(only or []) - set(PART_A_ENGINES + PART_B_ENGINES + PART_B_OPTIONAL)
-    if unknown:
-        p.error(f"unknown engine(s): {', '.join(sorted(unknown))}")
-    out: dict[str, Any] = {"args": vars(args) | {"out": str(args.out)}, "model": MODEL}
+        with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+            print("--smoke: a tiny random Llama", file=sys.stderr)
+            run(args, only, str(smoke_model(Path(tmp))))
+        return
+    run(args, only, MODEL)
+
+
+def run(args: argparse.Namespace, only: list[str] | None, model: str) -> None:
+    """The parts ARGS asks for; MODEL is part C's (parts A and B run the built-in)."""
+    out: dict[str, Any] = {"args": vars(args) | {"out": str(args.out)}, "model": model}
     if args.part == "c":
         out["commit"] = git_commit()
     timings = {}
@@ -1131,7 +1165,7 @@ def main() -> None:
         timings["part_b_s"] = time.perf_counter() - t
     if args.part == "c":
         t = time.perf_counter()
-        out["part_c"] = part_c(args)
+        out["part_c"] = part_c(args, model)
         timings["part_c_s"] = time.perf_counter() - t
     out["timings"] = timings
     print("\n" + ", ".join(f"{k[:-2].replace('_', ' ')}: {v:.0f} s" for k, v in timings.items()))
