@@ -1,4 +1,4 @@
-"""What the serving benchmarks share: the lmforge command, a free port, an API key."""
+"""What the benchmarks share: the lmforge command, a free port, an API key, a tiny model."""
 
 from __future__ import annotations
 
@@ -38,3 +38,21 @@ def create_key(prefix: str) -> str:
     revoke = [*lmforge_command(), "keys", "revoke", name]
     atexit.register(subprocess.run, revoke, capture_output=True, check=False)
     return str(json.loads(out)["key"])
+
+
+def smoke_model(folder: Path, max_seq_len: int = 256) -> Path:
+    """A tiny random Llama with a byte-level tokenizer, in the Hugging Face layout: what the
+    benches' `--smoke` runs use instead of a real model (seconds, not minutes, in make test)."""
+    import torch
+
+    from lmforge.model.config import ModelConfig
+    from lmforge.model.formats import save_model
+    from lmforge.model.transformer import Transformer
+    from lmforge.tokenizer.bpe import byte_tokenizer
+
+    torch.manual_seed(0)
+    config = ModelConfig(
+        arch="llama", vocab_size=320, d_model=64, n_layer=2, n_head=4, n_kv_head=2,
+        max_seq_len=max_seq_len,
+    )  # fmt: skip
+    return save_model(Transformer(config), byte_tokenizer(), folder / "tiny-llama")

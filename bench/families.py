@@ -125,7 +125,7 @@ def llama_side(gguf: Path, text: Path, args: argparse.Namespace) -> dict[str, An
     }
 
 
-def smoke_model(work: Path) -> Any:
+def smoke_gemma3(work: Path) -> Any:
     """A tiny random Gemma 3 with the built-in's features, saved and loaded as a user would."""
     import torch
 
@@ -162,7 +162,7 @@ def main() -> None:
         if args.smoke:
             args.ctx, args.chunks, args.repeats = 64, 2, 1
             args.prompt_tokens, args.decode_tokens = 32, 8
-            llm = smoke_model(work)
+            llm = smoke_gemma3(work)
             text = " ".join(f"word{i % 97} and more" for i in range(400))
             ids = llm.tokenizer.encode(text)
             ours = lmforge_side(llm, ids, args)

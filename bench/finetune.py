@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _shared import lmforge_command
+from _shared import lmforge_command, smoke_model
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -142,23 +142,6 @@ def main() -> None:
             measure(opts, smoke_data(Path(tmp)), Path(tmp) / "home", str(tiny))
         return
     measure(opts, DATA, None)
-
-
-def smoke_model(folder: Path) -> Path:
-    """A tiny random Llama with a byte-level tokenizer, in the Hugging Face layout (--smoke)."""
-    import torch
-
-    from lmforge.model.config import ModelConfig
-    from lmforge.model.formats import save_model
-    from lmforge.model.transformer import Transformer
-    from lmforge.tokenizer.bpe import byte_tokenizer
-
-    torch.manual_seed(0)
-    config = ModelConfig(
-        arch="llama", vocab_size=320, d_model=64, n_layer=2, n_head=4, n_kv_head=2,
-        max_seq_len=256,
-    )  # fmt: skip
-    return save_model(Transformer(config), byte_tokenizer(), folder / "tiny-llama")
 
 
 def smoke_data(folder: Path) -> Path:

@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _shared import smoke_model
+
 PROMPT = "The capital of France is"
 
 
@@ -128,23 +130,6 @@ def worker_transformers(args: argparse.Namespace) -> dict:
 
 
 WORKERS = {"lmforge": worker_lmforge, "transformers": worker_transformers}
-
-
-def smoke_model(folder: Path) -> Path:
-    """A tiny random Llama with a byte-level tokenizer, in the Hugging Face layout (--smoke)."""
-    import torch
-
-    from lmforge.model.config import ModelConfig
-    from lmforge.model.formats import save_model
-    from lmforge.model.transformer import Transformer
-    from lmforge.tokenizer.bpe import byte_tokenizer
-
-    torch.manual_seed(0)
-    config = ModelConfig(
-        arch="llama", vocab_size=320, d_model=64, n_layer=2, n_head=4, n_kv_head=2,
-        max_seq_len=256,
-    )  # fmt: skip
-    return save_model(Transformer(config), byte_tokenizer(), folder / "tiny-llama")
 
 
 def main() -> None:

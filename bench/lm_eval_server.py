@@ -66,7 +66,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from _shared import create_key, free_port, lmforge_command
+from _shared import create_key, free_port, lmforge_command, smoke_model
 
 MODEL = "smollm2-135m-instruct"
 TASK = "lmforge_sst2_local"
@@ -263,23 +263,6 @@ def score_via_server(
                 row.append(sum(logprobs[len(ctx) : len(ctx) + len(cont)]))
             scores.append(row)
     return scores
-
-
-def smoke_model(folder: Path) -> Path:
-    """A tiny random Llama with a byte-level tokenizer, in the Hugging Face layout (--smoke)."""
-    import torch
-
-    from lmforge.model.config import ModelConfig
-    from lmforge.model.formats import save_model
-    from lmforge.model.transformer import Transformer
-    from lmforge.tokenizer.bpe import byte_tokenizer
-
-    torch.manual_seed(0)
-    config = ModelConfig(
-        arch="llama", vocab_size=320, d_model=64, n_layer=2, n_head=4, n_kv_head=2,
-        max_seq_len=256,
-    )  # fmt: skip
-    return save_model(Transformer(config), byte_tokenizer(), folder / "tiny-llama")
 
 
 def smoke(args: argparse.Namespace) -> int:

@@ -97,7 +97,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from _shared import create_key, free_port, lmforge_command
+from _shared import create_key, free_port, lmforge_command, smoke_model
 
 MODEL = "smollm2-135m-instruct"
 PROMPT = "The capital of France is"
@@ -946,24 +946,6 @@ def spread(xs: list[float], scale: float = 1.0, fmt: str = "{:.0f}") -> str:
     return f"{fmt.format(m)} [{fmt.format(lo)}–{fmt.format(hi)}]"
 
 
-def smoke_model(folder: Path) -> Path:
-    """A tiny random Llama with a byte-level tokenizer, in the Hugging Face layout (--smoke);
-    max_seq_len covers part C's --max-model-len."""
-    import torch
-
-    from lmforge.model.config import ModelConfig
-    from lmforge.model.formats import save_model
-    from lmforge.model.transformer import Transformer
-    from lmforge.tokenizer.bpe import byte_tokenizer
-
-    torch.manual_seed(0)
-    config = ModelConfig(
-        arch="llama", vocab_size=320, d_model=64, n_layer=2, n_head=4, n_kv_head=2,
-        max_seq_len=CONTEXT,
-    )  # fmt: skip
-    return save_model(Transformer(config), byte_tokenizer(), folder / "tiny-llama")
-
-
 def part_c(args: argparse.Namespace, model: str = MODEL) -> dict:
     """The issue's serving run of MODEL (--smoke: a tiny one, lmforge only)."""
     work = Path(tempfile.gettempdir()) / "lmforge-bench"
@@ -1141,7 +1123,7 @@ def main() -> None:
             args.out = None
         with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
             print("--smoke: a tiny random Llama", file=sys.stderr)
-            run(args, only, str(smoke_model(Path(tmp))))
+            run(args, only, str(smoke_model(Path(tmp), CONTEXT)))
         return
     run(args, only, MODEL)
 
