@@ -16,7 +16,7 @@ norms are named by where they sit: `input_layernorm` (before attention),
 
 Attention: `eager_attention` is the plain reference (softmax(QKᵀ·scale)V); `sdpa_attention` calls
 `torch.nn.functional.scaled_dot_product_attention`. Both live in `ATTENTION` with one signature;
-`Transformer.attn_impl` picks one. Layers with soft-capped scores take `softcap_attention`.
+`Transformer.attn_impl` picks one. Soft-capped layers take `eager_attention` with its cap.
 
 KV cache: the caller allocates a cache (`KVCache`, contiguous rows, or a `PagedBatch` view of
 the engine's block pool, both in `kv_cache.py`) and passes it in; `forward` stores the new keys
@@ -149,13 +149,20 @@ def eager_attention(
     mask: torch.Tensor | None,
     is_causal: bool,
     scale: float,
+    cap: float = 0.0,
 ) -> torch.Tensor:
-    """Reference attention. q [B,H,T,D]; k, v [B,Hkv,Tk,D]; mask [B,1,T,Tk] bool (True = attend)."""
+    """Reference attention. q [B,H,T,D]; k, v [B,Hkv,Tk,D]; mask [B,1,T,Tk] bool (True = attend).
+
+    CAP > 0 soft-caps the scores (cap·tanh(s/cap)) before the mask (Gemma 2); SDPA cannot, so
+    soft-capped layers always take this path.
+    """
     n_rep = q.shape[1] // k.shape[1]
     if n_rep > 1:
         k = k.repeat_interleave(n_rep, dim=1)
         v = v.repeat_interleave(n_rep, dim=1)
     scores = (q @ k.transpose(-2, -1)).float() * scale  # [B, H, T, Tk]
+    if cap:
+        scores = softcap(scores, cap)
     if is_causal:
         t, tk = scores.shape[-2:]
         mask = torch.ones(t, tk, dtype=torch.bool, device=q.device).tril(tk - t)
@@ -240,29 +247,6 @@ def sdpa_attention(
         k = k.repeat_interleave(n_rep, dim=1)
         v = v.repeat_interleave(n_rep, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
-
-
-def softcap_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor | None,
-    is_causal: bool,
-    scale: float,
-    cap: float,
-) -> torch.Tensor:
-    """`eager_attention` with the scores soft-capped (cap·tanh(s/cap)) before the mask (Gemma 2)."""
-    n_rep = q.shape[1] // k.shape[1]
-    if n_rep > 1:
-        k = k.repeat_interleave(n_rep, dim=1)
-        v = v.repeat_interleave(n_rep, dim=1)
-    scores = softcap((q @ k.transpose(-2, -1)).float() * scale, cap)  # [B, H, T, Tk]
-    if is_causal:
-        t, tk = scores.shape[-2:]
-        mask = torch.ones(t, tk, dtype=torch.bool, device=q.device).tril(tk - t)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return scores.softmax(dim=-1).to(v.dtype) @ v
 
 
 ATTENTION: dict[str, AttentionFn] = {"eager": eager_attention, "sdpa": sdpa_attention}
@@ -392,7 +376,7 @@ class Attention(nn.Module):
             k, v = cache.update(k, v, plan)  # [B, Hkv, Tk, D]
         mask, is_causal = plan.for_window(self.window)
         if self.softcap:
-            y = softcap_attention(q, k, v, mask, is_causal, self.scale, self.softcap)
+            y = eager_attention(q, k, v, mask, is_causal, self.scale, self.softcap)
         else:
             y = attn_fn(q, k, v, mask, is_causal, self.scale)  # [B, H, T, D]
         y = y.transpose(1, 2).reshape(b, t, h * d)

@@ -42,6 +42,7 @@ from lmforge.tokenizer.gguf_spm import (
     spm_fields,
     spm_template,
     spm_tokenizer,
+    wrap_gguf_tokenizer,
 )
 from lmforge.tokenizer.tokenizer import Tokenizer
 
@@ -227,20 +228,7 @@ def tokenizer_from_gguf_fields(meta: dict[str, Any], source: str) -> Tokenizer:
         tokens, ids["bos"] if add_bos else None, ids["eos"] if add_eos else None
     )
     backend.post_processor = template or processors.ByteLevel(trim_offsets=False)
-    ctx = meta.get(f"{meta.get('general.architecture')}.context_length")
-
-    def text(tid: int | None) -> str | None:
-        return None if tid is None else tokens[tid]
-
-    return Tokenizer(
-        backend=backend,
-        bos_token=text(ids["bos"]),
-        eos_token=text(ids["eos"]),
-        pad_token=text(ids["padding"]),
-        unk_token=text(ids["unknown"]),
-        chat_template=meta.get("tokenizer.chat_template"),
-        model_max_length=int(ctx) if ctx else None,
-    )
+    return wrap_gguf_tokenizer(backend, meta, tokens, ids)
 
 
 def _merge_pair(merge: str) -> tuple[str, str] | None:

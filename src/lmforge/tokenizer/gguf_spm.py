@@ -139,8 +139,18 @@ def spm_tokenizer(meta: dict[str, Any], source: str) -> Tokenizer:
     backend.post_processor = spm_template(
         tokens, ids["bos"] if add_bos else None, ids["eos"] if add_eos else None
     )
-    arch = meta.get("general.architecture")
-    ctx = meta.get(f"{arch}.context_length")
+    return wrap_gguf_tokenizer(backend, meta, tokens, ids)
+
+
+def wrap_gguf_tokenizer(
+    backend: HFTokenizer,
+    meta: dict[str, Any],
+    tokens: Sequence[str],
+    ids: dict[str, int | None],
+) -> Tokenizer:
+    """lmforge's Tokenizer around BACKEND (SentencePiece or BPE): the special tokens of IDS
+    (bos, eos, padding, unknown), the chat template and the context length from META."""
+    ctx = meta.get(f"{meta.get('general.architecture')}.context_length")
 
     def text(tid: int | None) -> str | None:
         return None if tid is None else tokens[tid]
@@ -150,7 +160,7 @@ def spm_tokenizer(meta: dict[str, Any], source: str) -> Tokenizer:
         bos_token=text(ids["bos"]),
         eos_token=text(ids["eos"]),
         pad_token=text(ids["padding"]),
-        unk_token=text(unk),
+        unk_token=text(ids["unknown"]),
         chat_template=meta.get("tokenizer.chat_template"),
         model_max_length=int(ctx) if ctx else None,
     )
