@@ -69,12 +69,11 @@ _OLMO2_LAYER = {
     "post_attention_layernorm": "attn_output_norm",
     "post_feedforward_layernorm": "mlp_output_norm",
 }
-_PHI3_LAYER = {
-    **{k: v for k, v in _LLAMA_LAYER.items() if not k.endswith(("q_proj", "k_proj", "v_proj"))},
-    "self_attn.qkv_proj": "self_attn.qkv_proj",  # Phi-3 files keep them fused, as we do
-    "mlp.gate_up_proj": "mlp.gate_up_proj",
+_FUSED_PARTS = {part for parts in FUSED.values() for part in parts}
+_PHI3_LAYER = {  # Phi-3 files keep Q/K/V and gate/up fused, as we do
+    **{k: v for k, v in _LLAMA_LAYER.items() if k not in _FUSED_PARTS},
+    **{fused: fused for fused in FUSED},
 }
-_PHI3_LAYER = {k: v for k, v in _PHI3_LAYER.items() if k not in ("mlp.gate_proj", "mlp.up_proj")}
 GPT2_LAYER = {
     "ln_1": "input_layernorm",
     "ln_2": "post_attention_layernorm",
