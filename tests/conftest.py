@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -128,6 +129,26 @@ def builtin_llm(builtin_home: Path):  # type: ignore[no-untyped-def]
     import lmforge
 
     return lmforge.load(home=builtin_home)
+
+
+def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """PATH's metadata and tensors as the `gguf` package's own reader sees them — after checking
+    that lmforge's reader (`GGUFFile`) sees exactly the same values, shapes, types and bytes."""
+    import gguf
+
+    from lmforge.model.formats.gguf_file import GGUFFile
+
+    reader = gguf.GGUFReader(str(path))
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    ours = GGUFFile(path)
+    assert ours.metadata == meta
+    assert [t.name for t in ours.tensors] == [t.name for t in reader.tensors]
+    for mine, theirs in zip(ours.tensors, reader.tensors, strict=True):
+        assert mine.tensor_type == theirs.tensor_type, mine.name
+        assert mine.shape == tuple(int(x) for x in reversed(theirs.shape)), mine.name
+        assert mine.data.dtype == theirs.data.dtype and mine.data.shape == theirs.data.shape
+        assert mine.data.tobytes() == theirs.data.tobytes(), mine.name
+    return meta, {t.name: t for t in reader.tensors}
 
 
 def run_env(home: Path) -> dict[str, str]:

@@ -290,6 +290,16 @@ def test_garbage_gguf_is_a_one_line_error(tmp_path):  # type: ignore[no-untyped-
     assert_one_line_error(path)
     path.write_bytes(b"GGUF" + b"\xff" * 60)  # right magic, nonsense header
     assert_one_line_error(path)
+    path.write_bytes(b"")
+    assert_one_line_error(path)
+    header = (
+        b"GGUF" + (3).to_bytes(4, "little") + (0).to_bytes(8, "little") + (1).to_bytes(8, "little")
+    )
+    path.write_bytes(header + (2**62).to_bytes(8, "little") + b"key")  # a key longer than the file
+    assert_one_line_error(path)
+    array = (1).to_bytes(8, "little") + b"k" + (9).to_bytes(4, "little") + (6).to_bytes(4, "little")
+    path.write_bytes(header + array + (2**61).to_bytes(8, "little"))  # 2**61 floats promised
+    assert_one_line_error(path)
 
 
 def test_unsupported_gguf_architecture_is_named(tiny_tokenizer, tmp_path):  # type: ignore[no-untyped-def]

@@ -19,10 +19,9 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from test_gguf import CHAT_TEMPLATE, REL_ERROR, inverse_rows, make_model, rel_error, write_gguf
 
-from conftest import TINY_TEXT, tiny_config
+from conftest import TINY_TEXT, read_gguf, tiny_config
 from lmforge.errors import LmforgeError
 from lmforge.model.formats import LoadedModel, gguf_write, load_model
-from lmforge.model.formats.gguf_read import read_gguf_metadata
 from lmforge.model.formats.gguf_write import check_exportable, export_gguf
 from lmforge.model.transformer import Transformer
 from lmforge.tokenizer import Tokenizer
@@ -50,8 +49,7 @@ def greedy(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
 
 
 def read(path: Path) -> tuple[dict[str, object], dict[str, gguf.ReaderTensor]]:
-    reader = gguf.GGUFReader(str(path))
-    return read_gguf_metadata(reader), {t.name: t for t in reader.tensors}
+    return read_gguf(path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,12 +24,12 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from test_gguf import llama_cpp_permute
 
+from conftest import read_gguf
 from lmforge.errors import LmforgeError
 from lmforge.model.config import ModelConfig
 from lmforge.model.formats import LoadedModel, load_model
 from lmforge.model.formats.families import FAMILIES
 from lmforge.model.formats.gguf_layout import llama3_rope_factors, llama3_scaling_from_factors
-from lmforge.model.formats.gguf_read import read_gguf_metadata
 from lmforge.model.formats.gguf_write import GGUFType, export_gguf
 from lmforge.model.transformer import Transformer
 
@@ -117,8 +117,7 @@ def export(model: Transformer, tokenizer: Any, path: Path, dtype: GGUFType = "f3
 
 
 def read(path: Path) -> tuple[dict[str, Any], dict[str, gguf.ReaderTensor]]:
-    reader = gguf.GGUFReader(str(path))
-    return read_gguf_metadata(reader), {t.name: t for t in reader.tensors}
+    return read_gguf(path)
 
 
 def stored(t: gguf.ReaderTensor) -> np.ndarray:
@@ -181,7 +180,7 @@ def requantize(src: Path, dst: Path, qtype: Q) -> None:
     """SRC's metadata and tensors into DST, matrices quantized to QTYPE (a mini llama-quantize:
     1-D tensors stay F32, matrices whose rows are not whole blocks stay as they are)."""
     reader = gguf.GGUFReader(str(src))
-    writer = gguf.GGUFWriter(str(dst), str(read_gguf_metadata(reader)["general.architecture"]))
+    writer = gguf.GGUFWriter(str(dst), str(reader.fields["general.architecture"].contents()))
     for key, fld in reader.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture":
             continue
@@ -416,7 +415,7 @@ def test_unwritable_features_are_one_line_errors(
 def rewrite(src: Path, dst: Path, meta: dict[str, Any], tensors: dict[str, np.ndarray]) -> Path:
     """SRC with metadata keys and F32 tensors added or replaced (None: removed)."""
     reader = gguf.GGUFReader(str(src))
-    arch = str(read_gguf_metadata(reader)["general.architecture"])
+    arch = str(reader.fields["general.architecture"].contents())
     writer = gguf.GGUFWriter(str(dst), str(meta.get("general.architecture", arch)))
     for key, fld in reader.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture" or key in meta:

@@ -34,8 +34,8 @@ from tokenizers import (
 )
 from tokenizers import Tokenizer as HFTokenizer
 
+from conftest import read_gguf
 from lmforge.errors import LmforgeError
-from lmforge.model.formats.gguf_read import open_gguf, read_gguf_metadata
 from lmforge.tokenizer.gguf import gguf_vocab, tokenizer_from_gguf_fields
 from lmforge.tokenizer.tokenizer import Tokenizer
 
@@ -155,7 +155,7 @@ def write_gguf(path: Path, meta: dict[str, Any]) -> Path:
 
 
 def read_meta(path: Path) -> dict[str, Any]:
-    return read_gguf_metadata(open_gguf(path))
+    return read_gguf(path)[0]
 
 
 def reference(meta: dict[str, Any], **kw: Any) -> SpmReference:

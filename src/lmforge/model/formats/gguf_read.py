@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +19,7 @@ import torch
 from lmforge.errors import CorruptArtifactError, LmforgeError
 from lmforge.model.config import ModelConfig
 from lmforge.model.formats.families import family_for_gguf_arch
+from lmforge.model.formats.gguf_file import GGUFFile, GGUFTensor
 from lmforge.model.formats.gguf_layout import ROPE_ROWS, TOP, GGUFLayout, config_from_gguf
 from lmforge.model.formats.hf import LoadedModel, empty_model, load_state
 from lmforge.model.formats.tensors import LAYERS, fuse_layers
@@ -33,41 +33,25 @@ def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def read_gguf_metadata(reader: Any) -> dict[str, Any]:
-    meta: dict[str, Any] = {}
-    for key, fld in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        try:
-            meta[key] = fld.contents()
-        except Exception:  # an unknown value type: skip the field, not the file
-            log.debug("skipping unreadable GGUF field %s", key)
-    return meta
+def open_gguf(path: Path) -> GGUFFile:
+    return GGUFFile(path)
 
 
-def open_gguf(path: Path) -> Any:
-    import gguf
-
-    try:
-        return gguf.GGUFReader(str(path))
-    except Exception as exc:
-        raise CorruptArtifactError(f"{path} is not a readable GGUF file: {exc}") from None
-
-
-def gguf_config(reader: Any, meta: dict[str, Any], source: str) -> tuple[ModelConfig, GGUFLayout]:
+def gguf_config(file: GGUFFile, source: str) -> tuple[ModelConfig, GGUFLayout]:
     """The ModelConfig of an open GGUF file, and its family's layout."""
+    meta = file.metadata
     family = family_for_gguf_arch(meta.get("general.architecture"), source)
     assert family.gguf is not None
-    shapes = {t.name: tuple(int(x) for x in reversed(t.shape)) for t in reader.tensors}
+    shapes = {t.name: t.shape for t in file.tensors}
     rope_freqs = None
-    for t in reader.tensors:
+    for t in file.tensors:
         if t.name == "rope_freqs.weight":
             rope_freqs = _dequantize(t, source)
     config = config_from_gguf(family.name, family.gguf, meta, shapes, rope_freqs, source)
     return config, family.gguf
 
 
-def _dequantize(t: Any, source: str) -> np.ndarray:
+def _dequantize(t: GGUFTensor, source: str) -> np.ndarray:
     import gguf
     from gguf.quants import dequantize
 
@@ -78,8 +62,7 @@ def _dequantize(t: Any, source: str) -> np.ndarray:
         raise CorruptArtifactError(
             f"{source}: cannot dequantize {t.name} ({kind}): {exc}"
         ) from None
-    shape = tuple(int(x) for x in reversed(t.shape))
-    return np.asarray(arr, dtype=np.float32).reshape(shape)
+    return np.asarray(arr, dtype=np.float32).reshape(t.shape)
 
 
 def our_name(name: str, layout: GGUFLayout, source: str) -> str:
@@ -99,13 +82,13 @@ def load_gguf(path: Path) -> LoadedModel:
     from lmforge.tokenizer.gguf import tokenizer_from_gguf_fields
 
     source = str(path)
-    reader = open_gguf(path)
-    meta = read_gguf_metadata(reader)
-    config, layout = gguf_config(reader, meta, source)
+    file = open_gguf(path)
+    meta = file.metadata
+    config, layout = gguf_config(file, source)
     tokenizer = tokenizer_from_gguf_fields(meta, source)
     heads = {module: getattr(config, count) for module, count in ROPE_ROWS.items()}
     sd: dict[str, torch.Tensor] = {}
-    for t in reader.tensors:
+    for t in file.tensors:
         if t.name == "rope_freqs.weight":  # read into config.rope_scaling
             continue
         ours = our_name(t.name, layout, source)
