@@ -35,7 +35,7 @@ test: $(STAMP)
 	@$(MAKE) --no-print-directory browser & browser=$$!; \
 	$(MAKE) --no-print-directory lint; lint=$$?; wait $$browser; browser=$$?; \
 	test $$lint = 0 && test $$browser = 0
-	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -p no:cacheprovider -n 2 --dist worksteal tests
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -p no:cacheprovider -n 2 --dist loadscope tests
 
 # The reliability suites at full size (`make test` runs them smaller).
 reliability: $(STAMP)

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,32 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("sqlite_only"):
             item.add_marker(skip)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`make test` (`-n 2 --dist loadscope`): a test file whose tests share a module-scoped
+    fixture (a server, a loaded reference model) runs whole on one worker, so that the fixture is
+    built once; every other test is scheduled on its own, and the shared files go first
+    (`--loadscope-reorder`, the default). pytest-xdist's `loadgroup` would do this with marks, but
+    its marks do not reach pytest 9's node ids."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    shared: dict[str, bool] = {}
+
+    def shares_a_module_fixture(path: str) -> bool:
+        if path not in shared:
+            text = (config.rootpath / path).read_text(encoding="utf-8")
+            shared[path] = 'scope="module"' in text or "from served import" in text
+        return shared[path]
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return path if shares_a_module_fixture(path) else nodeid
+
+    return SharedFixtureScheduling(config, log)
 
 
 @pytest.fixture(scope="session")
@@ -149,6 +176,33 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         assert mine.data.dtype == theirs.data.dtype and mine.data.shape == theirs.data.shape
         assert mine.data.tobytes() == theirs.data.tobytes(), mine.name
     return meta, {t.name: t for t in reader.tensors}
+
+
+@contextmanager
+def one_gguf_parse() -> Iterator[None]:
+    """Within the block, `gguf.GGUFReader(path)` builds one reader per file and hands the same
+    one back: `transformers` parses a GGUF file with it once for the config, once for the
+    weights and once for the tokenizer, ~30 s each for a 262k vocabulary. And the pure
+    `gguf.get_tensor_name_map(arch, n_blocks)` is built once per argument: transformers calls it
+    for every module of the model (~14 s for a 30-layer model)."""
+    import functools
+
+    import gguf
+
+    real = gguf.GGUFReader
+    readers: dict[str, Any] = {}
+
+    def reader(path: str, *args: Any, **kwargs: Any) -> Any:
+        if args or kwargs:
+            return real(path, *args, **kwargs)
+        if str(path) not in readers:
+            readers[str(path)] = real(path)
+        return readers[str(path)]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf, "GGUFReader", reader)
+        mp.setattr(gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map))
+        yield
 
 
 def run_env(home: Path) -> dict[str, str]:

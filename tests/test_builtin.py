@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import one_gguf_parse
 from lmforge.builtin import BUILTINS, DEFAULT_MODEL
 
 PROMPTS = [
@@ -23,10 +24,11 @@ def hf_reference():  # type: ignore[no-untyped-def]
     transformers = pytest.importorskip("transformers")
     gguf = BUILTINS[DEFAULT_MODEL].gguf_path()
     assert gguf is not None
-    tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    )
+    with one_gguf_parse():
+        tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
     return tok, model.eval()
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import lmforge
+from conftest import lmforge, one_gguf_parse
 from lmforge.builtin import BUILTINS
 
 GEMMA3 = BUILTINS["gemma3-270m"]
@@ -40,28 +40,14 @@ def ours(home: Path) -> Any:
     return lmforge.load("gemma3-270m", home=home)
 
 
-def load_theirs(home: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
-    import gguf
-
+def load_theirs(home: Path) -> Any:
     transformers = pytest.importorskip("transformers")
     path = GEMMA3.gguf_path(home)
     assert path is not None
-    # transformers parses the file with gguf's own reader twice (config, then weights), ~30 s
-    # each for a 262k vocabulary; the same reader object serves both
-    readers: dict[str, Any] = {}
-    real = gguf.GGUFReader
-
-    def reader(file: str, *args: Any, **kwargs: Any) -> Any:
-        if args or kwargs:
-            return real(file, *args, **kwargs)
-        if str(file) not in readers:
-            readers[str(file)] = real(file)
-        return readers[str(file)]
-
-    monkeypatch.setattr(gguf, "GGUFReader", reader)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32
-    )
+    with one_gguf_parse():
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32
+        )
     model.generation_config.eos_token_id = None  # plain greedy for 64 tokens
     return model.eval()
 
@@ -79,9 +65,9 @@ def test_loads_with_its_n_params_and_lineage(ours: Any, home: Path) -> None:
 
 
 def test_logits_and_64_greedy_tokens_equal_transformers_on_the_same_gguf(
-    ours: Any, home: Path, monkeypatch: pytest.MonkeyPatch
+    ours: Any, home: Path
 ) -> None:
-    theirs = load_theirs(home, monkeypatch)
+    theirs = load_theirs(home)
     for text in PROMPTS:
         ids = prompt_ids(ours, text)
         with torch.no_grad():
