@@ -199,6 +199,45 @@ def test_a_single_file_builtin_is_read_in_place_and_checked_before_conversion(
     assert files_under(lmforge_home) == []
 
 
+def test_the_converted_cache_is_made_again_when_its_recipe_changes(
+    site: Path, monkeypatch: pytest.MonkeyPatch, lmforge_home: Path, tiny_tokenizer
+) -> None:  # type: ignore[no-untyped-def]
+    """A cache converted by another lmforge (an older converter, another chat template or stop
+    tokens) is not reused: an upgrade once left gemma3-270m with ChatML instead of Gemma's turns."""
+    import torch
+
+    from conftest import tiny_config
+    from lmforge.model.formats import LoadedModel
+    from lmforge.model.formats.gguf_write import export_gguf
+    from lmforge.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    loaded = LoadedModel(Transformer(tiny_config("llama")), tiny_tokenizer, site / "tiny")
+    gguf = export_gguf(loaded, site / "tiny.gguf", "f32")
+    spec = fake_builtin(site, [gguf.read_bytes()], name="fake-real")
+    monkeypatch.setitem(BUILTINS, spec.name, spec)
+    cache = builtin_dir(spec.name)
+    weights = cache / "model.safetensors"
+    first = weights.stat().st_ino
+    assert builtin_dir(spec.name) == cache and weights.stat().st_ino == first  # reused
+
+    turns = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    monkeypatch.setitem(BUILTINS, spec.name, dataclasses.replace(spec, chat_template=turns))
+    builtin_dir(spec.name)
+    second = weights.stat().st_ino
+    assert second != first
+
+    record = json.loads((cache / "lmforge.json").read_text())
+    record["source"]["recipe"] = "made-by-an-older-lmforge"
+    (cache / "lmforge.json").write_text(json.dumps(record))
+    builtin_dir(spec.name)
+    assert weights.stat().st_ino != second
+    assert (
+        json.loads((cache / "lmforge.json").read_text())["source"]["recipe"]
+        != record["source"]["recipe"]
+    )
+
+
 # -- the real packages ---------------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ change; it is written atomically, so a killed conversion leaves nothing half-wri
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import logging
 import re
@@ -110,6 +111,10 @@ def _from_registry(name: str, version: int | None, home: Path) -> ModelRef | Non
     return ModelRef(f"{name}@{rec.version}", path, "registry", rec.version)
 
 
+# Bumped whenever the conversion's output changes (weights, tokenizer, generation config).
+CONVERTER = 2
+
+
 def builtin_dir(name: str, *, home: Path | None = None) -> Path:
     """The HF-layout directory of built-in NAME, converting its GGUF on first use (and
     assembling a chunked GGUF before that)."""
@@ -120,7 +125,14 @@ def builtin_dir(name: str, *, home: Path | None = None) -> Path:
         raise ModelNotFoundError(str(spec.unavailable()))
     target = home / "builtin" / name
     stat = gguf_path.stat()
-    key = {"gguf_size": stat.st_size, "gguf_mtime_ns": stat.st_mtime_ns}
+    recipe = json.dumps([CONVERTER, spec.chat_template, list(spec.stop_tokens)])
+    key = {
+        "gguf_size": stat.st_size,
+        "gguf_mtime_ns": stat.st_mtime_ns,
+        # what else the conversion's output depends on: a cache made by another converter or
+        # with another chat template or stop tokens is made again
+        "recipe": hashlib.sha256(recipe.encode()).hexdigest()[:16],
+    }
     if _cache_matches(target, key):
         return target
     _convert_builtin(name, gguf_path, target, key)
