@@ -139,7 +139,7 @@ def builtin_dir(name: str, *, home: Path | None = None) -> Path:
     return target
 
 
-def _cache_matches(target: Path, key: dict[str, int]) -> bool:
+def _cache_matches(target: Path, key: dict[str, object]) -> bool:
     try:
         record = json.loads((target / "lmforge.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -162,7 +162,7 @@ def _stop_ids(loaded: Any, stop_tokens: tuple[str, ...]) -> dict[str, Any]:
     return {"eos_token_id": ids}
 
 
-def _convert_builtin(name: str, gguf_path: Path, target: Path, key: dict[str, int]) -> None:
+def _convert_builtin(name: str, gguf_path: Path, target: Path, key: dict[str, object]) -> None:
     import shutil
 
     from lmforge.atomic import atomic_directory
