@@ -30,7 +30,9 @@ demo: $(STAMP)
 
 # Chromium installs (apt) while lint runs; the tests start when both are done. Two pytest-xdist
 # workers, one thread each (and each test's subprocesses): the suite waits on servers and
-# subprocesses as much as it computes, and 2 × 1 threads do not oversubscribe 2 cores.
+# subprocesses as much as it computes, and 2 × 1 threads do not oversubscribe 2 cores. With
+# `loadscope`, tests/conftest.py keeps a file whose tests share a module-scoped fixture on one
+# worker and schedules every other test on its own.
 test: $(STAMP)
 	@$(MAKE) --no-print-directory browser & browser=$$!; \
 	$(MAKE) --no-print-directory lint; lint=$$?; wait $$browser; browser=$$?; \
