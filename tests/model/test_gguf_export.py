@@ -26,7 +26,7 @@ from lmforge.model.formats.gguf_write import check_exportable, export_gguf
 from lmforge.model.transformer import Transformer
 from lmforge.tokenizer import Tokenizer
 
-TYPES = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0}
+TYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
 TEXTS = (TINY_TEXT[:200], "naïve 東京 🙂 0123", "<|im_start|>user\nhi<|im_end|>\n", " a  b\n\n")
 
 
@@ -84,17 +84,17 @@ def test_f32_export_round_trips_exactly(tie, chat_tokenizer, tmp_path) -> None: 
 
 
 # ---------------------------------------------------------------------------------------------
-# F16 / Q8_0: the stored bytes are what gguf.quants makes of the weights, and load back exactly
+# F16 / BF16 / Q8_0: the stored bytes are what gguf.quants makes of the weights, loaded back exactly
 
 
-@pytest.mark.parametrize("dtype", ["f16", "q8_0"])
+@pytest.mark.parametrize("dtype", ["f16", "bf16", "q8_0"])
 @pytest.mark.parametrize("tie", [False, True])
 def test_quantized_export_matches_dequantized_bytes(dtype, tie, tiny_tokenizer, tmp_path) -> None:  # type: ignore[no-untyped-def]
     model = make_model(tie)
     cfg, qtype = model.config, TYPES[dtype]
     path = export_gguf(loaded_of(model, tiny_tokenizer, tmp_path), tmp_path / "t.gguf", dtype)
     meta, tensors = read(path)
-    assert meta["general.file_type"] == {"f16": 1, "q8_0": 7}[dtype]
+    assert meta["general.file_type"] == {"f16": 1, "bf16": 32, "q8_0": 7}[dtype]
 
     ref: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():

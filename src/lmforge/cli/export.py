@@ -30,7 +30,12 @@ out = stdout_console()
 err = stderr_console()
 
 FORMATS = ("gguf", "hf")
-GGUF_TYPES = ("f32", "f16", "q8_0")  # = gguf_write.GGUF_TYPES, without importing torch early
+GGUF_TYPES = (
+    "f32",
+    "f16",
+    "bf16",
+    "q8_0",
+)  # = gguf_write.GGUF_TYPES, without importing torch early
 
 EXAMPLES = """[bold]Examples[/bold]
 
@@ -44,8 +49,8 @@ EXAMPLES = """[bold]Examples[/bold]
 
 [bold]gguf[/bold]: for llama.cpp — Llama, Qwen2, Qwen3, Gemma 2, Gemma 3 and Phi-3 models, as
 llama.cpp's converter writes them (norms stay F32).
---type f16 is the default, f32 is exact, q8_0 is 8-bit. LoRA adapters: run `lmforge models
-merge` first. Task (classify/QA) models: --format hf only.
+--type f16 is the default, f32 is exact, bf16 keeps fp32's range, q8_0 is 8-bit.
+LoRA adapters: run `lmforge models merge` first. Task (classify/QA) models: --format hf only.
 """
 
 
@@ -66,7 +71,9 @@ def export_command(
     ] = "gguf",
     qtype: Annotated[
         str | None,
-        typer.Option("--type", help="gguf: f16 (default), f32 (exact) or q8_0; hf: f32 only."),
+        typer.Option(
+            "--type", help="gguf: f16 (default), f32 (exact), bf16 or q8_0; hf: f32 only."
+        ),
     ] = None,
     force: Annotated[
         bool, typer.Option("--force", help="Replace --out (a file, or a model directory).")

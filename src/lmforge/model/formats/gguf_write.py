@@ -7,7 +7,7 @@ Hugging Face checkpoint: its architecture name, metadata keys and tensor names, 
 permuted into llama.cpp's interleaved-RoPE order, Gemma's norm weights stored as 1 + w, our
 fused `qkv_proj` / `gate_up_proj` split into attn_q/k/v and ffn_gate/up (Phi-3 keeps them fused,
 as its converter does), Llama 3 RoPE scaling as a `rope_freqs` tensor, the LM head left out
-when tied. File types: F32 (exact), F16 and Q8_0 (`gguf.quants.quantize`); 1-D tensors (norms,
+when tied. File types: F32 (exact), F16, BF16 and Q8_0 (`gguf.quants.quantize`); 1-D tensors (norms,
 biases, rope_freqs) stay F32 in every type, as the converter keeps them, and a matrix whose rows
 are not a whole number of Q8_0 blocks falls back to F16, as the converter does. The tokenizer's
 metadata comes from `tokenizer/gguf.py` (`gguf_vocab`).
@@ -55,11 +55,12 @@ from lmforge.tokenizer.gguf import GGUFVocab, gguf_vocab
 
 log = logging.getLogger(__name__)
 
-GGUFType = Literal["f32", "f16", "q8_0"]
-GGUF_TYPES: dict[str, Q] = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0}
+GGUFType = Literal["f32", "f16", "bf16", "q8_0"]
+GGUF_TYPES: dict[str, Q] = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
 _FILE_TYPES = {
     "f32": gguf.LlamaFileType.ALL_F32,
     "f16": gguf.LlamaFileType.MOSTLY_F16,
+    "bf16": gguf.LlamaFileType.MOSTLY_BF16,
     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
 }
 # Module types a plain float model is made of; anything else (LoRA, quantized layers) is not.
@@ -169,12 +170,12 @@ def export_gguf(
     """Write LOADED as a GGUF file of its family's llama.cpp architecture at PATH (atomically);
     returns PATH.
 
-    DTYPE: "f32" (bit-exact), "f16" or "q8_0" for the matrices; norms are F32 in all three.
+    DTYPE: "f32" (bit-exact), "f16", "bf16" or "q8_0" for the matrices; norms are F32 in all.
     NAME is `general.name` (default: the lineage's name, else the source's file name).
     """
     source = str(loaded.path)
     if dtype not in GGUF_TYPES:
-        raise LmforgeError(f"unknown GGUF type {dtype!r} (f32, f16, q8_0)")
+        raise LmforgeError(f"unknown GGUF type {dtype!r} ({', '.join(GGUF_TYPES)})")
     model = loaded.model
     if isinstance(model, HeadModel):
         raise LmforgeError(f"{source} is a {model.head.task} model; GGUF holds language models")
