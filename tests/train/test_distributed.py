@@ -69,8 +69,18 @@ def test_two_processes_match_one(
     single: list[dict],
     tmp_path: Path,  # type: ignore[type-arg]
 ) -> None:
+    """FSDP runs through; DDP is stopped by --time-limit and resumed with --resume auto (one
+    run less than testing the two apart): either way every step matches one process."""
     home = tmp_path / strategy
-    proc = torchrun(home, *args(data_dir, strategy, "--strategy", strategy))
+    if strategy == "ddp":
+        first = torchrun(
+            home, *args(data_dir, strategy, "--strategy", strategy, "--time-limit", "0.3")
+        )
+        assert first.returncode == 0, first.stderr[-3000:]
+        assert 0 < len(metrics(home)) < STEPS
+        proc = torchrun(home, *args(data_dir, strategy, "--strategy", strategy, "--resume", "auto"))
+    else:
+        proc = torchrun(home, *args(data_dir, strategy, "--strategy", strategy))
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = metrics(home)
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
@@ -78,33 +88,13 @@ def test_two_processes_match_one(
     reference = np.array([r["loss"] for r in single])
     assert np.abs(ours - reference).max() < 1e-4, np.abs(ours - reference).max()
     assert reference[-1] < reference[0]  # and it learned something
-    val = [r["val_loss"] for r in records if "val_loss" in r]
-    val_ref = [r["val_loss"] for r in single if "val_loss" in r]
-    assert np.allclose(val, val_ref, atol=1e-4)
+    val = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+    val_ref = {r["step"]: r["val_loss"] for r in single if "val_loss" in r}
+    assert val_ref and all(abs(val[step] - v) < 1e-4 for step, v in val_ref.items())
     (model,) = (home / "models" / strategy).iterdir()  # rank 0 exported and registered once
     lineage = json.loads((model / "lmforge.json").read_text())
     assert lineage["world_size"] == 2 and lineage["strategy"] == strategy
     assert lineage["tokens_seen"] == STEPS * 8 * 32 * 2
-
-
-def test_ddp_resumes_from_its_checkpoint(
-    data_dir: Path,
-    single: list[dict],
-    tmp_path: Path,  # type: ignore[type-arg]
-) -> None:
-    """Stopped by --time-limit, resumed with --resume auto: the steps after match too."""
-    home = tmp_path / "resume"
-    first = torchrun(home, *args(data_dir, "r", "--strategy", "ddp", "--time-limit", "0.3"))
-    assert first.returncode == 0, first.stderr[-3000:]
-    stopped = len(metrics(home))
-    assert 0 < stopped < STEPS
-    second = torchrun(home, *args(data_dir, "r", "--strategy", "ddp", "--resume", "auto"))
-    assert second.returncode == 0, second.stderr[-3000:]
-    records = metrics(home)
-    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
-    ours = np.array([r["loss"] for r in records])
-    reference = np.array([r["loss"] for r in single])
-    assert np.abs(ours - reference).max() < 1e-4
 
 
 def test_two_nodes_rendezvous_as_the_readme_shows(
