@@ -264,6 +264,20 @@ def lmforge(
     )
 
 
+def lmforge_popen(
+    *args: str, home: Path, env: Mapping[str, str] | None = None, **streams: Any
+) -> Any:
+    """`subprocess.Popen` of `lmforge ARGS` with $LMFORGE_HOME=HOME (and ENV on top): forked
+    from tests/zygote.py's server like `lmforge(...)`, or started from scratch with
+    LMFORGE_TEST_FORK=0. STREAMS: stdin, stdout, stderr, text, as Popen takes them."""
+    environment = {**run_env(home), **(env or {})}
+    if os.environ.get("LMFORGE_TEST_FORK", "1") != "0":
+        import zygote
+
+        return zygote.popen(list(args), environment, **streams)
+    return subprocess.Popen([*LMFORGE, *args], env=environment, **streams)
+
+
 def lmforge_here(
     capsys: pytest.CaptureFixture[str], *args: str
 ) -> subprocess.CompletedProcess[str]:

@@ -21,7 +21,9 @@ lmforge.cli.main` instead (what this saves: `make test` ~3 minutes on 2 cores)."
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
+import locale
 import os
 import signal
 import socket
@@ -47,12 +49,12 @@ def _preload() -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # what lmforge's charts select before they import pyplot
-    import matplotlib.pyplot  # noqa: F401
-    import torch  # noqa: F401
-    import torch._dynamo  # noqa: F401  (imported at a training run's first optimizer step)
+    import matplotlib.pyplot
+    import torch
+    import torch._dynamo  # noqa: F401  (a training run imports it at its first optimizer step)
 
     import lmforge
-    import lmforge.cli.main  # noqa: F401
+    import lmforge.cli.main
 
     for module in pkgutil.walk_packages(lmforge.__path__, "lmforge."):
         if module.name.endswith("ray_executor"):
@@ -64,10 +66,8 @@ def _die_with_parent() -> None:
     """SIGTERM this server when the pytest worker that started it dies (Linux prctl)."""
     import ctypes
 
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def _exit_code(exc: SystemExit) -> int:
@@ -80,21 +80,19 @@ def _exit_code(exc: SystemExit) -> int:
     return 1
 
 
-def _command(request: dict[str, Any]) -> None:
-    """Become `lmforge ARGS` as the request describes, then exit with its status."""
+def _command(request: dict[str, Any], fds: list[int]) -> None:
+    """Become `lmforge ARGS` as the request describes, on the client's stdin, stdout and
+    stderr (FDS), then exit with its status."""
+    if request["new_session"]:
+        os.setsid()
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
-    for fd, (path, flags) in enumerate(
-        [
-            (request["stdin"], os.O_RDONLY),
-            (request["stdout"], os.O_WRONLY | os.O_TRUNC),
-            (request["stderr"], os.O_WRONLY | os.O_TRUNC),
-        ]
-    ):
-        opened = os.open(path, flags)
-        os.dup2(opened, fd)
-        os.close(opened)
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+    for fd in set(fds):
+        if fd > 2:
+            os.close(fd)
     sys.argv = ["lmforge", *request["args"]]
     try:
         from lmforge.cli.main import main
@@ -107,31 +105,36 @@ def _command(request: dict[str, Any]) -> None:
         code = 1
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(OSError, ValueError):
             stream.flush()
-        except (OSError, ValueError):
-            pass
     os._exit(code)
+
+
+def _receive(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
+    """A request: one JSON line, the first chunk of which carries the three descriptors."""
+    data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
+    while not data.endswith(b"\n"):
+        more = conn.recv(1 << 16)
+        if not more:
+            raise EOFError("the client went away mid-request")
+        data += more
+    return json.loads(data), list(fds)
 
 
 def _handle(conn: socket.socket) -> None:
     """In the handler process: fork the command, report its pid, wait, report its status."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    with conn.makefile("rw", encoding="utf-8") as stream:
-        request = json.loads(stream.readline())
-        pid = os.fork()
-        if pid == 0:
-            stream.close()
-            conn.close()
-            _command(request)
-        stream.write(json.dumps({"pid": pid}) + "\n")
-        stream.flush()
-        _, status = os.waitpid(pid, 0)
-        try:
-            stream.write(json.dumps({"code": os.waitstatus_to_exitcode(status)}) + "\n")
-            stream.flush()
-        except OSError:
-            pass  # the client gave up (a timeout) and closed its end
+    request, fds = _receive(conn)
+    pid = os.fork()
+    if pid == 0:
+        conn.close()
+        _command(request, fds)
+    for fd in fds:
+        os.close(fd)
+    conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+    _, status = os.waitpid(pid, 0)
+    with contextlib.suppress(OSError):  # the client may be gone
+        conn.sendall(json.dumps({"code": os.waitstatus_to_exitcode(status)}).encode() + b"\n")
     os._exit(0)
 
 
@@ -154,13 +157,118 @@ def serve(path: str) -> None:
 # -- the client ----------------------------------------------------------------------------
 
 
+class Process:
+    """A command forked by the server, with the parts of `subprocess.Popen` the tests use."""
+
+    def __init__(
+        self,
+        server: str,
+        args: list[str],
+        env: dict[str, str],
+        stdin: Any = None,
+        stdout: Any = None,
+        stderr: Any = None,
+        text: bool = False,
+        start_new_session: bool = False,
+    ) -> None:
+        self.args = ["lmforge", *args]
+        self.returncode: int | None = None
+        self.stdin = self.stdout = self.stderr = None
+        ours: list[int] = []  # descriptors this side opened for the child: closed once sent
+        child = []
+        for target, spec in enumerate((stdin, stdout, stderr)):
+            if spec is None:
+                child.append(target)
+            elif spec == subprocess.STDOUT:
+                child.append(child[1])
+            elif spec == subprocess.DEVNULL:
+                fd = os.open(os.devnull, os.O_RDWR)
+                ours.append(fd)
+                child.append(fd)
+            elif spec == subprocess.PIPE:
+                read, write = os.pipe()
+                mine, theirs = (write, read) if target == 0 else (read, write)
+                ours.append(theirs)
+                child.append(theirs)
+                mode = ("w" if target == 0 else "r") + ("" if text else "b")
+                stream = open(mine, mode)  # noqa: SIM115  (closed by __exit__ or its reader)
+                setattr(self, ("stdin", "stdout", "stderr")[target], stream)
+            else:
+                child.append(spec if isinstance(spec, int) else spec.fileno())
+        request = {"args": args, "env": env, "cwd": os.getcwd(), "new_session": start_new_session}
+        self.conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.conn.connect(server)
+            socket.send_fds(self.conn, [json.dumps(request).encode() + b"\n"], child)
+            self.stream = self.conn.makefile("r", encoding="utf-8")
+            self.pid = int(json.loads(self.stream.readline())["pid"])
+        finally:
+            for fd in ours:
+                os.close(fd)
+        self.done = threading.Event()
+        threading.Thread(target=self._wait_for_exit, daemon=True).start()
+
+    def _wait_for_exit(self) -> None:
+        line = self.stream.readline()
+        self.returncode = int(json.loads(line)["code"]) if line else -signal.SIGKILL
+        self.stream.close()
+        self.conn.close()
+        self.done.set()
+
+    def poll(self) -> int | None:
+        return self.returncode if self.done.is_set() else None
+
+    def wait(self, timeout: float | None = None) -> int:
+        if not self.done.wait(timeout):
+            raise subprocess.TimeoutExpired(self.args, timeout or 0)
+        assert self.returncode is not None
+        return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[Any, Any]:
+        """Read the piped stdout and stderr to their ends and wait (no input: close stdin)."""
+        if self.stdin is not None:
+            self.stdin.close()
+        results: dict[str, Any] = {}
+        readers = [
+            threading.Thread(target=lambda n=name, s=stream: results.update({n: s.read()}))
+            for name, stream in (("stdout", self.stdout), ("stderr", self.stderr))
+            if stream is not None
+        ]
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join(timeout)
+            if reader.is_alive():
+                raise subprocess.TimeoutExpired(self.args, timeout or 0)
+        self.wait(timeout)
+        return results.get("stdout"), results.get("stderr")
+
+    def send_signal(self, sig: int) -> None:
+        if not self.done.is_set():
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def __enter__(self) -> Process:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for stream in (self.stdin, self.stdout, self.stderr):
+            if stream is not None:
+                stream.close()
+        self.wait()
+
+
 class Zygote:
     """One server per pytest worker, started at the first command and stopped at exit."""
 
     def __init__(self) -> None:
-        self.dir = Path(
-            tempfile.mkdtemp(prefix="lmz", dir="/tmp" if Path("/tmp").is_dir() else None)
-        )
+        tmp = "/tmp" if Path("/tmp").is_dir() else None  # a Unix socket's path is short
+        self.dir = Path(tempfile.mkdtemp(prefix="lmz", dir=tmp))
         self.socket = str(self.dir / "s")
         self.process = subprocess.Popen(
             [sys.executable, __file__, self.socket],
@@ -172,79 +280,58 @@ class Zygote:
         line = self.process.stdout.readline().strip()
         if line != READY:
             raise RuntimeError(f"the test zygote did not start (exit {self.process.wait()})")
-        self.counter = 0
-        self.lock = threading.Lock()
         atexit.register(self.close)
 
     def close(self) -> None:
         self.process.kill()
         self.process.wait()
-        for path in self.dir.iterdir():
-            path.unlink()
+        Path(self.socket).unlink(missing_ok=True)
         self.dir.rmdir()
-
-    def run(
-        self, args: list[str], env: dict[str, str], stdin: str, timeout: float
-    ) -> subprocess.CompletedProcess[str]:
-        with self.lock:
-            self.counter += 1
-            name = f"{os.getpid()}-{self.counter}"
-        files = {k: self.dir / f"{name}.{k}" for k in ("stdin", "stdout", "stderr")}
-        files["stdin"].write_text(stdin, encoding="utf-8")
-        files["stdout"].touch()
-        files["stderr"].touch()
-        request = {
-            "args": args,
-            "env": env,
-            "cwd": os.getcwd(),
-            **{k: str(v) for k, v in files.items()},
-        }
-        argv = ["lmforge", *args]
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-                conn.settimeout(timeout)
-                conn.connect(self.socket)
-                with conn.makefile("rw", encoding="utf-8") as stream:
-                    stream.write(json.dumps(request) + "\n")
-                    stream.flush()
-                    pid = json.loads(stream.readline())["pid"]
-                    try:
-                        code = json.loads(stream.readline())["code"]
-                    except TimeoutError:
-                        os.kill(pid, signal.SIGKILL)
-                        raise subprocess.TimeoutExpired(
-                            argv, timeout, _text(files["stdout"]), _text(files["stderr"])
-                        ) from None
-            return subprocess.CompletedProcess(
-                argv, code, _text(files["stdout"]), _text(files["stderr"])
-            )
-        finally:
-            for path in files.values():
-                path.unlink(missing_ok=True)
-
-
-def _text(path: Path) -> str:
-    """PATH's bytes as `subprocess.run(text=True)` gives them: locale-decoded, newlines
-    translated."""
-    import locale
-
-    data = path.read_bytes().decode(locale.getpreferredencoding(False))
-    return data.replace("\r\n", "\n").replace("\r", "\n")
 
 
 _zygote: Zygote | None = None
 _zygote_lock = threading.Lock()
 
 
-def run(
-    args: list[str], env: dict[str, str], stdin: str, timeout: float
-) -> subprocess.CompletedProcess[str]:
-    """`lmforge ARGS` as a fresh process forked from this worker's server."""
+def _server() -> str:
     global _zygote
     with _zygote_lock:
         if _zygote is None:
             _zygote = Zygote()
-    return _zygote.run(args, env, stdin, timeout)
+        return _zygote.socket
+
+
+def popen(args: list[str], env: dict[str, str], **streams: Any) -> Process:
+    """`subprocess.Popen(["lmforge", *ARGS], env=ENV, stdin=…, stdout=…, stderr=…,
+    text=…, start_new_session=…)` as a process forked from this worker's server."""
+    return Process(_server(), args, env, **streams)
+
+
+def run(
+    args: list[str], env: dict[str, str], stdin: str, timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """`subprocess.run(["lmforge", *ARGS], env=ENV, input=STDIN, capture_output=True,
+    text=True, timeout=TIMEOUT)` as a process forked from this worker's server."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        with tempfile.TemporaryFile() as source:
+            source.write(stdin.encode(locale.getpreferredencoding(False)))
+            source.seek(0)
+            process = popen(args, env, stdin=source, stdout=out, stderr=err)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise subprocess.TimeoutExpired(process.args, timeout, _text(out), _text(err)) from None
+        return subprocess.CompletedProcess(process.args, process.wait(), _text(out), _text(err))
+
+
+def _text(file: Any) -> str:
+    """FILE's bytes as `subprocess.run(text=True)` gives them: locale-decoded, newlines
+    translated."""
+    file.seek(0)
+    data = file.read().decode(locale.getpreferredencoding(False))
+    return data.replace("\r\n", "\n").replace("\r", "\n")
 
 
 if __name__ == "__main__":

@@ -16,11 +16,11 @@ import pytest
 import yaml
 
 from conftest import (
-    LMFORGE,
     assert_one_line_error,
     free_port,
+    lmforge,
     lmforge_here,
-    run_env,
+    lmforge_popen,
     syllable_text,
 )
 from lmforge.pipeline.run import STATE_FILE, PipelineState, pipeline_dir, plan
@@ -157,9 +157,9 @@ def test_killed_training_stage_resumes_from_its_checkpoint(
     spec = yaml.safe_load(path.read_text())
     spec["stages"]["train"]["ckpt_every"] = 20
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    proc = subprocess.Popen(
-        [*LMFORGE, "pipeline", "run", str(path)],
-        env=run_env(lmforge_home),
+    proc = lmforge_popen(
+        *("pipeline", "run", str(path)),
+        home=lmforge_home,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -180,10 +180,7 @@ def test_killed_training_stage_resumes_from_its_checkpoint(
     assert [(s.stage.id, s.action) for s in steps[:2]] == [("data", "skip"), ("train", "resume")]
     assert steps[1].argv[-2:] == ["--resume", "auto"]
 
-    done = subprocess.run(
-        [*LMFORGE, "pipeline", "run", str(path), "--until", "train"],
-        env=run_env(lmforge_home), capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+    done = lmforge("pipeline", "run", str(path), "--until", "train", home=lmforge_home, timeout=300)
     assert done.returncode == 0, done.stderr
     (run_dir,) = list(runs.glob("words-*"))  # the same run went on: no second run directory
     assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
@@ -236,9 +233,9 @@ def test_serve_stage_comes_last_after_the_report(tmp_path: Path, lmforge_home: P
     spec = yaml.safe_load(path.read_text())
     spec["stages"]["serve"] = {"model": "prod", "port": port, "threads": 1}
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    proc = subprocess.Popen(
-        [*LMFORGE, "pipeline", "run", str(path)],
-        env=run_env(lmforge_home),
+    proc = lmforge_popen(
+        *("pipeline", "run", str(path)),
+        home=lmforge_home,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 import pgtest
-from conftest import LMFORGE, free_port, run_env, tiny_config
+from conftest import free_port, lmforge_popen, tiny_config
 
 TINY_NAME = "tiny-llama"
 
@@ -24,7 +24,7 @@ class Server:
     url: str  # http://127.0.0.1:PORT
     model: str  # the served model's name
     model_dir: Path
-    process: subprocess.Popen[str]
+    process: Any  # subprocess.Popen or zygote.Process: poll, wait, send_signal, pid
     key: str  # an admin key
     home: Path
     log_path: Path  # the server's stdout and stderr
@@ -81,9 +81,9 @@ def start_server(model_dir: Path, home: Path, *extra: str, key: str | None = Non
     log_path = home / "logs" / f"serve-{port}.log"  # a file: a pipe nobody reads fills up
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log_file:
-        process = subprocess.Popen(
-            [*LMFORGE, "serve", str(model_dir), "--port", str(port), "--threads", "1", *extra],
-            env=run_env(home),
+        process = lmforge_popen(
+            *("serve", str(model_dir), "--port", str(port), "--threads", "1", *extra),
+            home=home,
             stdout=log_file,
             stderr=subprocess.STDOUT,
             text=True,

@@ -19,7 +19,7 @@ import httpx
 import pytest
 from served import Server, create_key, start_server, stop_server
 
-from conftest import LMFORGE, lmforge, run_env, syllable_text
+from conftest import lmforge, lmforge_popen, syllable_text
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("LMFORGE_TEST_ARTIFACTS", ROOT / "test-artifacts")) / "dashboard"
@@ -203,11 +203,11 @@ def test_create_a_key_and_see_it_once(page, dash: Dash) -> None:  # type: ignore
 
 
 def test_a_training_runs_curve_grows_while_it_trains(page, dash: Dash) -> None:  # type: ignore[no-untyped-def]
-    train = subprocess.Popen(
-        [*LMFORGE, "train", "--data", "words", "--model", "tiny", "--name", "live",
-         "--max-steps", "100000", "--batch-size", "4", "--block-size", "32", "--eval-every",
-         "50", "--eval-batches", "1", "--ckpt-every", "100000", "-q"],
-        env=run_env(dash.home), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    train = lmforge_popen(
+        "train", "--data", "words", "--model", "tiny", "--name", "live",
+        "--max-steps", "100000", "--batch-size", "4", "--block-size", "32", "--eval-every",
+        "50", "--eval-batches", "1", "--ckpt-every", "100000", "-q",
+        home=dash.home, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 60

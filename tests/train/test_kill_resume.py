@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import LMFORGE, lmforge, run_env, write_token_dataset
+from conftest import lmforge, lmforge_popen, write_token_dataset
 
 KILLS = int(os.environ.get("LMFORGE_TRAIN_KILLS", "4"))  # make reliability: 20
 STEPS = max(60, 10 * KILLS)  # room for every kill (each lets 1-8 steps run)
@@ -41,7 +41,7 @@ def data_dir(tmp_path: Path, tiny_tokenizer) -> Path:  # type: ignore[no-untyped
 
 def command(data: Path) -> list[str]:
     return [
-        *LMFORGE, "train", "--data", str(data), "--model", "tiny", "--name", "k",
+        "train", "--data", str(data), "--model", "tiny", "--name", "k",
         "--max-steps", str(STEPS), "--batch-size", "4", "--block-size", "32",
         "--ckpt-every", "3", "--eval-every", "20", "--eval-batches", "2", "--dropout", "0.1",
         "--resume", "auto", "-q",
@@ -94,7 +94,7 @@ def kill_when(proc: subprocess.Popen[str], home: Path, moment: str, rng: random.
 
 def test_sigkill_at_random_moments_then_resume_is_bit_exact(data_dir: Path, tmp_path: Path) -> None:
     reference_home = tmp_path / "reference"
-    ref = lmforge(*command(data_dir)[len(LMFORGE) :], home=reference_home, timeout=300)
+    ref = lmforge(*command(data_dir), home=reference_home, timeout=300)
     assert ref.returncode == 0, ref.stderr
     expected = losses(only_run(reference_home))
     assert [s for s, _, _ in expected] == list(range(1, STEPS + 1))
@@ -105,10 +105,9 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(data_dir: Path, tmp_
     moments = moments[:KILLS]
     landed = []
     for moment in moments:
-        proc = subprocess.Popen(
-            command(data_dir), env=run_env(home), stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+        proc = lmforge_popen(
+            *command(data_dir), home=home, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         killed = kill_when(proc, home, moment, rng)
         proc.wait(timeout=60)
         if killed:
@@ -117,10 +116,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(data_dir: Path, tmp_
         else:  # the run got to the end before the moment came
             break
     assert landed == moments, f"only {landed} landed before the run finished"
-    final = subprocess.run(
-        command(data_dir), env=run_env(home), capture_output=True, text=True, timeout=300,
-        check=False,
-    )  # fmt: skip
+    final = lmforge(*command(data_dir), home=home, timeout=300)
     assert final.returncode == 0, final.stderr
 
     run = only_run(home)  # every restart went on with the same run
