@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import atexit
 import json
+import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -11,8 +13,14 @@ import sys
 import time
 from pathlib import Path
 
+COMMAND_ENV = "LMFORGE_BENCH_COMMAND"
+
 
 def lmforge_command() -> list[str]:
+    """How the benches start lmforge: $LMFORGE_BENCH_COMMAND (a shell-quoted command line;
+    make test's smoke runs set it), else the console script next to this Python."""
+    if os.environ.get(COMMAND_ENV):
+        return shlex.split(os.environ[COMMAND_ENV])
     script = Path(sys.executable).parent / "lmforge"
     if script.exists():
         return [str(script)]

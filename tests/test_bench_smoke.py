@@ -10,12 +10,15 @@ converted copy through $LMFORGE_HOME.
 
 from __future__ import annotations
 
+import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+import zygote
 from conftest import run_env
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
@@ -45,11 +48,15 @@ def test_every_bench_has_a_smoke_run() -> None:
 def test_bench_smoke(name: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     needs_builtin, lines = SMOKES[name]
     home = request.getfixturevalue("builtin_home") if needs_builtin else tmp_path / "home"
+    env = run_env(home)
+    if os.environ.get("LMFORGE_TEST_FORK", "1") != "0":  # each `lmforge` forked, as lmforge(…)
+        command, extra = zygote.client_command()
+        env |= {**extra, "LMFORGE_BENCH_COMMAND": shlex.join(command)}
     proc = subprocess.run(
         [sys.executable, str(BENCH / f"{name}.py"), "--smoke"],
         capture_output=True,
         text=True,
-        env=run_env(home),
+        env=env,
         cwd=tmp_path,
         timeout=900,
         check=False,

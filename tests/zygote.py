@@ -334,5 +334,32 @@ def _text(file: Any) -> str:
     return data.replace("\r\n", "\n").replace("\r", "\n")
 
 
+SOCKET_ENV = "LMFORGE_TEST_ZYGOTE"  # the server's socket, for `client` in another process
+
+
+def client(args: list[str]) -> int:
+    """`python zygote.py --client ARGS`: `lmforge ARGS` forked from the server whose socket is
+    $LMFORGE_TEST_ZYGOTE, on this process's stdin, stdout and stderr and with its environment;
+    SIGTERM, SIGINT and SIGHUP are passed on; exits as the command does. What the benches run
+    as `lmforge` in `make test` (bench/_shared.py's $LMFORGE_BENCH_COMMAND)."""
+    env = dict(os.environ)
+    process = Process(env.pop(SOCKET_ENV), args, env)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _: process.send_signal(signum))
+    code = process.wait()
+    if code < 0:  # died of a signal: so does this process
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    return code
+
+
+def client_command() -> tuple[list[str], dict[str, str]]:
+    """The command prefix that runs `lmforge` through this worker's server, and the
+    environment it needs."""
+    return [sys.executable, __file__, "--client"], {SOCKET_ENV: _server()}
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--client":
+        sys.exit(client(sys.argv[2:]))
     serve(sys.argv[1])
