@@ -32,14 +32,19 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/lmforge demo
 
-# Chromium installs (apt) while lint runs; the tests start when both are done. Two pytest-xdist
-# workers, one thread each (and each test's subprocesses): the suite waits on servers and
-# subprocesses as much as it computes, and 2 × 1 threads do not oversubscribe 2 cores. With
-# `loadscope`, tests/conftest.py keeps a file whose tests share a module-scoped fixture on one
-# worker and schedules every other test on its own.
+# While lint runs (mypy keeps one core busy), Chromium installs (apt) and a collect-only pass
+# writes pytest's assertion-rewritten test modules to __pycache__ even where
+# $$PYTHONDONTWRITEBYTECODE is set (otherwise each worker rewrites them all: ~10 s); the tests
+# start when all three are done. Two pytest-xdist workers, one thread each (and each test's
+# subprocesses): 2 × 1 threads do not oversubscribe 2 cores. With `loadscope`,
+# tests/conftest.py keeps a file whose tests share a module-scoped fixture on one worker and
+# schedules every other test on its own. Commands the tests run as `lmforge ...` are forked
+# from a process per worker that has done the imports once (tests/zygote.py).
 test: $(STAMP)
 	@$(MAKE) --no-print-directory browser & browser=$$!; \
-	$(MAKE) --no-print-directory lint; lint=$$?; wait $$browser; browser=$$?; \
+	PYTHONDONTWRITEBYTECODE= $(VENV)/bin/pytest -q -p no:cacheprovider --collect-only tests \
+	  >/dev/null 2>&1 & warm=$$!; \
+	$(MAKE) --no-print-directory lint; lint=$$?; wait $$browser; browser=$$?; wait $$warm; \
 	test $$lint = 0 && test $$browser = 0
 	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -p no:cacheprovider -n 2 --dist loadscope tests
 

@@ -291,7 +291,9 @@ def test_kill_9_leaves_no_data_set_and_the_next_run_cleans_up(tmp_path: Path) ->
     proc.wait()
     assert not (home / "datasets" / "k").exists()
     assert list((home / "datasets").glob(".k.*.tmp"))  # the abandoned build
-    config = PrepareConfig(sources=(str(src),), tokenizer="byte", workers=1)
+    # The next run (of a small source: what it builds does not matter here) removes it.
+    small = write_jsonl(tmp_path / "small.jsonl", [{"text": prose(rng, 20)} for _ in range(50)])
+    config = PrepareConfig(sources=(str(small),), tokenizer="byte", workers=1)
     prepare(config, home / "datasets" / "k")
     assert sorted(p.name for p in (home / "datasets").iterdir()) == ["k"]
     verify_shards(home / "datasets" / "k", read_manifest(home / "datasets" / "k"))
