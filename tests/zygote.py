@@ -4,19 +4,21 @@ Every `lmforge` process spends 3–8 s importing torch (and torch._dynamo at the
 matplotlib for a chart, …) before it does anything; the suite starts well over a hundred of
 them. This module's server (`python zygote.py SOCKET`) imports all of that once per pytest
 worker and then, for each request on its Unix socket, forks a child that *is* the command: a
-separate process with the test's environment, working directory and stdin/stdout/stderr files,
-running the console script's `main(ARGS)` and exiting with its status, as `lmforge ARGS` would.
-Nothing in lmforge reads the environment at import time, so importing before the environment
-is set changes nothing; the server itself runs no torch op, so no thread pool exists when it
-forks.
+separate process with the test's environment and working directory, on the stdin, stdout and
+stderr the client passed (SCM_RIGHTS), running the console script's `main(ARGS)` and exiting
+with its status, as `lmforge ARGS` would. Nothing in lmforge reads the environment at import
+time, so importing before the environment is set changes nothing; the server itself runs no
+torch op and starts no thread, so no thread pool exists when it forks.
 
 The server forks twice per request: a handler (which reads the request, reports the command's
 pid, waits for it and reports its exit status) and, from it, the command. The server only
 accepts and forks, so concurrent requests from one test's threads run concurrently.
 
-`run()` is the client: the shape of `subprocess.run(..., capture_output=True, text=True)`.
-`LMFORGE_TEST_FORK=0` makes tests/conftest.py start every command as `python -m
-lmforge.cli.main` instead (what this saves: `make test` ~3 minutes on 2 cores)."""
+Clients: `run()` (the shape of `subprocess.run(..., capture_output=True, text=True)`),
+`popen()` (a `Process` with Popen's poll, wait, communicate and signals, for servers and for
+commands a test kills) and `python zygote.py --client ARGS` (for the benches' own
+subprocesses). `LMFORGE_TEST_FORK=0` makes tests/conftest.py start every command as `python -m
+lmforge.cli.main` instead; with the zygote, the suite takes about 5 minutes less on 2 cores."""
 
 from __future__ import annotations
 
