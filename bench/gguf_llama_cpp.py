@@ -3,10 +3,11 @@
     .venv/bin/python bench/gguf_llama_cpp.py --llama-cpp PATH/TO/llama.cpp   # built, with build/bin
 
 Not a test (it needs a built llama.cpp and a C++ compiler). For each family with a GGUF layout
-(llama, qwen2, qwen3, gemma2, gemma3, phi3) a tiny random model with the family's distinctive
-features (Llama 3 RoPE scaling and biases; YaRN; QK-norm, head_dim ≠ d_model/n_head and linear
-scaling; soft-capping and sliding windows shorter than the sequence; Gemma 3's 5:1 pattern and
-local θ; Phi-3's partial rotary) is exported as F32 and Q8_0, and as F32 again after lmforge
+(llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3) a tiny random model with the family's
+distinctive features (Llama 3 RoPE scaling and biases; Mistral without a window, written as
+llama; YaRN; QK-norm, head_dim ≠ d_model/n_head and linear scaling; soft-capping and sliding
+windows shorter than the sequence; Gemma 3's 5:1 pattern and local θ; Phi-3's partial rotary)
+is exported as F32 and Q8_0, and as F32 again after lmforge
 reads llama.cpp's own `llama-quantize` Q4_K_M of it. A 40-line C++ program against libllama
 (compiled here with g++) decodes a 20-token prompt and 40 greedy tokens on the CPU with an F32
 KV cache and returns the logits of every position; lmforge runs the same 60 tokens
@@ -61,6 +62,7 @@ CASES: dict[str, dict[str, Any]] = {
             "original_max_position_embeddings": 8192,
         },
     },
+    "mistral": {"arch": "mistral", "tie_embeddings": False, "rope_theta": 1e6},  # as llama
     "qwen2": {
         "arch": "qwen2",
         "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 40},

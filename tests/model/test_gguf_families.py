@@ -1,6 +1,6 @@
-"""GGUF import and export for every family with a llama.cpp layout (llama, qwen2, qwen3, gemma2,
-gemma3, phi3): a tiny random model per family, with its distinctive features switched on, written
-by our exporter and read back.
+"""GGUF import and export for every family with a llama.cpp layout (llama, mistral as llama,
+qwen2, qwen3, gemma2, gemma3, phi3): a tiny random model per family, with its distinctive
+features switched on, written by our exporter and read back.
 
 References: the original model (F32: same config, same weights, logits within 1e-5), each stored
 type's error bound (Q8_0 from our exporter; Q4_0 written by re-quantizing the F32 file
@@ -28,7 +28,7 @@ from conftest import read_gguf
 from lmforge.errors import LmforgeError
 from lmforge.model.config import ModelConfig
 from lmforge.model.formats import LoadedModel, load_model
-from lmforge.model.formats.families import FAMILIES
+from lmforge.model.formats.families import FAMILIES, family_for_gguf_arch
 from lmforge.model.formats.gguf_layout import llama3_rope_factors, llama3_scaling_from_factors
 from lmforge.model.formats.gguf_write import GGUFType, export_gguf
 from lmforge.model.transformer import Transformer
@@ -57,6 +57,10 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
          "rope_scaling": LLAMA3},
         {"llama.vocab_size": 384, "llama.rope.dimension_count": 16, "rope_freqs.weight": True,
          "llama.rope.scaling.original_context_length": 8192, "blk.0.attn_output.bias": True},
+    ),
+    "mistral": (  # without a sliding window: llama.cpp's llama, as its converter writes it
+        {"arch": "mistral", "tie_embeddings": False, "rope_theta": 1e6},
+        {"general.architecture": "llama", "llama.rope.freq_base": 1e6, "output.weight": True},
     ),
     "qwen2": (
         {"arch": "qwen2", "tie_embeddings": False,
@@ -159,7 +163,10 @@ def test_f32_round_trip_is_the_same_model(case: str, written: Any) -> None:
     model, path = written(case)
     loaded = load_model(path)
     same = dict(norm_eps=model.config.norm_eps, init_std=model.config.init_std)
-    assert dataclasses.replace(loaded.config, **same) == model.config
+    read_as = FAMILIES[model.config.arch].gguf
+    assert read_as is not None
+    want = dataclasses.replace(model.config, arch=family_for_gguf_arch(read_as.arch, "x").name)
+    assert dataclasses.replace(loaded.config, **same) == want  # Mistral reads back as llama
     got = loaded.model.state_dict()
     assert set(got) == set(model.state_dict())
     offset = 1.0 if model.config.norm == "rms_offset" else 0.0
@@ -398,7 +405,8 @@ def test_llama3_rope_factors_read_back_as_their_parameters() -> None:
         ),
         ({"arch": "llama", "qk_norm": "head"}, "qk_norm"),
         ({"arch": "olmo2"}, "not 'olmo2'"),
-        ({"arch": "mistral", "sliding_window": 8}, "not 'mistral'"),
+        ({"arch": "mistral", "sliding_window": 8}, "llama cannot run sliding-window layers"),
+        ({"arch": "gpt2"}, "not 'gpt2'"),
     ],
 )
 def test_unwritable_features_are_one_line_errors(

@@ -476,6 +476,10 @@ FAMILIES: dict[str, Family] = {
             from_hf=_mistral_from_hf,
             layer_kinds=("full", "sliding"),
             uniform_layers=True,
+            # llama.cpp runs Mistral as llama (its converter writes MistralForCausalLM so), which
+            # has no sliding window: a windowed model is refused, and the file reads back as
+            # llama (`family_for_gguf_arch` takes the first family of an architecture).
+            gguf=gguf_layout.LLAMA,
         ),
         Family(
             "qwen2",
@@ -580,7 +584,13 @@ def family_for_model_type(model_type: Any, source: str) -> Family:
 
 
 def gguf_families() -> list[str]:
-    return [f.gguf.arch for f in FAMILIES.values() if f.gguf is not None]
+    """llama.cpp's architectures that families map to, once each."""
+    return list(dict.fromkeys(f.gguf.arch for f in FAMILIES.values() if f.gguf is not None))
+
+
+def gguf_exportable() -> list[str]:
+    """The families `export --format gguf` writes."""
+    return [f.name for f in FAMILIES.values() if f.gguf is not None]
 
 
 def family_for_gguf_arch(arch: Any, source: str) -> Family:
