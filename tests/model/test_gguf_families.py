@@ -1,5 +1,5 @@
 """GGUF import and export for every family with a llama.cpp layout (llama, mistral as llama,
-qwen2, qwen3, gemma2, gemma3, phi3): a tiny random model per family, with its distinctive
+qwen2, qwen3, gemma2, gemma3, olmo2, phi3): a tiny random model per family, with its distinctive
 features switched on, written by our exporter and read back.
 
 References: the original model (F32: same config, same weights, logits within 1e-5), each stored
@@ -7,8 +7,9 @@ type's error bound (Q8_0 from our exporter; Q4_0 written by re-quantizing the F3
 with `gguf.quants.quantize`; K-quants from random block bytes, loaded as exactly what
 `gguf.quants.dequantize` makes of them), and llama.cpp's own tables in the `gguf` package
 (`MODEL_TENSORS`, `get_tensor_name_map`) for names. The facts the layouts encode — Q/K rows
-permuted for llama only, Gemma's norms stored as 1 + w, Phi-3's fused tensors, the metadata keys —
-are checked on the stored data. (llama.cpp itself runs these files in a dev check, not here.)
+permuted for llama only, Gemma's norms stored as 1 + w, Phi-3's fused tensors, OLMo 2's
+post-norms, the metadata keys — are checked on the stored data. (llama.cpp itself runs these
+files in a dev check, bench/gguf_llama_cpp.py, not here.)
 """
 
 from __future__ import annotations
@@ -94,6 +95,12 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
          "layer_types": ("full", "sliding"), "rope_theta_local": 2e4},
         {"gemma3.attention.sliding_window_pattern": [False, True],
          "gemma3.rope.freq_base_swa": 2e4},
+    ),
+    "olmo2": (  # post-norms only, QK-norm over all heads, its own LM head
+        {"arch": "olmo2", "tie_embeddings": False},
+        {"blk.0.post_attention_norm.weight": True, "blk.0.post_ffw_norm.weight": True,
+         "blk.0.attn_norm.weight": None, "blk.0.ffn_norm.weight": None,
+         "blk.0.attn_q_norm.weight": True, "output.weight": True},
     ),
     "phi3": (
         {"arch": "phi3", "rotary_fraction": 0.5, "sliding_window": 8, "tie_embeddings": False},
@@ -343,8 +350,18 @@ def test_layout_is_llama_cpp_s(case: str, written: Any) -> None:
         want_q = llama_cpp_permute(q, cfg.n_head) if layout.interleaved_rope else q
         np.testing.assert_array_equal(stored(tensors["blk.0.attn_q.weight"]), want_q)
     shift = 1.0 if cfg.norm == "rms_offset" else 0.0  # Gemma: the converter stores 1 + w
-    norms = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+    norms = {
+        "attn_norm": "input_layernorm",
+        "ffn_norm": "post_attention_layernorm",
+        "post_attention_norm": "attn_output_norm",
+        "post_ffw_norm": "mlp_output_norm",
+        "attn_q_norm": "self_attn.q_norm",
+        "attn_k_norm": "self_attn.k_norm",
+    }
     for gguf_name, module in norms.items():
+        if f"{p}{module}.weight" not in sd:
+            assert f"blk.0.{gguf_name}.weight" not in tensors, gguf_name
+            continue
         want = sd[f"{p}{module}.weight"] + np.float32(shift)
         np.testing.assert_array_equal(stored(tensors[f"blk.0.{gguf_name}.weight"]), want)
     np.testing.assert_array_equal(
@@ -404,7 +421,8 @@ def test_llama3_rope_factors_read_back_as_their_parameters() -> None:
             "beta_fast = 8",
         ),
         ({"arch": "llama", "qk_norm": "head"}, "qk_norm"),
-        ({"arch": "olmo2"}, "not 'olmo2'"),
+        ({"arch": "olmo2"}, "olmo2 needs its own output.weight"),
+        ({"arch": "olmo2", "tie_embeddings": False, "head_dim": 24}, "n_head·head_dim = d_model"),
         ({"arch": "mistral", "sliding_window": 8}, "llama cannot run sliding-window layers"),
         ({"arch": "gpt2"}, "not 'gpt2'"),
     ],
@@ -464,6 +482,7 @@ def rewrite(src: Path, dst: Path, meta: dict[str, Any], tensors: dict[str, np.nd
         ("llama", {}, {"rope_freqs.weight": np.linspace(1, 3, 8, dtype=np.float32)}, "Llama 3"),
         ("phi3", {}, {"rope_factors_long.weight": np.ones(4, np.float32)}, "LongRoPE"),
         ("qwen3", {}, {"blk.0.post_ffw_norm.weight": np.ones(64, np.float32)}, "unexpected"),
+        ("olmo2", {"olmo2.attention.sliding_window": 16}, {}, "OLMo 3's sliding-window layers"),
     ],
 )
 def test_unreadable_files_are_one_line_errors(

@@ -541,7 +541,7 @@ FAMILIES: dict[str, Family] = {
             uniform_layers=True,
             gguf=gguf_layout.PHI3,
         ),
-        Family("olmo2", "Olmo2ForCausalLM", "olmo2", _OLMO2_LAYER),
+        Family("olmo2", "Olmo2ForCausalLM", "olmo2", _OLMO2_LAYER, gguf=gguf_layout.OLMO2),
         Family(
             "smollm3",
             "SmolLM3ForCausalLM",

@@ -7,14 +7,17 @@ from llama.cpp's converter (`convert_hf_to_gguf.py`, `conversion/*.py`), its mod
 (`src/models/<arch>.cpp`, `llama-model.cpp`) and `gguf-py` (`constants.py`, `tensor_mapping.py`):
 
 - Q/K rows: only `llama` runs llama.cpp's interleaved ("normal") RoPE, so its converter permutes
-  the rows of attn_q and attn_k (weights and biases) per head; qwen2, qwen3, gemma2, gemma3 and
-  phi3 run NEOX RoPE (rotate-half, as Hugging Face does) on rows as they are.
+  the rows of attn_q and attn_k (weights and biases) per head; qwen2, qwen3, gemma2, gemma3,
+  olmo2 and phi3 run NEOX RoPE (rotate-half, as Hugging Face does) on rows as they are.
 - Gemma's norms compute x̂·(1 + w); the converter stores every `*norm.weight` as w + 1 and
   llama.cpp multiplies by the stored value.
 - Names: Gemma's sandwich norms are attn_norm (before attention), post_attention_norm (on its
   output), ffn_norm (before the MLP) and post_ffw_norm (on its output); QK-norm is attn_q_norm /
   attn_k_norm; Phi-3 keeps Q/K/V fused in attn_qkv and gate+up fused in ffn_up ([2·d_ff] rows,
-  gate first), as our model does. Gemma 2 has no output.weight (always tied).
+  gate first), as our model does. Gemma 2 has no output.weight (always tied). OLMo 2 has only
+  the post-norms (post_attention_norm, post_ffw_norm), QK-norm over all heads (attn_q_norm of
+  d_model, attn_k_norm of n_kv_head·head_dim), and must have output.weight; an olmo2 file with
+  `attention.sliding_window` is OLMo 3 (sliding layers with their own θ), refused.
 - Metadata, `{arch}.…`: `attention.sliding_window` (Gemma 2 assumes 4096 when absent),
   `attention.sliding_window_pattern` (llama.cpp's default period is Gemma 2's 2 and Gemma 3's 6,
   the last layer of each period global: our `SLIDING_PATTERNS`; a per-layer bool array says any
@@ -29,7 +32,7 @@ from llama.cpp's converter (`convert_hf_to_gguf.py`, `conversion/*.py`), its mod
 - Attention scale: llama.cpp scales scores by head_dim^-½ for every family here, except Gemma 2
   at 46 layers and Gemma 3 at 62 (their 27B models), where it takes (d_model / n_head)^-½; no key
   says otherwise, so `query_pre_attn_scalar` is read from that rule and any other is refused.
-- Shapes: llama.cpp's qwen2 and phi3 loaders assume n_head·head_dim = d_model.
+- Shapes: llama.cpp's qwen2, olmo2 and phi3 loaders assume n_head·head_dim = d_model.
 - RoPE scaling: llama.cpp's gemma2 scales sliding layers as well; ours scales the full layers'
   θ, which sliding layers share unless they have their own (`rope_theta_local`).
 - Phi-3's sliding window is written and read (it is the model's), though this llama.cpp ignores
@@ -70,6 +73,11 @@ class GGUFLayout:
     """Added to every norm weight in the file (Gemma: w + 1)."""
     output: bool = True
     """May hold its own output.weight (else the LM head is always the embeddings)."""
+    output_required: bool = False
+    """llama.cpp's loader requires output.weight (OLMo 2): a tied LM head cannot be written."""
+    refused: dict[str, str] = field(default_factory=dict)
+    """`{arch}.` keys that mean a model this layout does not describe, if present and not 0
+    (OLMo 3's sliding window in an olmo2 file) → what to say."""
     biases: tuple[str, ...] = ()
     """Bias features its llama.cpp loader takes (qkv_bias, o_bias, mlp_bias)."""
     square_attention: bool = False
@@ -151,6 +159,17 @@ GEMMA3 = GGUFLayout(
     defaults={"rope.freq_base_swa": 10000.0},
     norm_shift=1.0,
     wide_scale_layers=62,
+)
+OLMO2 = GGUFLayout(  # post-norms only, QK-norm over all heads; llama.cpp needs output.weight
+    "olmo2",
+    {
+        **{k: v for k, v in _LLAMA_TENSORS.items() if not k.endswith("_norm")},
+        **_QK_NORM,
+        **_SANDWICH,
+    },
+    square_attention=True,
+    output_required=True,
+    refused={"attention.sliding_window": "OLMo 3's sliding-window layers are not supported"},
 )
 PHI3 = GGUFLayout(
     "phi3",
@@ -263,6 +282,9 @@ def config_from_gguf(
         value = meta.get(f"{arch}.{key}")
         if value is not None and value not in harmless:
             raise LmforgeError(f"{source}: {what} ({arch}.{key} = {value})")
+    for key, what in layout.refused.items():
+        if meta.get(f"{arch}.{key}") not in (None, 0):
+            raise LmforgeError(f"{source}: {what} ({arch}.{key} = {meta[f'{arch}.{key}']})")
 
     d_model = int(get("embedding_length", required=True))
     n_head = int(get("attention.head_count", required=True))
@@ -467,6 +489,11 @@ def check_gguf_writable(c: ModelConfig, layout: GGUFLayout, source: str) -> None
         raise LmforgeError(f"{where}: llama.cpp's {layout.arch} rotates whole heads")
     if not layout.output and not c.tie_embeddings:
         raise LmforgeError(f"{where}: llama.cpp's {layout.arch} ties the LM head to embeddings")
+    if layout.output_required and c.tie_embeddings:
+        raise LmforgeError(
+            f"{where}: llama.cpp's {layout.arch} needs its own output.weight; a tied LM head "
+            "cannot be written"
+        )
     wide = layout.wide_scale_layers and c.n_layer == layout.wide_scale_layers
     scalar = float(c.d_model // c.n_head) if wide else float(c.head_dim)
     if (c.query_pre_attn_scalar or c.head_dim) != scalar:
