@@ -3,11 +3,11 @@
     .venv/bin/python bench/gguf_llama_cpp.py --llama-cpp PATH/TO/llama.cpp   # built, with build/bin
 
 Not a test (it needs a built llama.cpp and a C++ compiler). For each family with a GGUF layout
-(llama, mistral, qwen2, qwen3, gemma2, gemma3, olmo2, phi3) a tiny random model with the
+(llama, mistral, qwen2, qwen3, gemma2, gemma3, olmo2, smollm3, phi3) a tiny random model with the
 family's distinctive features (Llama 3 RoPE scaling and biases; Mistral without a window,
 written as llama; YaRN; QK-norm, head_dim ≠ d_model/n_head and linear scaling; soft-capping and
 sliding windows shorter than the sequence; Gemma 3's 5:1 pattern and local θ; OLMo 2's
-post-norms and whole-width QK-norm; Phi-3's partial rotary)
+post-norms and whole-width QK-norm; SmolLM3's NoPE layer; Phi-3's partial rotary)
 is exported as F32 and Q8_0, and as F32 again after lmforge
 reads llama.cpp's own `llama-quantize` Q4_K_M of it. A 40-line C++ program against libllama
 (compiled here with g++) decodes a 20-token prompt and 40 greedy tokens on the CPU with an F32
@@ -79,6 +79,7 @@ CASES: dict[str, dict[str, Any]] = {
     },
     "gemma3": {"arch": "gemma3", "n_layer": 6, "head_dim": 64, "sliding_window": WINDOW},
     "olmo2": {"arch": "olmo2", "tie_embeddings": False},  # GQA: attn_k_norm of n_kv·head_dim
+    "smollm3": {"arch": "smollm3", "n_layer": 4},  # layer 4 without RoPE
     "phi3": {"arch": "phi3", "rotary_fraction": 0.5, "tie_embeddings": False},
     "phi3 (window 16)": {"arch": "phi3", "sliding_window": WINDOW},
 }

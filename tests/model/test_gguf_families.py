@@ -1,6 +1,6 @@
 """GGUF import and export for every family with a llama.cpp layout (llama, mistral as llama,
-qwen2, qwen3, gemma2, gemma3, olmo2, phi3): a tiny random model per family, with its distinctive
-features switched on, written by our exporter and read back.
+qwen2, qwen3, gemma2, gemma3, olmo2, smollm3, phi3): a tiny random model per family, with its
+distinctive features switched on, written by our exporter and read back.
 
 References: the original model (F32: same config, same weights, logits within 1e-5), each stored
 type's error bound (Q8_0 from our exporter; Q4_0 written by re-quantizing the F32 file
@@ -101,6 +101,11 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {"blk.0.post_attention_norm.weight": True, "blk.0.post_ffw_norm.weight": True,
          "blk.0.attn_norm.weight": None, "blk.0.ffn_norm.weight": None,
          "blk.0.attn_q_norm.weight": True, "output.weight": True},
+    ),
+    "smollm3": (  # NoPE on every 4th layer: llama.cpp's own pattern, no key says it
+        {"arch": "smollm3", "n_layer": 4, "tie_embeddings": True},
+        {"general.architecture": "smollm3", "smollm3.rope.dimension_count": 16,
+         "output.weight": None},
     ),
     "phi3": (
         {"arch": "phi3", "rotary_fraction": 0.5, "sliding_window": 8, "tie_embeddings": False},
@@ -422,6 +427,8 @@ def test_llama3_rope_factors_read_back_as_their_parameters() -> None:
         ),
         ({"arch": "llama", "qk_norm": "head"}, "qk_norm"),
         ({"arch": "olmo2"}, "olmo2 needs its own output.weight"),
+        ({"arch": "smollm3", "layer_types": ("nope", "full")}, "runs layer_types ['full', 'full']"),
+        ({"arch": "smollm3", "qkv_bias": True, "o_bias": True}, "no qkv_bias"),
         ({"arch": "olmo2", "tie_embeddings": False, "head_dim": 24}, "n_head·head_dim = d_model"),
         ({"arch": "mistral", "sliding_window": 8}, "llama cannot run sliding-window layers"),
         ({"arch": "gpt2"}, "not 'gpt2'"),

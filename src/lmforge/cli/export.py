@@ -47,9 +47,9 @@ EXAMPLES = """[bold]Examples[/bold]
 
   lmforge export model.Q8_0.gguf --format hf --out ./model-hf --force
 
-[bold]gguf[/bold]: for llama.cpp — Llama, Qwen2, Qwen3, Gemma 2, Gemma 3, OLMo 2 and Phi-3
-models, and Mistral without sliding-window layers (as llama), as llama.cpp's converter writes
-them (norms stay F32).
+[bold]gguf[/bold]: for llama.cpp — Llama, Qwen2, Qwen3, Gemma 2, Gemma 3, OLMo 2, Phi-3 and
+SmolLM3 models, and Mistral without sliding-window layers (as llama), as llama.cpp's converter
+writes them (norms stay F32).
 --type f16 is the default, f32 is exact, bf16 keeps fp32's range, q8_0 is 8-bit.
 LoRA adapters: run `lmforge models merge` first. Task (classify/QA) models: --format hf only.
 """

@@ -552,6 +552,7 @@ FAMILIES: dict[str, Family] = {
             qa_prefix="transformer.",
             layer_types_key=True,
             layer_kinds=("full", "nope"),
+            gguf=gguf_layout.SMOLLM3,
         ),
         Family(
             "gpt2",

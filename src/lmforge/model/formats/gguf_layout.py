@@ -6,8 +6,9 @@ from GGUF block tensors to ours, and the facts in which files differ from our mo
 from llama.cpp's converter (`convert_hf_to_gguf.py`, `conversion/*.py`), its model loader
 (`src/models/<arch>.cpp`, `llama-model.cpp`) and `gguf-py` (`constants.py`, `tensor_mapping.py`):
 
-- Q/K rows: only `llama` runs llama.cpp's interleaved ("normal") RoPE, so its converter permutes
-  the rows of attn_q and attn_k (weights and biases) per head; qwen2, qwen3, gemma2, gemma3,
+- Q/K rows: only `llama` (and `smollm3`, which is llama) runs llama.cpp's interleaved ("normal")
+  RoPE, so its converter permutes the rows of attn_q and attn_k (weights and biases) per head
+  (on NoPE layers too: Q and K alike, so scores do not change); qwen2, qwen3, gemma2, gemma3,
   olmo2 and phi3 run NEOX RoPE (rotate-half, as Hugging Face does) on rows as they are.
 - Gemma's norms compute x̂·(1 + w); the converter stores every `*norm.weight` as w + 1 and
   llama.cpp multiplies by the stored value.
@@ -17,7 +18,9 @@ from llama.cpp's converter (`convert_hf_to_gguf.py`, `conversion/*.py`), its mod
   gate first), as our model does. Gemma 2 has no output.weight (always tied). OLMo 2 has only
   the post-norms (post_attention_norm, post_ffw_norm), QK-norm over all heads (attn_q_norm of
   d_model, attn_k_norm of n_kv_head·head_dim), and must have output.weight; an olmo2 file with
-  `attention.sliding_window` is OLMo 3 (sliding layers with their own θ), refused.
+  `attention.sliding_window` is OLMo 3 (sliding layers with their own θ), refused. SmolLM3 is
+  llama (interleaved RoPE, permuted rows) whose loader skips RoPE on every 4th layer, whatever
+  the file says: no key for it, and no other NoPE pattern can be written.
 - Metadata, `{arch}.…`: `attention.sliding_window` (Gemma 2 assumes 4096 when absent),
   `attention.sliding_window_pattern` (llama.cpp's default period is Gemma 2's 2 and Gemma 3's 6,
   the last layer of each period global: our `SLIDING_PATTERNS`; a per-layer bool array says any
@@ -68,13 +71,16 @@ class GGUFLayout:
     defaults: dict[str, Any] = field(default_factory=dict)
     """What llama.cpp assumes for a key the file leaves out, where that is not "off"."""
     interleaved_rope: bool = False
-    """Q/K rows permuted per head for llama.cpp's interleaved RoPE (`llama` only)."""
+    """Q/K rows permuted per head for llama.cpp's interleaved RoPE (`llama`, `smollm3`)."""
     norm_shift: float = 0.0
     """Added to every norm weight in the file (Gemma: w + 1)."""
     output: bool = True
     """May hold its own output.weight (else the LM head is always the embeddings)."""
     output_required: bool = False
     """llama.cpp's loader requires output.weight (OLMo 2): a tied LM head cannot be written."""
+    fixed_layer_types: bool = False
+    """llama.cpp runs the family's default `layer_types` whatever the file says (SmolLM3: NoPE
+    on every 4th layer); any other pattern cannot be written."""
     refused: dict[str, str] = field(default_factory=dict)
     """`{arch}.` keys that mean a model this layout does not describe, if present and not 0
     (OLMo 3's sliding window in an olmo2 file) → what to say."""
@@ -135,6 +141,13 @@ LLAMA = GGUFLayout(
     interleaved_rope=True,
     biases=("qkv_bias", "o_bias", "mlp_bias"),
     rope_freqs=True,
+)
+SMOLLM3 = GGUFLayout(  # llama with NoPE on every 4th layer (hard-coded in llama.cpp's loader)
+    "smollm3",
+    _LLAMA_TENSORS,
+    keys=("vocab_size", "rope.dimension_count"),
+    interleaved_rope=True,
+    fixed_layer_types=True,
 )
 QWEN2 = GGUFLayout("qwen2", _LLAMA_TENSORS, biases=("qkv_bias",), square_attention=True)
 QWEN3 = GGUFLayout("qwen3", {**_LLAMA_TENSORS, **_QK_NORM}, biases=("qkv_bias",))
@@ -489,6 +502,14 @@ def check_gguf_writable(c: ModelConfig, layout: GGUFLayout, source: str) -> None
         raise LmforgeError(f"{where}: llama.cpp's {layout.arch} rotates whole heads")
     if not layout.output and not c.tie_embeddings:
         raise LmforgeError(f"{where}: llama.cpp's {layout.arch} ties the LM head to embeddings")
+    types = tuple(c.layer_types or ())
+    if layout.fixed_layer_types and types != default_layer_types(c.arch, c.n_layer, 0):
+        raise LmforgeError(
+            f"{where}: llama.cpp's {layout.arch} runs layer_types "
+            f"{list(default_layer_types(c.arch, c.n_layer, 0))}, not {list(types)}"
+        )
+    if "nope" in types and not layout.fixed_layer_types:
+        raise LmforgeError(f"{where}: llama.cpp's {layout.arch} has no NoPE layers")
     if layout.output_required and c.tie_embeddings:
         raise LmforgeError(
             f"{where}: llama.cpp's {layout.arch} needs its own output.weight; a tied LM head "

@@ -1,5 +1,5 @@
 """GGUF export: an lmforge model as a llama.cpp GGUF file — llama, mistral (as llama.cpp's
-llama, without sliding-window layers), qwen2, qwen3, gemma2, gemma3, olmo2, phi3.
+llama, without sliding-window layers), qwen2, qwen3, gemma2, gemma3, olmo2, phi3, smollm3.
 
 The inverse of `gguf_read.load_gguf`, through the same per-family layout (`Family.gguf`,
 `gguf_layout.py`), laid out the way llama.cpp's convert_hf_to_gguf.py writes the family's
@@ -13,9 +13,9 @@ are not a whole number of Q8_0 blocks falls back to F16, as the converter does. 
 metadata comes from `tokenizer/gguf.py` (`gguf_vocab`).
 
 It writes nothing but the GGUF file (atomically: temp file, fsync, rename). Refused with one
-line: families without a GGUF layout (GPT-2, SmolLM3: export them with `--format hf` and
-llama.cpp's own converter), the LSTM, and any feature the family's llama.cpp
-architecture would run differently (`gguf_layout.check_gguf_writable`).
+line: GPT-2 (no GGUF layout: export it with `--format hf` and llama.cpp's own converter), the
+LSTM, and any feature the family's llama.cpp architecture would run differently
+(`gguf_layout.check_gguf_writable`).
 
     from lmforge.model.formats.gguf_write import export_gguf
     export_gguf(load_model("my-model-dir"), Path("my-model.Q8_0.gguf"), "q8_0")
