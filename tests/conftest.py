@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import pgtest
+import zygote
 
 TINY_TEXT = (
     "The quick brown fox jumps over the lazy dog. "
@@ -249,9 +250,7 @@ def lmforge(
     """Run the `lmforge` command as a user would, in a fresh process with $LMFORGE_HOME=HOME:
     forked from tests/zygote.py's server, which has done the imports once, or started from
     scratch with LMFORGE_TEST_FORK=0."""
-    if os.environ.get("LMFORGE_TEST_FORK", "1") != "0":
-        import zygote
-
+    if zygote.enabled():
         return zygote.run(list(args), run_env(home), stdin or "", timeout)
     return subprocess.run(
         [*LMFORGE, *args],
@@ -271,9 +270,7 @@ def lmforge_popen(
     from tests/zygote.py's server like `lmforge(...)`, or started from scratch with
     LMFORGE_TEST_FORK=0. STREAMS: stdin, stdout, stderr, text, as Popen takes them."""
     environment = {**run_env(home), **(env or {})}
-    if os.environ.get("LMFORGE_TEST_FORK", "1") != "0":
-        import zygote
-
+    if zygote.enabled():
         return zygote.popen(list(args), environment, **streams)
     return subprocess.Popen([*LMFORGE, *args], env=environment, **streams)
 

@@ -10,7 +10,6 @@ converted copy through $LMFORGE_HOME.
 
 from __future__ import annotations
 
-import os
 import shlex
 import subprocess
 import sys
@@ -49,7 +48,7 @@ def test_bench_smoke(name: str, request: pytest.FixtureRequest, tmp_path: Path) 
     needs_builtin, lines = SMOKES[name]
     home = request.getfixturevalue("builtin_home") if needs_builtin else tmp_path / "home"
     env = run_env(home)
-    if os.environ.get("LMFORGE_TEST_FORK", "1") != "0":  # each `lmforge` forked, as lmforge(…)
+    if zygote.enabled():  # each `lmforge` the bench runs forked, as lmforge(…) does
         command, extra = zygote.client_command()
         env |= {**extra, "LMFORGE_BENCH_COMMAND": shlex.join(command)}
     proc = subprocess.run(

@@ -344,6 +344,11 @@ def _text(file: Any) -> str:
 SOCKET_ENV = "LMFORGE_TEST_ZYGOTE"  # the server's socket, for `client` in another process
 
 
+def enabled() -> bool:
+    """Whether tests fork their commands from the server ($LMFORGE_TEST_FORK=0: they do not)."""
+    return os.environ.get("LMFORGE_TEST_FORK", "1") != "0"
+
+
 def client(args: list[str]) -> int:
     """`python zygote.py --client ARGS`: `lmforge ARGS` forked from the server whose socket is
     $LMFORGE_TEST_ZYGOTE, on this process's stdin, stdout and stderr and with its environment;
