@@ -30,12 +30,8 @@ out = stdout_console()
 err = stderr_console()
 
 FORMATS = ("gguf", "hf")
-GGUF_TYPES = (
-    "f32",
-    "f16",
-    "bf16",
-    "q8_0",
-)  # = gguf_write.GGUF_TYPES, without importing torch early
+# = gguf_write.GGUF_TYPES, without importing torch early
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 
 EXAMPLES = """[bold]Examples[/bold]
 

@@ -503,10 +503,10 @@ def check_gguf_writable(c: ModelConfig, layout: GGUFLayout, source: str) -> None
     if not layout.output and not c.tie_embeddings:
         raise LmforgeError(f"{where}: llama.cpp's {layout.arch} ties the LM head to embeddings")
     types = tuple(c.layer_types or ())
-    if layout.fixed_layer_types and types != default_layer_types(c.arch, c.n_layer, 0):
+    fixed = default_layer_types(c.arch, c.n_layer, 0)
+    if layout.fixed_layer_types and types != fixed:
         raise LmforgeError(
-            f"{where}: llama.cpp's {layout.arch} runs layer_types "
-            f"{list(default_layer_types(c.arch, c.n_layer, 0))}, not {list(types)}"
+            f"{where}: llama.cpp's {layout.arch} runs layer_types {list(fixed)}, not {list(types)}"
         )
     if "nope" in types and not layout.fixed_layer_types:
         raise LmforgeError(f"{where}: llama.cpp's {layout.arch} has no NoPE layers")
@@ -543,7 +543,7 @@ def check_gguf_writable(c: ModelConfig, layout: GGUFLayout, source: str) -> None
                     f"{default:g} whatever the file says"
                 )
     written = gguf_metadata(c, layout)
-    sliding = "sliding" in (c.layer_types or ())
+    sliding = "sliding" in types
     needs = {
         "attention.sliding_window": sliding,
         "attention.sliding_window_pattern": "attention.sliding_window_pattern" in written,
@@ -553,7 +553,7 @@ def check_gguf_writable(c: ModelConfig, layout: GGUFLayout, source: str) -> None
     }
     labels = {
         "attention.sliding_window": "sliding-window layers",
-        "attention.sliding_window_pattern": f"layer_types {list(c.layer_types or ())}",
+        "attention.sliding_window_pattern": f"layer_types {list(types)}",
         "attn_logit_softcapping": f"attn_softcap = {c.attn_softcap:g}",
         "final_logit_softcapping": f"final_softcap = {c.final_softcap:g}",
         "rope.freq_base_swa": f"rope_theta_local = {c.rope_theta_local:g}",
